@@ -1,0 +1,1 @@
+"""Build side: target resolution, the relax pipeline (fusion + schedules), library export."""

@@ -1,0 +1,30 @@
+"""Device name -> TVM target. Device names are the user's words (`cpu`, `cuda`); targets are TVM's."""
+from __future__ import annotations
+
+import tvm
+
+DEVICES = ("cpu", "cuda")
+DEFAULT_CUDA_ARCH = "sm_90"  # H100 / H200; override with --device cuda:sm_80 or device.arch in the config
+
+
+def parse_device(device: str) -> tuple[str, str | None]:
+    """'cuda:sm_80' -> ('cuda', 'sm_80'); 'llvm' is accepted as 'cpu'."""
+    kind, _, arch = device.partition(":")
+    kind = {"llvm": "cpu"}.get(kind, kind)
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device '{device}' (allowed: {', '.join(DEVICES)}, optionally cuda:<sm_XX>)")
+    if arch and kind == "cuda" and not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+        raise ValueError(f"bad CUDA arch '{arch}' (expected e.g. sm_80, sm_90)")
+    return kind, arch or None
+
+
+def make_target(device: str) -> tvm.target.Target:
+    kind, arch = parse_device(device)
+    host = tvm.target.Target.from_device(tvm.cpu())  # native mcpu: fast float16 and AVX-512 where present
+    if kind == "cpu":
+        return host
+    return tvm.target.Target({"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH}, host=host)
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return "gpu" in list(target.keys)

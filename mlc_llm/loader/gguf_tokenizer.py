@@ -1,0 +1,68 @@
+"""Turn GGUF tokenizer metadata (`tokenizer.ggml.*`) into a Hugging Face `tokenizer.json` + `tokenizer_config.json`."""
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+# llama.cpp token types
+_CONTROL, _USER_DEFINED = 3, 4
+
+# Pre-tokenizer splits by llama.cpp's `tokenizer.ggml.pre` name (the regexes of the original HF tokenizers).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str):
+    byte_level_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact"):
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level_regex])
+    split = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}.get(pre)
+    if split is not None:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre in ("gpt-2", "gpt2", "default", ""):
+        return byte_level_regex
+    raise ValueError(f"GGUF pre-tokenizer '{pre}' is not supported (supported: smollm, llama-bpe, qwen2, gpt-2)")
+
+
+def build_tokenizer(meta: dict[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
+    """meta: the GGUF fields under `tokenizer.` (names without the prefix) -> (tokenizer, tokenizer_config)."""
+    kind = meta.get("ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer model '{kind}' is not supported (only byte-level BPE 'gpt2'); "
+            "use a Hugging Face folder with tokenizer.json instead"
+        )
+    tokens: list[str] = list(meta["ggml.tokens"])
+    types = list(meta.get("ggml.token_type") or [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in meta["ggml.merges"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(str(meta.get("ggml.pre", "default")))
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(tokens[i], special=(t == _CONTROL), normalized=False)
+                for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)]
+    tok.add_special_tokens([a for a in specials if a.special])
+    tok.add_tokens([a for a in specials if not a.special])
+
+    def name(key: str) -> str | None:
+        i = meta.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name("ggml.bos_token_id"),
+        "eos_token": name("ggml.eos_token_id"),
+        "unk_token": name("ggml.unknown_token_id"),
+        "pad_token": name("ggml.padding_token_id"),
+        "add_bos_token": bool(meta.get("ggml.add_bos_token", False)),
+        "clean_up_tokenization_spaces": False,
+    }
+    if meta.get("chat_template"):
+        config["chat_template"] = meta["chat_template"]
+    return tok, config

@@ -1,0 +1,132 @@
+"""The Llama network in tvm.relax.frontend.nn (build side only)."""
+from __future__ import annotations
+
+from tvm import relax as rx
+from tvm import te
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from ..quantization.layers import make_embedding, make_linear
+from .llama import LlamaConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant):
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = make_linear(quant, cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d)
+        self.o_proj = make_linear(quant, self.hq * self.d, cfg.hidden_size)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.hq + 2 * self.hkv, self.d))
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant):
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant):
+        dtype = quant.model_dtype
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.self_attn = LlamaAttention(cfg, quant)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.mlp = LlamaMLP(cfg, quant)
+
+    def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant):
+        self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, quant) for _ in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=quant.model_dtype)
+
+    def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache, i)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig, quant, target):
+        self.cfg, self.quant, self.target = cfg, quant, target
+        self.dtype = quant.model_dtype
+        self.model = LlamaModel(cfg, quant)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        if self.cfg.tie_word_embeddings:
+            logits = self.model.embed_tokens.lm_head(h)
+        else:
+            logits = self.lm_head(h)
+        return logits if logits.dtype == "float32" else op.astype(logits, "float32")
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
+        h = self.model(input_embed, paged_kv_cache)
+
+        def last_token(x: te.Tensor):
+            return te.compute((1, 1, x.shape[2]), lambda b, _, k: x[b, x.shape[1] - 1, k], name="last_token")
+
+        return self._logits(op.tensor_expr_op(last_token, "take_last_token", [h])), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
+        h = self.model(input_embeds, paged_kv_cache)
+        return self._logits(op.take(h, logit_positions, axis=1)), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                              support_sliding_window) -> PagedKVCache:
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+            rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
+            dtype=self.dtype, target=self.target,
+        )
+
+    def get_default_spec(self):
+        c, dt = self.cfg, self.dtype
+        packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        return nn.spec.ModuleSpec.from_raw({
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), **packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", c.hidden_size], dt), "paged_kv_cache": kv,
+                        **packed},
+            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", c.hidden_size], dt),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], "int32"), "paged_kv_cache": kv,
+                              **packed},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, c.hidden_size], dt),
+                             "paged_kv_cache": kv, **packed},
+            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", c.hidden_size], dt),
+                             "paged_kv_cache": kv, **packed},
+            "create_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int, "page_size": int,
+                "support_sliding_window": int, "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }, self)

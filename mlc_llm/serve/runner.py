@@ -1,0 +1,166 @@
+"""ModelRunner: loads a model library + parameters with the TVM runtime and calls embed / prefill / decode.
+
+Imports only `tvm.runtime` and `tvm_ffi` (a runtime-only TVM cannot import `tvm.relax`). One runner owns one set of
+parameters; paged KV caches are created from it and passed to each forward, bracketed by begin/end_forward.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+# Before numpy/TVM load: OpenBLAS threads spin after any numpy matmul and stall TVM's pool, and TVM's pool
+# defaults to one thread here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import numpy as np  # noqa: E402
+import tvm  # noqa: E402
+import tvm_ffi  # noqa: E402
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
+
+from .. import tensor_cache  # noqa: E402
+
+
+class RuntimeLoadError(Exception):
+    pass
+
+
+def _device(name: str) -> tvm.runtime.Device:
+    kind = name.split(":")[0]
+    if kind in ("cpu", "llvm"):
+        return tvm.cpu(0)
+    if kind == "cuda":
+        return tvm.cuda(0)
+    raise RuntimeLoadError(f"unknown device '{name}' (allowed: cpu, cuda)")
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, model_lib: str | Path, device: str = "cpu", verify_md5: bool = True):
+        self.model_dir = Path(model_dir)
+        lib_path = Path(model_lib)
+        if not lib_path.exists():
+            raise RuntimeLoadError(f"model library '{lib_path}' does not exist (run `mlc_llm compile`)")
+        index = tensor_cache.verify(self.model_dir, check_md5=verify_md5)
+        chat_path = self.model_dir / "mlc-chat-config.json"
+        if not chat_path.exists():
+            raise RuntimeLoadError(f"no mlc-chat-config.json in '{self.model_dir}' (run `mlc_llm gen_config`)")
+        self.chat_config: dict[str, Any] = json.loads(chat_path.read_text(encoding="utf-8"))
+        self.device = _device(device)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
+        self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
+        self._check_params(index)
+        self.params = self._load_params()
+        self.vocab_size = int(self.metadata["vocab_size"])
+        self.hidden_size = int(self.metadata["hidden_size"])
+        self.dtype = self.metadata["model_dtype"]
+        self._fn = {n: self.vm[n] for n in ("embed", "batch_prefill", "batch_decode", "create_paged_kv_cache")}
+        self._kv = {n: tvm.get_global_func(f"vm.builtin.{n}") for n in (
+            "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence", "kv_state_popn",
+            "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
+            "attention_kv_cache_get_total_sequence_length")}
+
+    def _check_params(self, index: dict[str, Any]) -> None:
+        stored = {r["name"]: r for shard in index["records"] for r in shard["records"]}
+        for p in self.metadata["params"]:
+            r = stored.get(p["name"])
+            if r is None:
+                raise RuntimeLoadError(f"parameter '{p['name']}' is missing from the weights in '{self.model_dir}': "
+                                       "the library and the weights come from different models or quantizations")
+            if list(r["shape"]) != list(p["shape"]) or r["dtype"] != p["dtype"]:
+                raise RuntimeLoadError(
+                    f"parameter '{p['name']}' is {r['dtype']}{r['shape']} in the weights but the library expects "
+                    f"{p['dtype']}{p['shape']}: rebuild the library or the weights")
+
+    def _load_params(self):
+        load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
+        load(str(self.model_dir), self.device.dlpack_device_type(), self.device.index)
+        params = by_name([p["name"] for p in self.metadata["params"]])
+        clear()
+        return params
+
+    # ---- KV cache -------------------------------------------------------------------------------------------------
+    def create_kv_cache(self, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int | None = None,
+                        page_size: int = 16):
+        chunk = prefill_chunk_size or int(self.metadata["prefill_chunk_size"])
+        return self._fn["create_paged_kv_cache"](
+            tvm_ffi.Shape([max_batch_size]), tvm_ffi.Shape([max_total_seq_len]), tvm_ffi.Shape([chunk]),
+            tvm_ffi.Shape([page_size]), tvm_ffi.Shape([0]))
+
+    def add_sequence(self, cache, seq_id: int) -> None:
+        self._kv["kv_state_add_sequence"](cache, seq_id)
+
+    def remove_sequence(self, cache, seq_id: int) -> None:
+        self._kv["kv_state_remove_sequence"](cache, seq_id)
+
+    def fork_sequence(self, cache, parent: int, child: int, fork_pos: int = -1) -> None:
+        self._kv["kv_state_fork_sequence"](cache, parent, child, fork_pos)
+
+    def popn(self, cache, seq_id: int, n: int) -> None:
+        self._kv["kv_state_popn"](cache, seq_id, n)
+
+    def num_available_pages(self, cache) -> int:
+        return int(self._kv["attention_kv_cache_get_num_available_pages"](cache))
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def _check_ids(self, ids: np.ndarray) -> None:
+        # Out-of-range ids make `embed` read garbage or crash: refuse them here.
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+            raise ValueError(f"token id {bad} is out of range [0, {self.vocab_size})")
+
+    def embed(self, ids: Sequence[int]):
+        arr = np.asarray(ids, dtype=np.int32)
+        self._check_ids(arr)
+        return self._fn["embed"](tvm.runtime.tensor(arr, self.device), self.params)
+
+    def batch_prefill(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each sequence's tokens; return the logits after the last token of each: float32 [B, vocab]."""
+        lengths = [len(t) for t in token_lists]
+        if min(lengths) <= 0:
+            raise ValueError("every sequence in a prefill needs at least one token")
+        flat = [t for ts in token_lists for t in ts]
+        emb = self.embed(flat)
+        emb = emb._create_view(tvm_ffi.Shape([1, len(flat), self.hidden_size]))
+        positions = np.cumsum(lengths, dtype=np.int32) - 1
+        self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(lengths))
+        try:
+            logits, _ = self._fn["batch_prefill"](emb, tvm.runtime.tensor(positions, self.device), cache,
+                                                 self.params)
+        finally:
+            self._kv["kv_state_end_forward"](cache)
+        return logits.numpy()[0]
+
+    def batch_decode(self, cache, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One new token per sequence; return float32 logits [B, vocab]."""
+        emb = self.embed(tokens)
+        emb = emb._create_view(tvm_ffi.Shape([len(tokens), 1, self.hidden_size]))
+        self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape([1] * len(tokens)))
+        try:
+            logits, _ = self._fn["batch_decode"](emb, cache, self.params)
+        finally:
+            self._kv["kv_state_end_forward"](cache)
+        return logits.numpy()[:, 0]
+
+    def greedy_generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
+        """Prefill the prompt (in chunks) and decode greedily: the minimal end-to-end runtime check."""
+        chunk = int(self.metadata["prefill_chunk_size"])
+        ctx = int(self.metadata["context_window_size"])
+        if len(prompt) + max_new_tokens > ctx:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"context window ({ctx})")
+        cache = self.create_kv_cache(1, len(prompt) + max_new_tokens + 1, chunk)
+        self.add_sequence(cache, 0)
+        for start in range(0, len(prompt), chunk):
+            logits = self.batch_prefill(cache, [0], [list(prompt[start:start + chunk])])
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            tok = int(np.argmax(logits[0]))
+            out.append(tok)
+            if tok in stop_ids or len(out) == max_new_tokens:
+                break
+            logits = self.batch_decode(cache, [0], [tok])
+        return out

@@ -1,0 +1,90 @@
+"""compile: model folder (mlc-chat-config.json) -> model library (.so) for a device, with `_metadata` inside."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .gen_config import read_chat_config
+
+METADATA_VERSION = 1
+
+
+class CompileError(Exception):
+    pass
+
+
+def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params) -> dict[str, Any]:
+    return {
+        "version": METADATA_VERSION,
+        "model_type": chat["model_type"],
+        "quantization": quant.name,
+        "model_dtype": quant.model_dtype,
+        "device": device,
+        "target": str(target),
+        "context_window_size": cfg.context_window_size,
+        "prefill_chunk_size": cfg.prefill_chunk_size,
+        "sliding_window_size": -1,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "max_batch_size": cfg.max_batch_size,
+        "vocab_size": cfg.vocab_size,
+        "active_vocab_size": chat.get("active_vocab_size", cfg.vocab_size),
+        "hidden_size": cfg.hidden_size,
+        "model_task": "chat",
+        "kv_state_kind": "kv_cache",
+        "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+                     "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                     "dtype": quant.model_dtype, "layout": "paged", "page_size": 16, "rope": "in-cache, half-split"},
+        "params": [{"name": n, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for n, p in params],
+    }
+
+
+def _attach_metadata(mod, metadata: dict[str, Any]):
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata, sort_keys=True)))
+    return bb.get()
+
+
+def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
+                  overrides: dict[str, int] | None = None) -> Path:
+    """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only."""
+    from ..compiler import pipeline
+    from ..compiler.passes import unbound_gpu_kernels
+    from ..compiler.target import is_gpu, make_target
+    from ..model import get_architecture
+    from ..quantization import get_quantization
+
+    chat = read_chat_config(model_dir)
+    arch = get_architecture(chat["model_type"])
+    quant = get_quantization(chat["quantization"])
+    cfg = arch.config_cls.from_dict({**chat["model_config"], **(overrides or {})})
+    target = make_target(device)
+    model = arch.build_module(cfg, quant, target)
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    mod = _attach_metadata(mod, _metadata(chat, cfg, quant, device, target, params))
+    mod = pipeline.optimize(mod, target)
+    if is_gpu(target):
+        unbound = unbound_gpu_kernels(mod)
+        if unbound:
+            raise CompileError(f"{len(unbound)} kernels have no GPU schedule and would run on the host: "
+                               f"{', '.join(unbound)}")
+    executable = pipeline.build(mod, target)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
