@@ -1,0 +1,163 @@
+"""`mlc_llm <command>`: one argparse front for every step (flags as in the original MLC LLM)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parse_compile_overrides(text: str) -> dict[str, int]:
+    allowed = ("context_window_size", "prefill_chunk_size", "max_batch_size")
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(f"bad --overrides item '{item}' (allowed keys: {', '.join(allowed)})")
+        out[key] = _positive_int(value)
+    return out
+
+
+def cmd_gen_config(a) -> None:
+    from .steps.gen_config import gen_config
+
+    path = gen_config(a.model, a.quantization, a.conv_template, a.output,
+                      context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
+                      max_batch_size=a.max_batch_size, tensor_parallel_shards=a.tensor_parallel_shards,
+                      system_message=a.system_message, install_hint=a.install_hint)
+    print(f"wrote {path}")
+
+
+def cmd_convert_weight(a) -> None:
+    from .steps.convert_weight import convert_weight
+
+    path = convert_weight(a.model, a.quantization, a.output, install_hint=a.install_hint,
+                          progress=not a.no_progress)
+    print(f"wrote {path}")
+
+
+def cmd_compile(a) -> None:
+    from .steps.compile import compile_model
+
+    overrides = _parse_compile_overrides(a.overrides) if a.overrides else None
+    output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}.so")
+    path = compile_model(a.model, a.device, output, overrides=overrides)
+    print(f"wrote {path}")
+
+
+def cmd_build(a) -> int:
+    from .build import build, list_deployments
+
+    if a.list:
+        list_deployments()
+        return 0
+    return build(a.deployment, a.overrides, cores=a.cores, dry_run=a.dry_run, force=a.force)
+
+
+def cmd_generate(a) -> None:
+    """Greedy generation through the paged KV cache: the minimal check that artifacts run."""
+    import time
+
+    from tokenizers import Tokenizer
+
+    from .conversation import Conversation
+    from .serve.runner import ModelRunner
+
+    model_lib = a.model_lib or str(Path(a.model) / "lib" / f"{a.device}.so")
+    runner = ModelRunner(a.model, model_lib, a.device)
+    tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
+    conv = Conversation.from_dict(runner.chat_config["conv_template"])
+    text = a.prompt if a.raw else conv.as_prompt([{"role": "user", "content": a.prompt}])
+    ids = list(conv.system_prefix_token_ids or []) if not a.raw else []
+    ids += tok.encode(text, add_special_tokens=False).ids
+    start = time.perf_counter()
+    out = runner.greedy_generate(ids, a.max_tokens, conv.stop_token_ids)
+    elapsed = time.perf_counter() - start
+    if out and out[-1] in conv.stop_token_ids:
+        out = out[:-1]
+    print(tok.decode(out))
+    print(f"[{len(ids)} prompt tokens, {len(out)} generated, {elapsed:.2f} s]", file=sys.stderr)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlc_llm", description="Compile and run LLMs with Apache TVM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("gen_config", help="write mlc-chat-config.json and tokenizer files")
+    g.add_argument("model", help="GGUF file, HF folder, HF://org/repo (local cache), pypkg:<pkg>/<file>, "
+                                 "or random:<preset>")
+    g.add_argument("--quantization", required=True)
+    g.add_argument("--conv-template", required=True)
+    g.add_argument("--context-window-size", type=_positive_int)
+    g.add_argument("--prefill-chunk-size", type=_positive_int)
+    g.add_argument("--max-batch-size", type=_positive_int, default=128)
+    g.add_argument("--tensor-parallel-shards", type=_positive_int, default=1)
+    g.add_argument("--system-message", help="replace the template's default system message")
+    g.add_argument("--install-hint", default="", help=argparse.SUPPRESS)
+    g.add_argument("-o", "--output", required=True)
+    g.set_defaults(func=cmd_gen_config)
+
+    c = sub.add_parser("convert_weight", help="quantize weights into tensor-cache.json + params_shard_*.bin")
+    c.add_argument("model")
+    c.add_argument("--quantization", required=True)
+    c.add_argument("--install-hint", default="", help=argparse.SUPPRESS)
+    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("-o", "--output", required=True)
+    c.set_defaults(func=cmd_convert_weight)
+
+    m = sub.add_parser("compile", help="compile the model library for a device")
+    m.add_argument("model", help="folder with mlc-chat-config.json")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:sm_XX")
+    m.add_argument("--overrides", help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N"')
+    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>.so)")
+    m.set_defaults(func=cmd_compile)
+
+    b = sub.add_parser("build", help="build a deployment's artifacts through the Snakemake pipeline")
+    b.add_argument("deployment", nargs="?", help="name in configs/deployments.yaml (default: its default)")
+    b.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. quantization=q0f32")
+    b.add_argument("--cores", type=_positive_int, default=2)
+    b.add_argument("--dry-run", "-n", action="store_true")
+    b.add_argument("--force", action="store_true", help="rebuild every step of the deployment")
+    b.add_argument("--list", action="store_true", help="list the deployments and exit")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("generate", help="greedy generation: check that built artifacts run")
+    r.add_argument("model", help="artifact folder")
+    r.add_argument("--model-lib", help="library (default: MODEL/lib/<device>.so)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--raw", action="store_true", help="no chat template")
+    r.add_argument("--max-tokens", type=_positive_int, default=64)
+    r.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    from .config import ConfigError
+    from .loader import SourceError
+    from .tensor_cache import TensorCacheError
+
+    expected = (ConfigError, SourceError, TensorCacheError, ValueError, FileNotFoundError, KeyError)
+    try:
+        from .steps.compile import CompileError
+
+        expected += (CompileError,)
+        rc = args.func(args)
+    except expected as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mlc_llm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mlc_llm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return rc or 0

@@ -1,0 +1,125 @@
+"""Structured-config schemas. OmegaConf checks types, enum values and unknown keys; `check()` checks the rest."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class DeviceName(Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class QuantName(Enum):
+    q0f32 = "q0f32"
+    q0f16 = "q0f16"
+    q4f16_1 = "q4f16_1"
+    q4f32_1 = "q4f32_1"
+
+
+class ModeName(Enum):
+    local = "local"
+    interactive = "interactive"
+    server = "server"
+
+
+def _positive(key: str, value: Optional[int]) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{key}: must be a positive integer, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # artifact folder name: artifacts/<name>-<quantization>/
+    source: str = MISSING  # pypkg:<pkg>/<file> | HF://<org>/<repo> | random:<preset> | local path
+    install_hint: str = ""  # shown when a pypkg source is not installed
+    context_window_size: Optional[int] = None  # None: the model's own
+    prefill_chunk_size: Optional[int] = None
+    max_batch_size: int = 128
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"model.name: '{self.name}' must be a plain folder name")
+        for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):
+            _positive(f"model.{key}", getattr(self, key))
+
+
+@dataclass
+class QuantizationConfig:
+    name: QuantName = MISSING
+
+
+@dataclass
+class ConvTemplateConfig:
+    name: str = MISSING
+    system_message: Optional[str] = None  # None: the template's default
+
+    def check(self) -> None:
+        from ..conversation import get_conv_template
+
+        try:
+            get_conv_template(self.name)
+        except ValueError as e:
+            raise ValueError(f"conv_template.name: {e}") from None
+
+
+@dataclass
+class DeviceConfig:
+    name: DeviceName = MISSING
+    arch: Optional[str] = None  # CUDA arch, e.g. sm_90
+    num_threads: Optional[int] = None  # CPU threads for the runtime (TVM_NUM_THREADS)
+
+    def check(self) -> None:
+        if self.arch is not None and self.name is not DeviceName.cuda:
+            raise ValueError("device.arch: only meaningful for cuda")
+        if self.arch is not None and not (self.arch.startswith("sm_") and self.arch[3:].rstrip("a").isdigit()):
+            raise ValueError(f"device.arch: '{self.arch}' is not a CUDA arch like sm_80 or sm_90")
+        _positive("device.num_threads", self.num_threads)
+
+    @property
+    def spec(self) -> str:
+        """The --device string of the CLI steps."""
+        return f"{self.name.value}:{self.arch}" if self.arch else self.name.value
+
+
+@dataclass
+class ModeConfig:
+    name: ModeName = MISSING
+    max_num_sequence: Optional[int] = None
+    max_total_sequence_length: Optional[int] = None
+    prefill_chunk_size: Optional[int] = None
+    gpu_memory_utilization: float = 0.85
+
+    def check(self) -> None:
+        for key in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size"):
+            _positive(f"mode.{key}", getattr(self, key))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"mode.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
+class BuildConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    conv_template: ConvTemplateConfig = field(default_factory=ConvTemplateConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    artifacts_dir: str = "artifacts"
+
+    def check(self) -> "BuildConfig":
+        """Value checks beyond types (OmegaConf calls no __post_init__ we could rely on with MISSING defaults)."""
+        for part in (self.model, self.conv_template, self.device, self.mode):
+            part.check()
+        return self
+
+    @property
+    def model_dir(self) -> str:
+        return f"{self.artifacts_dir}/{self.model.name}-{self.quantization.name.value}"
+
+    @property
+    def model_lib(self) -> str:
+        dev = self.device.name.value + (f"-{self.device.arch}" if self.device.arch else "")
+        return f"{self.model_dir}/lib/{dev}.so"

@@ -1,0 +1,164 @@
+"""Parse-time plan of the Snakemake pipeline: which artifacts each deployment needs and the exact step commands.
+
+The Snakefile only turns this plan into rules, so the logic is plain Python that tests can call. Rerun triggers:
+- each step's command line is a rule param: a changed config value that reaches a step changes its command;
+- each step's code hash is a param: editing the build code of a step reruns that step only;
+- compile reads mlc-chat-config.json as `ancient` (order only): a changed chat template does not recompile; what
+  the library does depend on goes through a stamp file (see pipelines/build.smk).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import BuildConfig, ConfigError, compose_deployment, load_deployments
+from .loader import SourceError, resolve_source
+
+PACKAGE = Path(__file__).resolve().parent
+
+# The package files each step's output depends on (besides its command line).
+STEP_CODE = {
+    "gen_config": ["loader", "model", "conversation.py", "quantization/scheme.py", "steps/gen_config.py",
+                   "support.py"],
+    "convert_weight": ["loader", "model", "quantization", "tensor_cache.py", "steps/convert_weight.py"],
+    "compile": ["model", "quantization", "compiler", "steps/compile.py", "steps/gen_config.py"],
+}
+
+
+def code_hash(step: str) -> str:
+    h = hashlib.sha256()
+    for rel in STEP_CODE[step]:
+        p = PACKAGE / rel
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(str(f.relative_to(PACKAGE)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cmd(*parts: Any) -> str:
+    return " ".join(shlex.quote(str(p)) for p in parts if p is not None)
+
+
+def _opt(flag: str, value: Any) -> list[Any]:
+    return [flag, value] if value is not None else []
+
+
+@dataclass
+class ModelArtifact:
+    key: str
+    dir: str
+    source: str
+    install_hint: str
+    gen_config_cmd: str
+    convert_cmd: str
+    deployments: list[str] = field(default_factory=list)
+
+    @property
+    def chat_config(self) -> str:
+        return f"{self.dir}/mlc-chat-config.json"
+
+    @property
+    def tensor_cache(self) -> str:
+        return f"{self.dir}/tensor-cache.json"
+
+    def source_inputs(self) -> list[str]:
+        """The source file (so replacing it reruns the steps); none for random or missing sources, where the step
+        itself reports what is missing."""
+        try:
+            kind, location = resolve_source(self.source, self.install_hint)
+        except SourceError:
+            return []
+        return [location] if kind == "gguf" else []
+
+
+@dataclass
+class LibArtifact:
+    key: str
+    path: str
+    model: ModelArtifact
+    compile_cmd: str
+    compile_inputs: str  # the config values the library depends on beyond its command line (a rerun trigger)
+    deployments: list[str] = field(default_factory=list)
+
+    @property
+    def stamp(self) -> str:
+        return f"{self.path}.inputs"
+
+
+@dataclass
+class Plan:
+    default: str
+    deployments: dict[str, BuildConfig]
+    models: dict[str, ModelArtifact]
+    libs: dict[str, LibArtifact]
+    code: dict[str, str]
+
+    def lib_of(self, deployment: str) -> LibArtifact:
+        cfg = self.deployments[deployment]
+        return self.libs[cfg.model_lib]
+
+    def build_inputs(self, deployment: str) -> list[str]:
+        lib = self.lib_of(deployment)
+        return [lib.model.chat_config, lib.model.tensor_cache, lib.path]
+
+
+def _rule_key(path: str) -> str:
+    return re.sub(r"\W", "_", path.split("/", 1)[-1])
+
+
+def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
+    """Shell commands of the three steps. `python` is the interpreter running Snakemake (the Snakefile puts its
+    folder first on PATH), so a moved virtualenv does not count as a changed command."""
+    m, q = cfg.model, cfg.quantization.name.value
+    mlc = ["python", "-m", "mlc_llm"]
+    gen = _cmd(*mlc, "gen_config", m.source, "--quantization", q, "--conv-template", cfg.conv_template.name,
+               *_opt("--context-window-size", m.context_window_size),
+               *_opt("--prefill-chunk-size", m.prefill_chunk_size), "--max-batch-size", m.max_batch_size,
+               *_opt("--system-message", cfg.conv_template.system_message),
+               *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
+    convert = _cmd(*mlc, "convert_weight", m.source, "--quantization", q,
+                   *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
+    compile_ = _cmd(*mlc, "compile", cfg.model_dir, "--device", cfg.device.spec, "-o", cfg.model_lib)
+    # What the library depends on: model shapes (source), quantization, compile-time bounds.
+    compile_inputs = " ".join(f"{k}={v}" for k, v in (
+        ("source", m.source), ("quantization", q), ("context_window_size", m.context_window_size),
+        ("prefill_chunk_size", m.prefill_chunk_size), ("max_batch_size", m.max_batch_size)))
+    return gen, convert, compile_, compile_inputs
+
+
+def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path | None = None) -> Plan:
+    """snakemake_config may hold `deployment` + `overrides` (Hydra override strings for that deployment)."""
+    snakemake_config = snakemake_config or {}
+    default, names = load_deployments(config_dir)
+    target = snakemake_config.get("deployment")
+    overrides = snakemake_config.get("overrides") or []
+    if isinstance(overrides, str):  # `--config overrides=a=1` arrives as one string
+        overrides = [o for o in overrides.split(",") if o]
+    if target is not None and target not in names:
+        raise ConfigError(f"unknown deployment '{target}' (allowed: {', '.join(names)})")
+    deployments = {n: compose_deployment(n, overrides if n == target else [], config_dir) for n in names}
+    models: dict[str, ModelArtifact] = {}
+    libs: dict[str, LibArtifact] = {}
+    for name, cfg in deployments.items():
+        gen, convert, compile_, compile_inputs = step_commands(cfg)
+        art = models.get(cfg.model_dir)
+        if art is None:
+            art = models[cfg.model_dir] = ModelArtifact(_rule_key(cfg.model_dir), cfg.model_dir, cfg.model.source,
+                                                        cfg.model.install_hint, gen, convert)
+        elif (art.gen_config_cmd, art.convert_cmd) != (gen, convert):
+            raise ConfigError(f"deployments {art.deployments[0]} and {name} both build {cfg.model_dir} but with "
+                              f"different settings: give one of them another model.name")
+        art.deployments.append(name)
+        lib = libs.get(cfg.model_lib)
+        if lib is None:
+            lib = libs[cfg.model_lib] = LibArtifact(_rule_key(cfg.model_lib), cfg.model_lib, art, compile_,
+                                                    compile_inputs)
+        elif (lib.compile_cmd, lib.compile_inputs) != (compile_, compile_inputs):
+            raise ConfigError(f"deployments {lib.deployments[0]} and {name} both build {cfg.model_lib} with "
+                              f"different settings")
+        lib.deployments.append(name)
+    return Plan(default, deployments, models, libs, {s: code_hash(s) for s in STEP_CODE})

@@ -1,0 +1,33 @@
+# Cached artifacts: one gen_config + convert_weight per model folder, one compile per library.
+for art in PLAN.models.values():
+    rule:
+        name: f"gen_config_{art.key}"
+        input: lambda wc, a=art: a.source_inputs()
+        output: art.chat_config
+        params: cmd=art.gen_config_cmd, code=PLAN.code["gen_config"]
+        shell: "{params.cmd}"
+
+    rule:
+        name: f"convert_weight_{art.key}"
+        input: lambda wc, a=art: a.source_inputs()
+        output: art.tensor_cache
+        params: cmd=art.convert_cmd, code=PLAN.code["convert_weight"]
+        shell: "{params.cmd}"
+
+# compile reads mlc-chat-config.json only for ordering (ancient): a changed chat template must not recompile.
+# What the library does depend on is written to a stamp by a rule with no upstream, so its param check always
+# runs (Snakemake skips param checks of jobs downstream of a job that reruns) and a change there recompiles.
+for lib in PLAN.libs.values():
+    rule:
+        name: f"compile_inputs_{lib.key}"
+        output: lib.stamp
+        params: cmd=lib.compile_cmd, inputs=lib.compile_inputs, code=PLAN.code["compile"]
+        shell: "printf '%s\\n' {params.cmd:q} {params.inputs:q} {params.code:q} > {output:q}"
+
+    rule:
+        name: f"compile_{lib.key}"
+        input: ancient(lib.model.chat_config), lib.stamp
+        output: lib.path
+        params: cmd=lib.compile_cmd
+        threads: workflow.cores
+        shell: "TVM_NUM_THREADS={threads} {params.cmd}"
