@@ -22,7 +22,7 @@ def list_deployments() -> None:
 
 
 def build(deployment: str | None, overrides: list[str], cores: int = 2, dry_run: bool = False,
-          force: bool = False) -> int:
+          force: bool = False, workdir: Path | None = None) -> int:
     from .config import compose_deployment
 
     default, _ = load_deployments()
@@ -43,10 +43,11 @@ def build(deployment: str | None, overrides: list[str], cores: int = 2, dry_run:
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=cores),
             config_settings=ConfigSettings(config={"deployment": name, "overrides": list(overrides)}),
-            snakefile=root / "Snakefile", workdir=root)
+            snakefile=root / "Snakefile", workdir=(workdir or root).resolve())
         dag = workflow.dag(DAGSettings(targets={f"build_{name}"}, forceall=force, force_incomplete=True))
         dag.execute_workflow(executor="dryrun" if dry_run else "local",
                              execution_settings=ExecutionSettings(keep_going=False))
     if not dry_run:
-        print(f"built deployment '{name}': {cfg.model_dir} and {cfg.model_lib}")
+        where = (workdir or root).resolve()
+        print(f"built deployment '{name}': {where / cfg.model_dir} and {where / cfg.model_lib}")
     return 0

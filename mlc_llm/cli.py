@@ -60,7 +60,7 @@ def cmd_build(a) -> int:
     if a.list:
         list_deployments()
         return 0
-    return build(a.deployment, a.overrides, cores=a.cores, dry_run=a.dry_run, force=a.force)
+    return build(a.deployment, a.overrides, cores=a.cores, dry_run=a.dry_run, force=a.force, workdir=a.workdir)
 
 
 def cmd_generate(a) -> None:
@@ -128,6 +128,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", "-n", action="store_true")
     b.add_argument("--force", action="store_true", help="rebuild every step of the deployment")
     b.add_argument("--list", action="store_true", help="list the deployments and exit")
+    b.add_argument("--workdir", type=Path, help="where artifacts/ and .snakemake/ go (default: the repository)")
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("generate", help="greedy generation: check that built artifacts run")

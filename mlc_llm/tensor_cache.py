@@ -40,6 +40,8 @@ class TensorCacheWriter:
         # A stale cache file would make a half-rewritten folder look complete: drop it first.
         for stale in (self.out_dir / CACHE_FILE, self.out_dir / LEGACY_CACHE_FILE):
             stale.unlink(missing_ok=True)
+        for leftover in self.out_dir.glob(".convert-*"):  # from a conversion that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=self.out_dir))
         self.shards: list[dict[str, Any]] = []
         self._pending: list[tuple[str, np.ndarray]] = []

@@ -8,7 +8,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
 from .passes import fuse_dequantize_matmul, mark_noalias
-from .target import is_gpu
+from .target import is_gpu, matmul_rule_is_safe
 
 
 def optimize_passes(target: tvm.target.Target) -> list:
@@ -23,13 +23,16 @@ def optimize_passes(target: tvm.target.Target) -> list:
         fuse_dequantize_matmul(),
         relax.transform.DeadCodeElimination(),
     ]
-    if is_gpu(target):
-        passes.append(dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-            dl.gpu.Fallback(),
-        ))
-    passes.append(mark_noalias)
-    return passes
+    return passes + gpu_schedules(target) + [mark_noalias]
+
+
+def gpu_schedules(target: tvm.target.Target) -> list:
+    """Thread bindings for every kernel on GPU targets (unscheduled kernels would silently run on the host)."""
+    if not is_gpu(target):
+        return []
+    matmul = [dl.gpu.Matmul()] if matmul_rule_is_safe(target) else []
+    return [dl.ApplyDefaultSchedule(*matmul, dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
 
 
 def lowering_passes(target: tvm.target.Target) -> list:

@@ -53,9 +53,8 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
     return bb.get()
 
 
-def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
-                  overrides: dict[str, int] | None = None) -> Path:
-    """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only."""
+def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None):
+    """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.target import is_gpu, make_target
@@ -76,6 +75,15 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
         if unbound:
             raise CompileError(f"{len(unbound)} kernels have no GPU schedule and would run on the host: "
                                f"{', '.join(unbound)}")
+    return mod, target
+
+
+def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
+                  overrides: dict[str, int] | None = None) -> Path:
+    """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only."""
+    from ..compiler import pipeline
+
+    mod, target = optimized_module(model_dir, device, overrides)
     executable = pipeline.build(mod, target)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,50 @@
+"""Session fixtures: the real SmolLM2 artifacts, built by the project's own Snakemake pipeline into a temp workdir."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM_DIR = "artifacts/SmolLM2-135M-Instruct-{quant}"
+
+
+def run_snakemake(workdir: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "mlc_llm", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="session")
+def smollm_q4(pipeline_dir):
+    """`snakemake build_smollm2_cpu` from nothing, then the same command again (which must do nothing)."""
+    first = run_snakemake(pipeline_dir, "build_smollm2_cpu")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    second = run_snakemake(pipeline_dir, "build_smollm2_cpu")
+    d = pipeline_dir / SMOLLM_DIR.format(quant="q4f32_1")
+    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so", first=first, second=second)
+
+
+@pytest.fixture(scope="session")
+def smollm_q0(pipeline_dir, smollm_q4):
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      "overrides=[quantization=q0f32]")
+    assert r.returncode == 0, r.stderr[-4000:]
+    d = pipeline_dir / SMOLLM_DIR.format(quant="q0f32")
+    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so")

@@ -1,0 +1,97 @@
+"""An independent float64 numpy Llama, for checking compiled logits. It shares no code with mlc_llm: it reads the
+stored parameters (MLC names) and decodes int4 weights bit by bit itself."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def dequant_q4(q_weight: np.ndarray, q_scale: np.ndarray, k: int) -> np.ndarray:
+    n, words = q_weight.shape
+    out = np.empty((n, words * 8), dtype=np.float64)
+    for j in range(8):  # nibble j of each word is element 8*w + j
+        out[:, j::8] = ((q_weight >> np.uint32(4 * j)) & np.uint32(15)).astype(np.float64) - 7.0
+    scale = q_scale.astype(np.float64).repeat(32, axis=1)
+    return (out * scale)[:, :k]
+
+
+def weight(params: dict, prefix: str, k: int) -> np.ndarray:
+    if f"{prefix}.weight" in params:
+        return params[f"{prefix}.weight"].astype(np.float64)
+    return dequant_q4(params[f"{prefix}.q_weight"], params[f"{prefix}.q_scale"], k)
+
+
+def inv_freq(cfg: dict) -> np.ndarray:
+    d = cfg["head_dim"]
+    freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    s = cfg.get("rope_scaling") or {}
+    if s.get("rope_type") == "llama3":  # as in Hugging Face's Llama 3.1 rope init
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
+            s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freq
+        scaled = np.where(wavelen > old / lo, freq / factor, freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        freq = np.where(medium, smoothed, scaled)
+    return freq
+
+
+def rope(x: np.ndarray, freq: np.ndarray) -> np.ndarray:
+    """x [T, H, D]; half-split rotation (rotate_half), positions 0..T-1."""
+    t = np.arange(x.shape[0], dtype=np.float64)[:, None] * freq[None, :]
+    cos = np.concatenate([np.cos(t), np.cos(t)], axis=-1)[:, None, :]
+    sin = np.concatenate([np.sin(t), np.sin(t)], axis=-1)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w.astype(np.float64)
+
+
+class NumpyLlama:
+    def __init__(self, params: dict, cfg: dict):
+        self.cfg = cfg
+        self.p = params
+        h, d = cfg["hidden_size"], cfg["head_dim"]
+        self.hq, self.hkv, self.d = cfg["num_attention_heads"], cfg["num_key_value_heads"], d
+        self.embed = weight(params, "model.embed_tokens", h)
+        self.layers = []
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            self.layers.append(dict(
+                ln1=params[f"{p}.input_layernorm.weight"], ln2=params[f"{p}.post_attention_layernorm.weight"],
+                qkv=weight(params, f"{p}.self_attn.qkv_proj", h),
+                o=weight(params, f"{p}.self_attn.o_proj", self.hq * d),
+                gate_up=weight(params, f"{p}.mlp.gate_up_proj", h),
+                down=weight(params, f"{p}.mlp.down_proj", cfg["intermediate_size"])))
+        self.norm = params["model.norm.weight"]
+        self.lm_head = self.embed if cfg["tie_word_embeddings"] else weight(params, "lm_head", h)
+        self.freq = inv_freq(cfg)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of one sequence: [T, vocab]."""
+        eps, hq, hkv, d = self.cfg["rms_norm_eps"], self.hq, self.hkv, self.d
+        t = len(tokens)
+        h = self.embed[np.asarray(tokens)]
+        mask = np.triu(np.full((t, t), -np.inf), 1)
+        for L in self.layers:
+            x = rms_norm(h, L["ln1"], eps)
+            qkv = x @ L["qkv"].T
+            q = rope(qkv[:, :hq * d].reshape(t, hq, d), self.freq)
+            k = rope(qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d), self.freq)
+            v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
+            group = hq // hkv
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(d) + mask
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            probs = scores / scores.sum(-1, keepdims=True)
+            attn = np.einsum("hqk,khd->qhd", probs, v).reshape(t, hq * d)
+            h = h + attn @ L["o"].T
+            x = rms_norm(h, L["ln2"], eps)
+            gate, up = np.split(x @ L["gate_up"].T, 2, axis=-1)
+            h = h + (gate / (1 + np.exp(-gate)) * up) @ L["down"].T
+        return rms_norm(h, self.norm, eps) @ self.lm_head.T
