@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 
 from .config import ConfigError, load_deployments
-from .config.compose import default_config_dir
 from .loader import SourceError, resolve_source
 
 
 def repo_root() -> Path:
-    return default_config_dir().parent
+    """The checkout holding Snakefile and pipelines/ (the package is installed editable from it)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def list_deployments() -> None:
