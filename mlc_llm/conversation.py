@@ -108,13 +108,13 @@ def _templates() -> dict[str, Conversation]:
             seps=["<end_of_turn>\n"], role_content_sep="\n", role_empty_sep="\n", stop_str=["<end_of_turn>"],
             stop_token_ids=[1, 107]),
         Conversation(
-            name="mistral_default", system_template="[INST] {system_message}",
+            name="mistral_default", system_template="[INST] {system_message}\n\n",
             system_message="Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
                            "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote "
                            "fairness and positivity.",
             system_prefix_token_ids=[1], add_role_after_system_message=False,
-            roles={"user": "[INST]", "assistant": "[/INST]", "tool": "[INST]"}, seps=[" "], role_content_sep=" ",
-            role_empty_sep="", stop_str=["</s>"], stop_token_ids=[2]),
+            roles={"user": "[INST]", "assistant": "[/INST]", "tool": "[INST]"}, seps=[" ", "</s>"],
+            role_content_sep=" ", role_empty_sep="", stop_str=["</s>"], stop_token_ids=[2]),
     ]}
 
 
@@ -123,9 +123,14 @@ ALIASES = {"gemma": "gemma_instruction", "mistral": "mistral_default", "llama3":
            "phi3": "phi-3"}
 
 
+JINJA = "jinja"  # no named template: the engine renders the tokenizer's own chat template
+
+
 def get_conv_template(name: str) -> Conversation:
+    if name == JINJA:
+        return Conversation(name=JINJA, system_template="", roles={})
     key = ALIASES.get(name, name)
     if key not in CONV_TEMPLATES:
-        allowed = sorted(set(CONV_TEMPLATES) | set(ALIASES))
+        allowed = sorted(set(CONV_TEMPLATES) | set(ALIASES) | {JINJA})
         raise ValueError(f"unknown conv_template '{name}' (allowed: {', '.join(allowed)})")
     return Conversation.from_dict(CONV_TEMPLATES[key].to_dict())  # a copy the caller may edit

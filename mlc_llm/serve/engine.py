@@ -1,0 +1,424 @@
+"""MLCEngine (sync) and AsyncMLCEngine: OpenAI's chat.completions / completions over one EngineCore thread.
+
+Both engines share `_EngineBase` (model loading, request validation, prompt building); they differ only in how results
+travel back: a queue.Queue for the sync engine (safe from many threads, which are still batched together), an
+asyncio.Queue fed with call_soon_threadsafe for the async one.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Optional, Union
+
+from pydantic import ValidationError
+
+from .. import __version__
+from ..conversation import JINJA, Conversation
+from ..tokenizer import Tokenizer
+from . import protocol as P
+from .config import EngineConfig, resolve
+from .request import Delta, Done, Failed, GenerationConfig, Request
+from .runner import ModelRunner
+from .sampler import SamplingParams
+from .scheduler import EngineCore
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import tvm
+
+    return "cuda" if tvm.cuda(0).exist else "cpu"
+
+
+def _resolve_model_dir(model: str) -> Path:
+    if model.startswith(("HF://", "hf://")):
+        from ..loader.locate import _resolve_hf
+
+        return _resolve_hf(model[5:])
+    path = Path(model).expanduser()
+    if not (path / "mlc-chat-config.json").exists():
+        raise FileNotFoundError(f"'{model}' is not a model folder (no mlc-chat-config.json); build it with "
+                                "`mlc_llm build` or `mlc_llm gen_config` + `convert_weight`")
+    return path
+
+
+class _EngineBase:
+    def __init__(self, model: str, model_lib: Optional[str] = None, device: str = "auto", mode: str = "local",
+                 engine_config: Optional[EngineConfig] = None, overrides: Optional[str] = None):
+        self.model = model
+        self.model_dir = _resolve_model_dir(model)
+        self.device = _resolve_device(device)
+        self.chat_config = json.loads((self.model_dir / "mlc-chat-config.json").read_text(encoding="utf-8"))
+        if model_lib is None:
+            from .jit import jit_library
+
+            model_lib = str(jit_library(self.model_dir, self.chat_config, self.device))
+        cfg = engine_config or EngineConfig(mode=mode)
+        if engine_config is not None and mode != "local" and engine_config.mode != mode:
+            raise ValueError(f"mode='{mode}' and engine_config.mode='{engine_config.mode}' disagree")
+        cfg = cfg.with_overrides(overrides)
+        self.runner = ModelRunner(self.model_dir, model_lib, self.device)
+        self.config = resolve(cfg, self.runner.metadata, self.device.split(":")[0])
+        self.tokenizer = Tokenizer(self.model_dir)
+        conv = self.chat_config.get("conv_template")
+        self.conv = Conversation.from_dict(conv) if conv and conv.get("name") != JINJA else None
+        eos = self.chat_config.get("eos_token_id")
+        self.stop_token_ids = sorted(set((self.conv.stop_token_ids if self.conv else []) +
+                                         ([eos] if isinstance(eos, int) else list(eos or []))))
+        self.fingerprint = f"mlc-{__version__}-{self.chat_config['quantization']}-{self.device}"
+        self.core = EngineCore(self.runner, self.config)
+        self._thread = threading.Thread(target=self.core.run_forever, name="mlc-engine", daemon=True)
+        self._thread.start()
+        self._terminated = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def terminate(self) -> None:
+        if not self._terminated:
+            self._terminated = True
+            self.core.stop()
+            self._thread.join(timeout=30)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.core.metrics()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+    # ---- request preparation --------------------------------------------------------------------------------------
+    def _parse(self, cls, kwargs: dict[str, Any]):
+        try:
+            req = cls(**kwargs)
+        except ValidationError as e:
+            raise P.BadRequestError(P.explain_validation_error(e)) from None
+        if req.model is not None and req.model not in (self.model, self.model_dir.name, str(self.model_dir)):
+            raise P.BadRequestError(f"model '{req.model}' is not served here (served: {self.model})")
+        return req
+
+    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        if req.response_format is not None and req.response_format.type != "text":
+            raise P.BadRequestError(f"response_format type '{req.response_format.type}' is not supported yet")
+        if req.tools:
+            raise P.BadRequestError("tools / function calling are not supported yet")
+        messages = []
+        for i, m in enumerate(req.messages):
+            if m.tool_calls:
+                raise P.BadRequestError(f"messages[{i}]: assistant tool_calls in the history are not supported yet")
+            if m.role != "assistant" and not m.text().strip():
+                raise P.BadRequestError(f"messages[{i}]: content of a {m.role} message must not be empty")
+            messages.append({"role": m.role, "content": m.text()})
+        if self.conv is not None:
+            try:
+                text = self.conv.as_prompt(messages)
+            except ValueError as e:
+                raise P.BadRequestError(str(e)) from None
+            return list(self.conv.system_prefix_token_ids or []) + self.tokenizer.encode(text)
+        return self.tokenizer.encode(self._render_jinja(messages))
+
+    def _render_jinja(self, messages: list[dict[str, str]]) -> str:
+        template = self.tokenizer.chat_template
+        if not template:
+            raise P.BadRequestError("the model has neither a conversation template nor a tokenizer chat template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(P.BadRequestError(msg))
+        cfg = self.tokenizer.config
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=cfg.get("bos_token") or "",
+                                                eos_token=cfg.get("eos_token") or "")
+
+    def _generation(self, req: P.SamplingFields, prompt: list[int], max_tokens: Optional[int], logprobs: bool,
+                    top_logprobs: int) -> GenerationConfig:
+        ctx = self.config.max_single_sequence_length
+        if len(prompt) >= ctx:
+            raise P.BadRequestError(f"the prompt has {len(prompt)} tokens, more than the context window allows "
+                                    f"({ctx} tokens including the answer)")
+        if len(prompt) > self.config.max_total_sequence_length:
+            raise P.BadRequestError(f"the prompt has {len(prompt)} tokens, more than the KV cache holds "
+                                    f"({self.config.max_total_sequence_length})")
+        if max_tokens is None:
+            max_tokens = ctx - len(prompt)
+        elif len(prompt) + max_tokens > ctx:
+            raise P.BadRequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                    f"window ({ctx} tokens)")
+        if req.n > self.config.max_num_sequence:
+            raise P.BadRequestError(f"n={req.n} exceeds the engine's max_num_sequence ({self.config.max_num_sequence})")
+        vocab = self.runner.vocab_size
+        for t in req.logit_bias or {}:
+            if t >= vocab:
+                raise P.BadRequestError(f"logit_bias: token id {t} is out of range [0, {vocab})")
+        defaults = self.chat_config
+        temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+        top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
+        sampling = SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=req.top_k, min_p=req.min_p,
+            frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+            repetition_penalty=req.repetition_penalty, logit_bias=dict(req.logit_bias or {}),
+            logprobs=logprobs, top_logprobs=top_logprobs)
+        stop = list(req.stop or []) + (list(self.conv.stop_str) if self.conv else [])
+        return GenerationConfig(sampling=sampling, n=req.n, max_tokens=max_tokens, stop=stop,
+                                stop_token_ids=self.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed)
+
+    def _prepare_chat(self, kwargs) -> tuple[P.ChatCompletionRequest, list[int], GenerationConfig]:
+        req = self._parse(P.ChatCompletionRequest, kwargs)
+        prompt = self._chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        return req, prompt, self._generation(req, prompt, max_tokens, req.logprobs, req.top_logprobs or 0)
+
+    def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig]:
+        req = self._parse(P.CompletionRequest, kwargs)
+        if req.echo or req.suffix:
+            raise P.BadRequestError("echo and suffix are not supported")
+        if isinstance(req.prompt, str):
+            prompt = self.tokenizer.encode(req.prompt)
+        else:
+            prompt = list(req.prompt)
+            bad = [t for t in prompt if not 0 <= t < self.runner.vocab_size]
+            if bad:
+                raise P.BadRequestError(f"prompt token id {bad[0]} is out of range [0, {self.runner.vocab_size})")
+        n_lp = req.logprobs or 0
+        return req, prompt, self._generation(req, prompt, req.max_tokens if req.max_tokens is not None else 16,
+                                             req.logprobs is not None, n_lp)
+
+    def _new_request(self, prompt: list[int], gen: GenerationConfig, sink) -> Request:
+        return Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
+
+
+# ---- turning engine events into OpenAI objects ------------------------------------------------------------------
+def _chat_logprobs(delta: Delta, tok: Tokenizer) -> Optional[P.ChatLogprobs]:
+    if not delta.logprobs:
+        return None
+    content = []
+    for sample, text in delta.logprobs:
+        top = [P.TopLogprob(token=tok.token_text(t), logprob=lp, bytes=list(tok.token_text(t).encode()))
+               for t, lp in (sample.top or [])]
+        content.append(P.LogprobsContent(token=text, logprob=sample.logprob, bytes=list(text.encode()),
+                                         top_logprobs=top))
+    return P.ChatLogprobs(content=content)
+
+
+class _Collector:
+    """Accumulates deltas into whole choices (non-stream responses)."""
+
+    def __init__(self, n: int):
+        self.text = [""] * n
+        self.finish: list[Optional[str]] = [None] * n
+        self.logprobs: list[list] = [[] for _ in range(n)]
+
+    def add(self, d: Delta) -> None:
+        self.text[d.index] += d.text
+        self.logprobs[d.index].extend(d.logprobs)
+        if d.finish_reason:
+            self.finish[d.index] = d.finish_reason
+
+
+class _Formatter:
+    def __init__(self, engine: _EngineBase, kind: str, req, n: int):
+        self.engine, self.kind, self.req, self.n = engine, kind, req, n
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = req.model or engine.model
+
+    def chunk(self, d: Delta):
+        tok = self.engine.tokenizer
+        if self.kind == "chat":
+            return P.ChatCompletionStreamResponse(
+                id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
+                choices=[P.ChatCompletionStreamResponseChoice(
+                    index=d.index, delta=P.DeltaMessage(role="assistant", content=d.text),
+                    finish_reason=d.finish_reason, logprobs=_chat_logprobs(d, tok))])
+        return P.CompletionResponse(
+            id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
+            choices=[P.CompletionResponseChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                                logprobs=_completion_logprobs(d.logprobs, tok, 0))])
+
+    def usage_chunk(self, usage: dict[str, Any]):
+        cls = P.ChatCompletionStreamResponse if self.kind == "chat" else P.CompletionResponse
+        return cls(id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
+                   choices=[], usage=P.CompletionUsage(**usage))
+
+    def whole(self, c: _Collector, usage: dict[str, Any]):
+        tok = self.engine.tokenizer
+        u = P.CompletionUsage(**usage)
+        if self.kind == "chat":
+            choices = [P.ChatCompletionResponseChoice(
+                index=i, message=P.ChatCompletionMessage(content=c.text[i]), finish_reason=c.finish[i],
+                logprobs=_chat_logprobs(Delta(i, "", c.logprobs[i]), tok) if self.req.logprobs else None)
+                for i in range(self.n)]
+            return P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
+                                            system_fingerprint=self.engine.fingerprint, choices=choices, usage=u)
+        choices = [P.CompletionResponseChoice(index=i, text=c.text[i], finish_reason=c.finish[i],
+                                              logprobs=_completion_logprobs(c.logprobs[i], tok, 0)
+                                              if self.req.logprobs is not None else None) for i in range(self.n)]
+        return P.CompletionResponse(id=self.id, created=self.created, model=self.model,
+                                    system_fingerprint=self.engine.fingerprint, choices=choices, usage=u)
+
+
+def _completion_logprobs(entries, tok: Tokenizer, offset: int) -> Optional[P.CompletionLogprobs]:
+    if not entries:
+        return None
+    out = P.CompletionLogprobs()
+    for sample, text in entries:
+        out.tokens.append(text)
+        out.token_logprobs.append(sample.logprob)
+        out.top_logprobs.append({tok.token_text(t): lp for t, lp in (sample.top or [])})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+# ---- sync engine ------------------------------------------------------------------------------------------------
+class MLCEngine(_EngineBase):
+    """from mlc_llm import MLCEngine; engine = MLCEngine(model_dir, model_lib=...)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chat = _SyncChat(self)
+        self.completions = _SyncCompletions(self)
+
+    def _run(self, kind: str, kwargs: dict[str, Any]) -> Union[Any, Iterator[Any]]:
+        req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
+        if self._terminated:
+            raise RuntimeError("the engine was terminated")
+        events: queue.Queue = queue.Queue()
+        request = self._new_request(prompt, gen, events.put)
+        fmt = _Formatter(self, kind, req, gen.n)
+        self.core.submit(request)
+        if req.stream:
+            return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
+        collected = _Collector(gen.n)
+        while True:
+            ev = events.get()
+            if isinstance(ev, Delta):
+                collected.add(ev)
+            elif isinstance(ev, Done):
+                return fmt.whole(collected, ev.usage)
+            else:
+                raise ev.error
+
+    def _stream(self, request: Request, events: queue.Queue, fmt: _Formatter, include_usage: bool) -> Iterator[Any]:
+        done = False
+        try:
+            while True:
+                ev = events.get()
+                if isinstance(ev, Delta):
+                    if ev.text or ev.finish_reason or ev.logprobs:
+                        yield fmt.chunk(ev)
+                elif isinstance(ev, Done):
+                    done = True
+                    if include_usage:
+                        yield fmt.usage_chunk(ev.usage)
+                    return
+                else:
+                    done = True
+                    raise ev.error
+        finally:
+            if not done:  # the consumer stopped early: free the request's KV now
+                self.core.abort(request.id)
+
+
+class _SyncChatCompletions:
+    def __init__(self, engine: MLCEngine):
+        self._engine = engine
+
+    def create(self, **kwargs):
+        return self._engine._run("chat", kwargs)
+
+
+class _SyncChat:
+    def __init__(self, engine: MLCEngine):
+        self.completions = _SyncChatCompletions(engine)
+
+
+class _SyncCompletions:
+    def __init__(self, engine: MLCEngine):
+        self._engine = engine
+
+    def create(self, **kwargs):
+        return self._engine._run("completion", kwargs)
+
+
+# ---- async engine -----------------------------------------------------------------------------------------------
+class AsyncMLCEngine(_EngineBase):
+    """async for chunk in await engine.chat.completions.create(..., stream=True)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chat = _AsyncChat(self)
+        self.completions = _AsyncCompletions(self)
+
+    async def _run(self, kind: str, kwargs: dict[str, Any]):
+        req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
+        if self._terminated:
+            raise RuntimeError("the engine was terminated")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = self._new_request(prompt, gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        fmt = _Formatter(self, kind, req, gen.n)
+        self.core.submit(request)
+        if req.stream:
+            return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
+        collected = _Collector(gen.n)
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Delta):
+                    collected.add(ev)
+                elif isinstance(ev, Done):
+                    return fmt.whole(collected, ev.usage)
+                else:
+                    raise ev.error
+        except asyncio.CancelledError:
+            self.core.abort(request.id)
+            raise
+
+    async def _stream(self, request: Request, events: asyncio.Queue, fmt: _Formatter,
+                      include_usage: bool) -> AsyncIterator[Any]:
+        done = False
+        try:
+            while True:
+                ev = await events.get()
+                if isinstance(ev, Delta):
+                    if ev.text or ev.finish_reason or ev.logprobs:
+                        yield fmt.chunk(ev)
+                elif isinstance(ev, Done):
+                    done = True
+                    if include_usage:
+                        yield fmt.usage_chunk(ev.usage)
+                    return
+                else:
+                    done = True
+                    raise ev.error
+        finally:
+            if not done:
+                self.core.abort(request.id)
+
+
+class _AsyncChatCompletions:
+    def __init__(self, engine: AsyncMLCEngine):
+        self._engine = engine
+
+    async def create(self, **kwargs):
+        return await self._engine._run("chat", kwargs)
+
+
+class _AsyncChat:
+    def __init__(self, engine: AsyncMLCEngine):
+        self.completions = _AsyncChatCompletions(engine)
+
+
+class _AsyncCompletions:
+    def __init__(self, engine: AsyncMLCEngine):
+        self._engine = engine
+
+    async def create(self, **kwargs):
+        return await self._engine._run("completion", kwargs)

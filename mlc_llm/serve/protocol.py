@@ -1,0 +1,218 @@
+"""OpenAI-compatible request and response objects (pydantic), shared by the Python engine and the REST server."""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class BadRequestError(ValueError):
+    """A request that cannot be served as asked; the message says what to change."""
+
+
+def explain_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) > 1)
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: Optional[dict[str, Any]] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+
+
+class SamplingFields(BaseModel):
+    """Generation settings common to chat and completions (OpenAI names plus vLLM-style extras)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model: Optional[str] = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    logit_bias: Optional[dict[int, float]] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    ignore_eos: bool = False
+    user: Optional[str] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v):
+        for token, bias in (v or {}).items():
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {token} must be in [-100, 100], got {bias}")
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        return stops
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[int]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if (isinstance(v, str) and not v) or (isinstance(v, list) and not v):
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+# ---- responses ----------------------------------------------------------------------------------------------------
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class LogprobsContent(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[LogprobsContent] = []
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    extra: Optional[dict[str, Any]] = None
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: Optional[str] = None
+    logprobs: Optional[ChatLogprobs] = None
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: CompletionUsage
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionStreamResponseChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: Optional[str] = None
+    logprobs: Optional[ChatLogprobs] = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionStreamResponseChoice]
+    usage: Optional[CompletionUsage] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Optional[str] = None
+    logprobs: Optional[CompletionLogprobs] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionResponseChoice]
+    usage: Optional[CompletionUsage] = None

@@ -1,0 +1,302 @@
+"""EngineCore: continuous batching over the paged KV cache. One thread owns the model and calls step().
+
+Each step is either a prefill (new or preempted sequences, ragged, at most prefill_chunk_size tokens; prompts longer
+than that are prefilled in chunks over several steps) or one decode of every running sequence in a single
+batch_decode call. When decode has no free KV pages, the most recently admitted request is preempted: its KV is
+dropped and it goes back to the front of the queue with its tokens kept, to be prefilled again later.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+from .config import ResolvedConfig
+from .request import Delta, Done, Failed, Request, Sequence
+from .runner import ModelRunner
+from .sampler import SampleRow, Sampled, sample_batch
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, cfg: ResolvedConfig):
+        self.runner = runner
+        self.cfg = cfg
+        self.cache = runner.create_kv_cache(cfg.max_num_sequence, cfg.max_total_sequence_length,
+                                            cfg.prefill_chunk_size, cfg.page_size)
+        self.total_pages = runner.num_available_pages(self.cache)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.free_seq_ids = list(range(cfg.max_num_sequence - 1, -1, -1))
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._admissions = 0
+        self._lock = threading.Lock()
+        self.stats: dict[str, Any] = {
+            "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0,
+            "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0, "decode_batch_sizes": collections.Counter(),
+            "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
+            "requests_aborted": 0, "last_request": None,
+        }
+
+    # ---- thread-safe entry points ------------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        self.inbox.put(("add", req))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            snap = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()}
+        snap["prefill_tokens_per_s"] = snap["prefill_tokens"] / snap["prefill_time_s"] if snap["prefill_time_s"] else 0
+        snap["decode_tokens_per_s"] = snap["decode_tokens"] / snap["decode_time_s"] if snap["decode_time_s"] else 0
+        snap["num_running"] = sum(1 for r in self.running)
+        snap["num_waiting"] = len(self.waiting)
+        snap["kv_pages_total"] = self.total_pages
+        snap["kv_pages_free"] = self.runner.num_available_pages(self.cache)
+        return snap
+
+    # ---- loop -----------------------------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while True:
+            busy = bool(self.waiting or self.running)
+            try:
+                item = self.inbox.get(block=not busy)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if not self._handle(item):
+                    return
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.waiting or self.running:
+                try:
+                    self.step()
+                except Exception as e:  # a failed forward fails its requests, not the engine
+                    for req in list(self.running) + list(self.waiting):
+                        self._finish_request(req, error=e)
+
+    def _handle(self, item) -> bool:
+        kind, payload = item
+        if kind == "add":
+            self.waiting.append(payload)
+        elif kind == "abort":
+            for req in list(self.running) + list(self.waiting):
+                if req.id == payload:
+                    with self._lock:
+                        self.stats["requests_aborted"] += 1
+                    self._finish_request(req, reason="abort")
+        elif kind == "stop":
+            for req in list(self.running) + list(self.waiting):
+                self._finish_request(req, error=RuntimeError("the engine was terminated"))
+            return False
+        return True
+
+    def step(self) -> None:
+        if not self._prefill_step():
+            self._decode_step()
+
+    # ---- prefill --------------------------------------------------------------------------------------------------
+    def _running_seqs(self) -> list[Sequence]:
+        return [s for r in self.running for s in r.seqs if not s.finished]
+
+    def _free_pages(self) -> int:
+        return self.runner.num_available_pages(self.cache)
+
+    def _pages_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.cfg.page_size)
+
+    def _kv_tokens(self) -> int:
+        return sum(s.kv_len for s in self._running_seqs())
+
+    def _admit(self) -> None:
+        """Move waiting requests to running while sequences, pages and total length allow (FIFO)."""
+        while self.waiting:
+            req = self.waiting[0]
+            seqs_after = len(self._running_seqs()) + len(req.seqs) + req.unforked
+            need_tokens = sum(len(s.tokens) for s in req.seqs)
+            headroom = len(self._running_seqs()) + len(req.seqs) + req.unforked  # one new page each for decode
+            if seqs_after > self.cfg.max_num_sequence:
+                return
+            if self._kv_tokens() + need_tokens + 8 * seqs_after > self.cfg.max_total_sequence_length and self.running:
+                return
+            if self._pages_for(need_tokens) + headroom > self._free_pages() and self.running:
+                return
+            self.waiting.popleft()
+            for s in req.seqs:
+                if not s.finished:
+                    s.seq_id = self.free_seq_ids.pop()
+                    s.kv_len = 0
+                    self.runner.add_sequence(self.cache, s.seq_id)
+            req.admitted_at = self._admissions
+            self._admissions += 1
+            self.running.append(req)
+
+    def _prefill_step(self) -> bool:
+        self._admit()
+        budget = self.cfg.prefill_chunk_size
+        batch: list[tuple[Request, Sequence, list[int]]] = []
+        for req in self.running:
+            for s in req.seqs:
+                if s.finished or len(s.pending) <= 1 or s.seq_id is None:
+                    continue
+                if budget <= 0:
+                    break
+                chunk = s.pending[:budget]
+                budget -= len(chunk)
+                batch.append((req, s, chunk))
+        if not batch:
+            return False
+        start = time.perf_counter()
+        logits = self.runner.batch_prefill(self.cache, [s.seq_id for _, s, _ in batch], [c for _, _, c in batch])
+        elapsed = time.perf_counter() - start
+        n_tokens = sum(len(c) for _, _, c in batch)
+        with self._lock:
+            self.stats["prefill_tokens"] += n_tokens
+            self.stats["prefill_time_s"] += elapsed
+            self.stats["prefill_steps"] += 1
+            self.stats["prefill_batch_sizes"][len(batch)] += 1
+        ready_rows, ready = [], []
+        for row, (req, s, chunk) in enumerate(batch):
+            s.kv_len += len(chunk)
+            req.prefill_tokens += len(chunk)
+            if not s.pending:  # all known tokens are in: these logits predict the next one
+                ready_rows.append(row)
+                ready.append((req, s))
+        if ready:
+            self._sample_and_commit(logits[ready_rows], ready)
+        return True
+
+    # ---- decode ---------------------------------------------------------------------------------------------------
+    def _decode_step(self) -> bool:
+        seqs = [(r, s) for r in self.running for s in r.seqs if not s.finished and len(s.pending) == 1]
+        if not seqs:
+            return False
+        while len(seqs) > self._free_pages() and len(self.running) > 1:
+            victim = max(self.running, key=lambda r: r.admitted_at)
+            self._preempt(victim)
+            seqs = [(r, s) for r, s in seqs if r is not victim]
+        if len(seqs) > self._free_pages():
+            for r, s in seqs:  # one request alone does not fit: the KV cache is full
+                self._finish_seq(r, s, "length")
+            return True
+        start = time.perf_counter()
+        tokens = [s.pending[0] for _, s in seqs]
+        logits = self.runner.batch_decode(self.cache, [s.seq_id for _, s in seqs], tokens)
+        elapsed = time.perf_counter() - start
+        for _, s in seqs:
+            s.kv_len += 1
+        with self._lock:
+            self.stats["decode_tokens"] += len(seqs)
+            self.stats["decode_time_s"] += elapsed
+            self.stats["decode_steps"] += 1
+            self.stats["decode_batch_sizes"][len(seqs)] += 1
+        host_start = time.perf_counter()
+        self._sample_and_commit(logits, seqs)
+        with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
+            self.stats["decode_host_time_s"] += time.perf_counter() - host_start
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        for s in req.seqs:
+            if s.seq_id is not None:
+                self.runner.remove_sequence(self.cache, s.seq_id)
+                self.free_seq_ids.append(s.seq_id)
+                s.seq_id, s.kv_len = None, 0
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        with self._lock:
+            self.stats["preemptions"] += 1
+
+    # ---- sampling and output --------------------------------------------------------------------------------------
+    def _sample_and_commit(self, logits: np.ndarray, seqs: list[tuple[Request, Sequence]]) -> None:
+        rows: list[tuple[Request, Sequence, np.ndarray]] = []
+        for i, (req, s) in enumerate(seqs):
+            rows.append((req, s, logits[i]))
+            if req.unforked and s.index == 0:  # prompt done: the other choices fork its KV and sample too
+                for k in range(1, req.unforked + 1):
+                    child = req.fork(k)
+                    child.kv_len = s.kv_len
+                    child.seq_id = self.free_seq_ids.pop()
+                    self.runner.fork_sequence(self.cache, s.seq_id, child.seq_id)
+                    rows.append((req, child, logits[i]))
+                req.unforked = 0
+        matrix = np.stack([row for _, _, row in rows]) if len(rows) != len(seqs) else logits
+        sampled = sample_batch(matrix, [SampleRow(r.gen.sampling, s.rng, s.counts) for r, s, _ in rows])
+        now = time.perf_counter()
+        for (req, s, _), out in zip(rows, sampled):
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._commit(req, s, out)
+
+    def _commit(self, req: Request, s: Sequence, out: Sampled) -> None:
+        t = out.token
+        s.tokens.append(t)
+        s.counts[t] = s.counts.get(t, 0) + 1
+        logprobs = [(out, req.tokenizer.token_text(t))] if out.logprob is not None else []
+        if t in req.gen.stop_token_ids and not req.gen.ignore_eos:
+            self._deliver(req, Delta(s.index, "", logprobs))
+            self._finish_seq(req, s, "stop")
+            return
+        text = s.stopper.put(s.streamer.put([t]))
+        reason = None
+        if s.stopper.stopped:
+            reason = "stop"
+        elif s.num_generated >= req.gen.max_tokens or len(s.tokens) >= self.cfg.max_single_sequence_length:
+            reason = "length"
+        self._deliver(req, Delta(s.index, text, logprobs))
+        if reason:
+            self._finish_seq(req, s, reason)
+
+    def _release(self, s: Sequence) -> None:
+        if s.seq_id is not None:
+            self.runner.remove_sequence(self.cache, s.seq_id)  # frees its KV pages at once
+            self.free_seq_ids.append(s.seq_id)
+            s.seq_id = None
+
+    def _finish_seq(self, req: Request, s: Sequence, reason: str) -> None:
+        tail = "" if s.stopper.stopped else s.stopper.put(s.streamer.finish()) + s.stopper.finish()
+        s.finish_reason = reason
+        self._release(s)
+        self._deliver(req, Delta(s.index, tail, [], reason))
+        if req.finished:
+            self._finish_request(req)
+
+    def _finish_request(self, req: Request, reason: str = "abort", error: Optional[BaseException] = None) -> None:
+        """Normal end (every choice finished), or an early end of the whole request (abort, error)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            return
+        req.unforked = 0
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "error" if error else reason
+                self._release(s)
+                if error is None:
+                    self._deliver(req, Delta(s.index, "", [], reason))
+        if error is not None:
+            self._deliver(req, Failed(error))
+            return
+        usage = req.usage()
+        with self._lock:
+            self.stats["requests_finished"] += 1
+            self.stats["last_request"] = usage
+        self._deliver(req, Done(usage))
+
+    @staticmethod
+    def _deliver(req: Request, event) -> None:
+        try:
+            req.sink(event)
+        except Exception:  # a consumer that went away must not stop the engine
+            pass

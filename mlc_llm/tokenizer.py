@@ -1,0 +1,112 @@
+"""Tokenizer wrapper (`tokenizers`), streaming detokenizer, and stop-string matcher. Runtime side, no TVM."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer.json in '{model_dir}' (run `mlc_llm gen_config`)")
+        self._tok = _HFTokenizer.from_file(str(path))
+        cfg_path = Path(model_dir) / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        jinja = Path(model_dir) / "chat_template.jinja"
+        self.chat_template = jinja.read_text(encoding="utf-8") if jinja.exists() else self.config.get("chat_template")
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+    def token_text(self, i: int) -> str:
+        """The text one token stands for (for logprobs), special tokens included."""
+        return self._tok.decode([i], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class TextStreamer:
+    """Incremental detokenization: each put() returns only new, complete text.
+
+    Decoding a token alone loses context (leading spaces of SentencePiece pieces, multi-byte characters split across
+    byte-level tokens), so the new tokens are decoded after a few previous ones and the previous text is subtracted;
+    while the result ends in U+FFFD (an incomplete UTF-8 sequence) the tokens are held back (up to 4 tokens).
+    """
+
+    CONTEXT = 4
+    MAX_HOLD = 4
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.prefix: list[int] = []
+        self.pending: list[int] = []
+
+    def put(self, ids: Sequence[int]) -> str:
+        self.pending.extend(ids)
+        prefix_text = self.tok.decode(self.prefix)
+        full = self.tok.decode(self.prefix + self.pending)
+        if full.endswith(REPLACEMENT) and len(self.pending) < self.MAX_HOLD:
+            return ""
+        return self._advance(prefix_text, full)
+
+    def finish(self) -> str:
+        if not self.pending:
+            return ""
+        return self._advance(self.tok.decode(self.prefix), self.tok.decode(self.prefix + self.pending))
+
+    def _advance(self, prefix_text: str, full: str) -> str:
+        if full.startswith(prefix_text):
+            delta = full[len(prefix_text):]
+        else:  # the decoder rewrote earlier text (rare): emit from the first difference on
+            common = 0
+            while common < min(len(full), len(prefix_text)) and full[common] == prefix_text[common]:
+                common += 1
+            delta = full[common:]
+        self.prefix = (self.prefix + self.pending)[-self.CONTEXT:]
+        self.pending = []
+        return delta
+
+
+class StopStrMatcher:
+    """Holds back text that may begin a stop string; reports a stop and never emits the stop string itself."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self.buffer = ""
+        self.stopped = False
+
+    def put(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += text
+        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            return out
+        hold = 0
+        for s in self.stop:  # the longest buffer suffix that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(self.buffer)), hold, -1):
+                if self.buffer.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.buffer[:len(self.buffer) - hold]
+        self.buffer = self.buffer[len(self.buffer) - hold:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out

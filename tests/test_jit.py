@@ -1,0 +1,65 @@
+"""JIT: MLCEngine(model_dir) without a library compiles one into the cache, honouring MLC_JIT_POLICY."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from mlc_llm import MLCEngine
+from mlc_llm.serve.jit import library_key
+
+
+def test_jit_policies(smollm_q4, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLC_LLM_HOME", str(tmp_path / "home"))
+    model = str(smollm_q4.dir)
+    for policy in ("READONLY", "OFF"):
+        monkeypatch.setenv("MLC_JIT_POLICY", policy)
+        with pytest.raises(FileNotFoundError, match=f"MLC_JIT_POLICY={policy} forbids compiling"):
+            MLCEngine(model)
+    monkeypatch.setenv("MLC_JIT_POLICY", "ON")
+    with MLCEngine(model) as engine:
+        text = engine.completions.create(prompt="The sky is", temperature=0, max_tokens=3).choices[0].text
+    libs = list((tmp_path / "home" / "model_lib").glob("*.so"))
+    assert len(libs) == 1
+    first = libs[0].stat().st_mtime_ns
+    with MLCEngine(model) as engine:  # cached: no compile
+        assert engine.completions.create(prompt="The sky is", temperature=0, max_tokens=3).choices[0].text == text
+    assert libs[0].stat().st_mtime_ns == first
+    monkeypatch.setenv("MLC_JIT_POLICY", "READONLY")
+    MLCEngine(model).terminate()
+    monkeypatch.setenv("MLC_JIT_POLICY", "REDO")
+    MLCEngine(model).terminate()
+    assert libs[0].stat().st_mtime_ns != first
+
+
+def test_library_key_covers_what_the_library_depends_on(smollm_q4):
+    chat = json.loads((smollm_q4.dir / "mlc-chat-config.json").read_text())
+    key = library_key(chat, "cpu")
+    assert library_key(chat, "cpu") == key
+    assert library_key(chat, "cuda") != key
+    assert library_key({**chat, "quantization": "q0f32"}, "cpu") != key
+    assert library_key({**chat, "model_config": {**chat["model_config"], "context_window_size": 1024}}, "cpu") != key
+    assert library_key({**chat, "conv_template": {"name": "x"}}, "cpu") == key  # templates do not reach the library
+
+
+def test_tokenizer_chat_template_fallback(smollm_q4, tmp_path):
+    """conv_template 'jinja': the prompt comes from the model's own chat template (here identical to chatml with
+    SmolLM's system prompt, so the answers must agree)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    for f in smollm_q4.dir.iterdir():
+        if f.is_file():
+            os.symlink(f, d / f.name) if f.suffix == ".bin" else shutil.copy(f, d / f.name)
+    chat = json.loads((d / "mlc-chat-config.json").read_text())
+    conv = chat["conv_template"]
+    chat["conv_template"] = {"name": "jinja"}
+    (d / "mlc-chat-config.json").write_text(json.dumps(chat))
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    with MLCEngine(str(d), model_lib=str(smollm_q4.lib)) as engine:
+        assert engine.conv is None
+        prompt = engine._render_jinja(msgs)
+        reply = engine.chat.completions.create(messages=msgs, temperature=0, max_tokens=12)
+    assert prompt.startswith("<|im_start|>system\n" + conv["system_message"])
+    assert "Paris" in reply.choices[0].message.content
