@@ -216,3 +216,18 @@ def test_metrics_report_speeds_and_usage(engine):
     m = engine.metrics()
     assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
     assert r.usage.extra["ttft_s"] > 0 and m["last_request"]["completion_tokens"] == 4
+
+
+def test_chunked_prefill_and_one_token_prompts_give_the_same_answers(smollm_q4, engine):
+    expected = engine.chat.completions.create(messages=SHORT, temperature=0, max_tokens=8).choices[0].message.content
+    one_token = engine.completions.create(prompt=[504], temperature=0, max_tokens=4).choices[0].text
+    chunked = MLCEngine(str(smollm_q4.dir), model_lib=str(smollm_q4.lib), overrides="prefill_chunk_size=8")
+    try:
+        assert chunked.config.prefill_chunk_size == 8
+        steps = chunked.metrics()["prefill_steps"]
+        r = chunked.chat.completions.create(messages=SHORT, temperature=0, max_tokens=8)
+        assert r.choices[0].message.content == expected
+        assert chunked.metrics()["prefill_steps"] - steps >= r.usage.prompt_tokens // 8
+        assert chunked.completions.create(prompt=[504], temperature=0, max_tokens=4).choices[0].text == one_token
+    finally:
+        chunked.terminate()
