@@ -39,6 +39,7 @@ class EngineCore:
             "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0, "decode_batch_sizes": collections.Counter(),
             "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
             "requests_aborted": 0, "last_request": None,
+            "num_running": 0, "num_waiting": 0, "kv_pages_total": self.total_pages, "kv_pages_free": self.total_pages,
         }
 
     # ---- thread-safe entry points ------------------------------------------------------------------------------
@@ -56,11 +57,13 @@ class EngineCore:
             snap = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()}
         snap["prefill_tokens_per_s"] = snap["prefill_tokens"] / snap["prefill_time_s"] if snap["prefill_time_s"] else 0
         snap["decode_tokens_per_s"] = snap["decode_tokens"] / snap["decode_time_s"] if snap["decode_time_s"] else 0
-        snap["num_running"] = sum(1 for r in self.running)
-        snap["num_waiting"] = len(self.waiting)
-        snap["kv_pages_total"] = self.total_pages
-        snap["kv_pages_free"] = self.runner.num_available_pages(self.cache)
         return snap
+
+    def _publish_gauges(self) -> None:
+        """Queue and KV gauges, read here in the engine thread (the KV cache is not touched from other threads)."""
+        free = self.runner.num_available_pages(self.cache)
+        with self._lock:
+            self.stats.update(num_running=len(self.running), num_waiting=len(self.waiting), kv_pages_free=free)
 
     # ---- loop -----------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -83,6 +86,7 @@ class EngineCore:
                 except Exception as e:  # a failed forward fails its requests, not the engine
                     for req in list(self.running) + list(self.waiting):
                         self._finish_request(req, error=e)
+            self._publish_gauges()
 
     def _handle(self, item) -> bool:
         kind, payload = item
@@ -123,7 +127,7 @@ class EngineCore:
             req = self.waiting[0]
             seqs_after = len(self._running_seqs()) + len(req.seqs) + req.unforked
             need_tokens = sum(len(s.tokens) for s in req.seqs)
-            headroom = len(self._running_seqs()) + len(req.seqs) + req.unforked  # one new page each for decode
+            headroom = seqs_after  # one new page per sequence for its next decode step
             if seqs_after > self.cfg.max_num_sequence:
                 return
             if self._kv_tokens() + need_tokens + 8 * seqs_after > self.cfg.max_total_sequence_length and self.running:
@@ -285,6 +289,7 @@ class EngineCore:
                 self._release(s)
                 if error is None:
                     self._deliver(req, Delta(s.index, "", [], reason))
+        self._publish_gauges()  # before the final event: a caller that got its answer sees current gauges
         if error is not None:
             self._deliver(req, Failed(error))
             return
