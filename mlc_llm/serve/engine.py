@@ -276,6 +276,25 @@ def _completion_logprobs(entries, tok: Tokenizer, offset: int) -> Optional[P.Com
     return out
 
 
+def _stream_items(ev, fmt: _Formatter, include_usage: bool) -> tuple[list[Any], bool]:
+    """One engine event of a streamed request -> (chunks to yield, finished). Raises the engine's error."""
+    if isinstance(ev, Delta):
+        return ([fmt.chunk(ev)] if ev.text or ev.finish_reason or ev.logprobs else []), False
+    if isinstance(ev, Done):
+        return ([fmt.usage_chunk(ev.usage)] if include_usage else []), True
+    raise ev.error
+
+
+def _collect(ev, collected: _Collector, fmt: _Formatter) -> Optional[Any]:
+    """One engine event of a non-stream request -> the whole response once done, else None."""
+    if isinstance(ev, Delta):
+        collected.add(ev)
+        return None
+    if isinstance(ev, Done):
+        return fmt.whole(collected, ev.usage)
+    raise ev.error
+
+
 # ---- sync engine ------------------------------------------------------------------------------------------------
 class MLCEngine(_EngineBase):
     """from mlc_llm import MLCEngine; engine = MLCEngine(model_dir, model_lib=...)"""
@@ -296,31 +315,20 @@ class MLCEngine(_EngineBase):
         if req.stream:
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
         collected = _Collector(gen.n)
-        while True:
-            ev = events.get()
-            if isinstance(ev, Delta):
-                collected.add(ev)
-            elif isinstance(ev, Done):
-                return fmt.whole(collected, ev.usage)
-            else:
-                raise ev.error
+        while (response := _collect(events.get(), collected, fmt)) is None:
+            pass
+        return response
 
     def _stream(self, request: Request, events: queue.Queue, fmt: _Formatter, include_usage: bool) -> Iterator[Any]:
         done = False
         try:
-            while True:
-                ev = events.get()
-                if isinstance(ev, Delta):
-                    if ev.text or ev.finish_reason or ev.logprobs:
-                        yield fmt.chunk(ev)
-                elif isinstance(ev, Done):
-                    done = True
-                    if include_usage:
-                        yield fmt.usage_chunk(ev.usage)
-                    return
-                else:
-                    done = True
-                    raise ev.error
+            while not done:
+                try:
+                    items, done = _stream_items(events.get(), fmt, include_usage)
+                except Exception:
+                    done = True  # an engine error: the engine already ended the request
+                    raise
+                yield from items
         finally:
             if not done:  # the consumer stopped early: free the request's KV now
                 self.core.abort(request.id)
@@ -369,14 +377,9 @@ class AsyncMLCEngine(_EngineBase):
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
         collected = _Collector(gen.n)
         try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, Delta):
-                    collected.add(ev)
-                elif isinstance(ev, Done):
-                    return fmt.whole(collected, ev.usage)
-                else:
-                    raise ev.error
+            while (response := _collect(await events.get(), collected, fmt)) is None:
+                pass
+            return response
         except asyncio.CancelledError:
             self.core.abort(request.id)
             raise
@@ -385,19 +388,14 @@ class AsyncMLCEngine(_EngineBase):
                       include_usage: bool) -> AsyncIterator[Any]:
         done = False
         try:
-            while True:
-                ev = await events.get()
-                if isinstance(ev, Delta):
-                    if ev.text or ev.finish_reason or ev.logprobs:
-                        yield fmt.chunk(ev)
-                elif isinstance(ev, Done):
-                    done = True
-                    if include_usage:
-                        yield fmt.usage_chunk(ev.usage)
-                    return
-                else:
-                    done = True
-                    raise ev.error
+            while not done:
+                try:
+                    items, done = _stream_items(await events.get(), fmt, include_usage)
+                except Exception:
+                    done = True  # an engine error: the engine already ended the request
+                    raise
+                for item in items:
+                    yield item
         finally:
             if not done:
                 self.core.abort(request.id)
