@@ -211,10 +211,8 @@ class EngineCore:
 
     def _preempt(self, req: Request) -> None:
         for s in req.seqs:
-            if s.seq_id is not None:
-                self.runner.remove_sequence(self.cache, s.seq_id)
-                self.free_seq_ids.append(s.seq_id)
-                s.seq_id, s.kv_len = None, 0
+            self._release(s)
+            s.kv_len = 0  # its tokens are kept and prefilled again on readmission
         self.running.remove(req)
         self.waiting.appendleft(req)
         with self._lock:
