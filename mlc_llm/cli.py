@@ -33,7 +33,8 @@ def cmd_gen_config(a) -> None:
     path = gen_config(a.model, a.quantization, a.conv_template, a.output,
                       context_window_size=a.context_window_size, prefill_chunk_size=a.prefill_chunk_size,
                       max_batch_size=a.max_batch_size, tensor_parallel_shards=a.tensor_parallel_shards,
-                      system_message=a.system_message, install_hint=a.install_hint)
+                      system_message=a.system_message, install_hint=a.install_hint,
+                      temperature=a.temperature, top_p=a.top_p)
     print(f"wrote {path}")
 
 
@@ -88,6 +89,77 @@ def cmd_generate(a) -> None:
     print(f"[{len(ids)} prompt tokens, {len(out)} generated, {elapsed:.2f} s]", file=sys.stderr)
 
 
+def _json_list(text: str) -> list[str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); give a list such as '[\"*\"]'") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"must be a JSON list of strings, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {value}")
+    return value
+
+
+def _check_unsupported_runtime_flags(a) -> None:
+    if getattr(a, "additional_models", None):
+        raise ValueError("--additional-models is not supported yet (it serves draft models for speculative "
+                         "decoding, which this engine does not have)")
+    if getattr(a, "speculative_mode", "disable") != "disable":
+        raise ValueError(f"--speculative-mode {a.speculative_mode} is not supported yet (only 'disable')")
+    if getattr(a, "enable_tracing", False):
+        raise ValueError("--enable-tracing is not supported yet; per-request timings are in each response's "
+                         "usage.extra and in GET /metrics")
+
+
+def _check_model_paths(a) -> None:
+    from .serve.engine import _resolve_model_dir
+
+    _resolve_model_dir(a.model)
+    if a.model_lib and not Path(a.model_lib).is_file():
+        raise FileNotFoundError(f"--model-lib {a.model_lib}: no such file")
+    from .serve.config import EngineConfig
+
+    EngineConfig(mode=a.mode).with_overrides(a.overrides)  # bad overrides fail here, before anything loads
+
+
+def cmd_serve(a) -> None:
+    from .serve.server import ServerSettings, serve
+
+    _check_unsupported_runtime_flags(a)
+    _check_model_paths(a)
+    import os
+
+    settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None, allow_credentials=a.allow_credentials,
+                              allowed_origins=a.allowed_origins, allowed_methods=a.allowed_methods,
+                              allowed_headers=a.allowed_headers)
+    serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
+          served_model_name=a.served_model_name, log_level=a.log_level)
+
+
+def cmd_chat(a) -> int:
+    from .chat import run_chat
+
+    _check_model_paths(a)
+    return run_chat(a.model, a.model_lib, a.device, a.overrides)
+
+
+def _runtime_flags(p: argparse.ArgumentParser, default_mode: str) -> None:
+    p.add_argument("model", help="artifact folder (mlc-chat-config.json + weights) or HF://org/repo in the local cache")
+    p.add_argument("--model-lib", help="compiled library (default: compiled on first use into $MLC_LLM_HOME)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--overrides", help='engine settings, e.g. "max_num_sequence=8;max_total_seq_length=4096"')
+    if default_mode:
+        p.add_argument("--mode", default=default_mode, choices=["local", "interactive", "server"])
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlc_llm", description="Compile and run LLMs with Apache TVM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +174,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch-size", type=_positive_int, default=128)
     g.add_argument("--tensor-parallel-shards", type=_positive_int, default=1)
     g.add_argument("--system-message", help="replace the template's default system message")
+    g.add_argument("--temperature", type=float, help="default temperature (else the source's, else 1.0)")
+    g.add_argument("--top-p", type=float, help="default top_p (else the source's, else 1.0)")
     g.add_argument("--install-hint", default="", help=argparse.SUPPRESS)
     g.add_argument("-o", "--output", required=True)
     g.set_defaults(func=cmd_gen_config)
@@ -139,6 +213,26 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--raw", action="store_true", help="no chat template")
     r.add_argument("--max-tokens", type=_positive_int, default=64)
     r.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible REST server")
+    _runtime_flags(s, "local")
+    s.add_argument("--additional-models", nargs="*", help="(not supported yet)")
+    s.add_argument("--speculative-mode", default="disable", help="(only 'disable' is supported)")
+    s.add_argument("--enable-tracing", action="store_true", help="(not supported yet)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_port, default=8000)
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    s.add_argument("--allowed-origins", type=_json_list, default=["*"], help='CORS origins, JSON list')
+    s.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS methods, JSON list")
+    s.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS headers, JSON list")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MLC_LLM_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal (also reads piped stdin)")
+    _runtime_flags(ch, "")
+    ch.set_defaults(func=cmd_chat, mode="interactive")
     return p
 
 

@@ -105,6 +105,36 @@ class Plan:
         lib = self.lib_of(deployment)
         return [lib.model.chat_config, lib.model.tensor_cache, lib.path]
 
+    def runtime_inputs(self, deployment: str) -> list[str]:
+        """Every file the engine opens (a deleted shard is rebuilt before a launch, not found missing at load)."""
+        import json
+
+        lib = self.lib_of(deployment)
+        files = self.build_inputs(deployment)
+        cache = Path(lib.model.tensor_cache)
+        if cache.exists():  # before the first build the shard names are not known yet; convert_weight makes them
+            try:
+                records = json.loads(cache.read_text(encoding="utf-8")).get("records", [])
+                files += [f"{lib.model.dir}/{r['dataPath']}" for r in records]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return files
+
+    def launch_cmd(self, deployment: str, kind: str) -> str:
+        """The process a `serve_<name>` / `chat_<name>` target execs once everything is built."""
+        return launch_command(self.deployments[deployment], kind)
+
+    def launch_target(self, targets) -> tuple[str, str] | None:
+        """(deployment, kind) when the run's targets include serve_<name> / chat_<name>, else None."""
+        found = []
+        for t in targets or ():
+            kind, _, name = str(t).partition("_")
+            if kind in ("serve", "chat") and name in self.deployments:
+                found.append((name, kind))
+        if len(found) > 1:
+            raise ConfigError(f"one launch target at a time, got {', '.join(f'{k}_{n}' for n, k in found)}")
+        return found[0] if found else None
+
 
 def _rule_key(path: str) -> str:
     return re.sub(r"\W", "_", path.split("/", 1)[-1])
@@ -119,6 +149,7 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
                *_opt("--context-window-size", m.context_window_size),
                *_opt("--prefill-chunk-size", m.prefill_chunk_size), "--max-batch-size", m.max_batch_size,
                *_opt("--system-message", cfg.conv_template.system_message),
+               *_opt("--temperature", m.temperature), *_opt("--top-p", m.top_p),
                *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
     convert = _cmd(*mlc, "convert_weight", m.source, "--quantization", q,
                    *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
@@ -130,6 +161,25 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
     return gen, convert, compile_, compile_inputs
 
 
+def engine_overrides(cfg: BuildConfig) -> str:
+    m = cfg.mode
+    items = [(k, getattr(m, k)) for k in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size")]
+    items.append(("gpu_memory_utilization", m.gpu_memory_utilization))
+    return ";".join(f"{k}={v}" for k, v in items if v is not None)
+
+
+def launch_command(cfg: BuildConfig, kind: str) -> str:
+    env = ["env", f"TVM_NUM_THREADS={cfg.device.num_threads}"] if cfg.device.num_threads else []
+    common = [cfg.model_dir, "--model-lib", cfg.model_lib, "--device", cfg.device.name.value,
+              "--overrides", engine_overrides(cfg)]
+    if kind == "serve":
+        return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", cfg.mode.name.value,
+                    "--host", cfg.server.host, "--port", cfg.server.port)
+    if kind == "chat":
+        return _cmd(*env, "python", "-m", "mlc_llm", "chat", *common)
+    raise ValueError(f"unknown launch kind '{kind}'")
+
+
 def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path | None = None) -> Plan:
     """snakemake_config may hold `deployment` + `overrides` (Hydra override strings for that deployment)."""
     snakemake_config = snakemake_config or {}
@@ -138,6 +188,9 @@ def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path |
     overrides = snakemake_config.get("overrides") or []
     if isinstance(overrides, str):  # `--config overrides=a=1` arrives as one string
         overrides = [o for o in overrides.split(",") if o]
+    if overrides and target is None:
+        raise ConfigError(f"overrides {overrides} need deployment=<name> in --config to say which deployment they "
+                          f"change (deployments: {', '.join(names)})")
     if target is not None and target not in names:
         raise ConfigError(f"unknown deployment '{target}' (allowed: {', '.join(names)})")
     deployments = {n: compose_deployment(n, overrides if n == target else [], config_dir) for n in names}

@@ -39,12 +39,18 @@ class ModelConfig:
     context_window_size: Optional[int] = None  # None: the model's own
     prefill_chunk_size: Optional[int] = None
     max_batch_size: int = 128
+    temperature: Optional[float] = None  # default sampling settings; None: the source's generation config or 1.0
+    top_p: Optional[float] = None
 
     def check(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"model.name: '{self.name}' must be a plain folder name")
         for key in ("context_window_size", "prefill_chunk_size", "max_batch_size"):
             _positive(f"model.{key}", getattr(self, key))
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ValueError(f"model.temperature: must be in [0, 2], got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"model.top_p: must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -101,17 +107,31 @@ class ModeConfig:
 
 
 @dataclass
+class ServerConfig:
+    """Where `serve_<deployment>` listens. The API key is read from $MLC_LLM_API_KEY (never from a config file)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def check(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"server.port: must be a TCP port (1-65535), got {self.port}")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ValueError(f"server.host: '{self.host}' is not a host name or address")
+
+
+@dataclass
 class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     conv_template: ConvTemplateConfig = field(default_factory=ConvTemplateConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     artifacts_dir: str = "artifacts"
 
     def check(self) -> "BuildConfig":
         """Value checks beyond types (OmegaConf calls no __post_init__ we could rely on with MISSING defaults)."""
-        for part in (self.model, self.conv_template, self.device, self.mode):
+        for part in (self.model, self.conv_template, self.device, self.mode, self.server):
             part.check()
         return self
 

@@ -77,6 +77,11 @@ class _EngineBase:
         self._thread.start()
         self._terminated = False
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names a request's `model` field may use: the name it was opened with, or its folder's name or path."""
+        return (self.model, self.model_dir.name, str(self.model_dir))
+
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def terminate(self) -> None:
         if not self._terminated:
@@ -99,8 +104,8 @@ class _EngineBase:
             req = cls(**kwargs)
         except ValidationError as e:
             raise P.BadRequestError(P.explain_validation_error(e)) from None
-        if req.model is not None and req.model not in (self.model, self.model_dir.name, str(self.model_dir)):
-            raise P.BadRequestError(f"model '{req.model}' is not served here (served: {self.model})")
+        if req.model is not None and req.model not in self.model_names:
+            raise P.ModelNotFoundError(f"the model '{req.model}' does not exist here (served: {self.model})")
         return req
 
     def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
@@ -140,15 +145,15 @@ class _EngineBase:
                     top_logprobs: int) -> GenerationConfig:
         ctx = self.config.max_single_sequence_length
         if len(prompt) >= ctx:
-            raise P.BadRequestError(f"the prompt has {len(prompt)} tokens, more than the context window allows "
+            raise P.ContextLengthError(f"the prompt has {len(prompt)} tokens, more than the context window allows "
                                     f"({ctx} tokens including the answer)")
         if len(prompt) > self.config.max_total_sequence_length:
-            raise P.BadRequestError(f"the prompt has {len(prompt)} tokens, more than the KV cache holds "
+            raise P.ContextLengthError(f"the prompt has {len(prompt)} tokens, more than the KV cache holds "
                                     f"({self.config.max_total_sequence_length})")
         if max_tokens is None:
             max_tokens = ctx - len(prompt)
         elif len(prompt) + max_tokens > ctx:
-            raise P.BadRequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
+            raise P.ContextLengthError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                     f"window ({ctx} tokens)")
         if req.n > self.config.max_num_sequence:
             raise P.BadRequestError(f"n={req.n} exceeds the engine's max_num_sequence ({self.config.max_num_sequence})")

@@ -9,7 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class BadRequestError(ValueError):
-    """A request that cannot be served as asked; the message says what to change."""
+    """A request that cannot be served as asked; the message says what to change. HTTP 400."""
+    code: Optional[str] = None
+    param: Optional[str] = None
+
+
+class ModelNotFoundError(BadRequestError):
+    """The request names a model this engine does not serve. HTTP 404."""
+    code = "model_not_found"
+    param = "model"
+
+
+class ContextLengthError(BadRequestError):
+    """Prompt (+ max_tokens) does not fit the context window or the KV cache. HTTP 400."""
+    code = "context_length_exceeded"
 
 
 def explain_validation_error(e: ValidationError) -> str:

@@ -104,7 +104,9 @@ class Request:
         ttft = (self.first_token_time - self.arrival) if self.first_token_time else None
         decode_time = now - self.first_token_time if self.first_token_time else 0.0
         decode_tokens = max(completion - len(self.seqs), 0)
+        per_seq = max(s.num_generated for s in self.seqs) - 1  # tokens after the first, in the longest choice
         extra = {"ttft_s": ttft, "end_to_end_latency_s": now - self.arrival, "prefill_tokens": self.prefill_tokens,
+                 "tpot_s": decode_time / per_seq if per_seq > 0 else None,
                  "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
                  "prefill_tokens_per_s": self.prefill_tokens / ttft if ttft else None}
         return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,

@@ -34,6 +34,9 @@ class EngineCore:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._admissions = 0
         self._lock = threading.Lock()
+        # Called in the engine thread as fn(usage, finish_reasons) when a request ends without an error
+        # (normally or aborted); the server's Prometheus metrics hang here. Must be quick and must not raise.
+        self.observers: list = []
         self.stats: dict[str, Any] = {
             "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0,
             "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0, "decode_batch_sizes": collections.Counter(),
@@ -295,6 +298,11 @@ class EngineCore:
         with self._lock:
             self.stats["requests_finished"] += 1
             self.stats["last_request"] = usage
+        for observe in self.observers:
+            try:
+                observe(usage, [s.finish_reason for s in req.seqs])
+            except Exception:  # metrics must never stop the engine
+                pass
         self._deliver(req, Done(usage))
 
     @staticmethod

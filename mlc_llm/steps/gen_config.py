@@ -38,7 +38,11 @@ def _stop_token_ids(tokenizer_path: Path, conv, eos_id: int | None) -> list[int]
 def gen_config(source: str, quantization: str, conv_template: str, output: str | Path, *,
                context_window_size: int | None = None, prefill_chunk_size: int | None = None,
                max_batch_size: int = 128, tensor_parallel_shards: int = 1, system_message: str | None = None,
-               install_hint: str = "") -> Path:
+               install_hint: str = "", temperature: float | None = None, top_p: float | None = None) -> Path:
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2], got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
     quant = get_quantization(quantization)
     conv = get_conv_template(conv_template)
     if tensor_parallel_shards != 1:
@@ -63,6 +67,7 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
         conv.stop_token_ids = _stop_token_ids(tmp / "tokenizer.json", conv, hf.get("eos_token_id")) \
             if "tokenizer.json" in files else conv.stop_token_ids
         gen = {**_GEN_DEFAULTS, **{k: v for k, v in src.generation_config().items() if k in _GEN_DEFAULTS}}
+        gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
         chat_config: dict[str, Any] = {
             "version": VERSION,
             "model_type": src.model_type,

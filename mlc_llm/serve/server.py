@@ -1,0 +1,332 @@
+"""The OpenAI-compatible REST server: FastAPI over one AsyncMLCEngine.
+
+    GET  /v1/models            the served model
+    POST /v1/chat/completions  stream (SSE, one event per token chunk, then `data: [DONE]`) or not
+    POST /v1/completions
+    GET  /health               503 while the model loads (or failed to), 200 when ready
+    GET  /metrics              Prometheus text
+    GET  /docs                 Swagger UI
+
+The engine loads in a background thread after the socket is open, so /health answers at once. Errors always come back
+as OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status, streamed requests included: a
+request is validated (and its prompt built) before the first byte of the stream is sent. A client that disconnects
+aborts its request, which frees its KV pages in the engine's next iteration.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from . import protocol as P
+
+logger = logging.getLogger("mlc_llm.serve")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    api_key: Optional[str] = None
+    allow_credentials: bool = False
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_response(e: HTTPError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+
+def _from_bad_request(e: P.BadRequestError) -> HTTPError:
+    status = 404 if isinstance(e, P.ModelNotFoundError) else 400
+    return HTTPError(status, str(e), param=e.param, code=e.code)
+
+
+# ---- Prometheus ---------------------------------------------------------------------------------------------------
+class Metrics:
+    """Counters and histograms fed by the engine thread at each request's end; gauges read from the engine on scrape.
+    Names follow vLLM's (`vllm:` → `mlc_llm:`) so existing dashboards need only the prefix changed."""
+
+    def __init__(self, model_name: str):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.engine = None
+        r = self.registry
+        self.success = Counter("mlc_llm:request_success", "Finished requests by finish reason",
+                               labels + ["finished_reason"], registry=r)
+        self.prompt_tokens = Counter("mlc_llm:prompt_tokens", "Prompt tokens of finished requests", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("mlc_llm:generation_tokens", "Generated tokens of finished requests",
+                                         labels, registry=r)
+        self.errors = Counter("mlc_llm:request_errors", "Requests answered with an error, by HTTP status",
+                              labels + ["status"], registry=r)
+        lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+        self.ttft = Histogram("mlc_llm:time_to_first_token_seconds", "Time to first token", labels, buckets=lat,
+                              registry=r)
+        self.tpot = Histogram("mlc_llm:time_per_output_token_seconds", "Time per output token after the first",
+                              labels, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                              registry=r)
+        self.e2e = Histogram("mlc_llm:e2e_request_latency_seconds", "End-to-end request latency", labels,
+                             buckets=lat, registry=r)
+
+        metrics = self
+
+        class _Gauges:
+            def collect(self):
+                eng = metrics.engine
+                if eng is None:
+                    return
+                m = eng.metrics()
+                for name, doc, value in (
+                        ("mlc_llm:num_requests_running", "Requests being generated", m["num_running"]),
+                        ("mlc_llm:num_requests_waiting", "Requests queued", m["num_waiting"]),
+                        ("mlc_llm:kv_cache_usage_perc", "Share of KV-cache pages in use (0-1)",
+                         1 - m["kv_pages_free"] / m["kv_pages_total"] if m["kv_pages_total"] else 0.0),
+                        ("mlc_llm:num_preemptions", "Preemptions so far", m["preemptions"])):
+                    g = GaugeMetricFamily(name, doc, labels=labels)
+                    g.add_metric([metrics.model_name], value)
+                    yield g
+
+        r.register(_Gauges())
+
+    def observe(self, usage: dict[str, Any], finish_reasons: list[Optional[str]]) -> None:
+        """Called in the engine thread when a request ends."""
+        m = self.model_name
+        for reason in finish_reasons:
+            self.success.labels(m, reason or "abort").inc()
+        self.prompt_tokens.labels(m).inc(usage["prompt_tokens"])
+        self.generation_tokens.labels(m).inc(usage["completion_tokens"])
+        extra = usage.get("extra") or {}
+        if extra.get("ttft_s") is not None:
+            self.ttft.labels(m).observe(extra["ttft_s"])
+        if extra.get("tpot_s") is not None:
+            self.tpot.labels(m).observe(extra["tpot_s"])
+        self.e2e.labels(m).observe(extra["end_to_end_latency_s"])
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# ---- the app ------------------------------------------------------------------------------------------------------
+class _State:
+    def __init__(self, model_name: str):
+        self.engine = None
+        self.error: Optional[str] = None
+        self.model_name = model_name
+        self.metrics = Metrics(model_name)
+        self.started = time.time()
+
+
+def create_app(load_engine: Callable[[], Any], model_name: str, settings: Optional[ServerSettings] = None) -> FastAPI:
+    """`load_engine()` returns an AsyncMLCEngine; it is called in a thread once the server runs."""
+    from contextlib import asynccontextmanager
+
+    settings = settings or ServerSettings()
+    state = _State(model_name)
+
+    def load() -> None:
+        try:
+            engine = load_engine()
+        except BaseException as e:  # noqa: BLE001 - reported through /health and every request
+            state.error = f"{type(e).__name__}: {e}"
+            logger.error("loading the model failed: %s", state.error)
+            return
+        engine.core.observers.append(state.metrics.observe)
+        state.metrics.engine = engine
+        state.engine = engine
+        logger.info("model %s ready", model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = threading.Thread(target=load, name="mlc-load", daemon=True)
+        loader.start()
+        yield
+        loader.join(timeout=0)
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.terminate)
+
+    app = FastAPI(title="MLC LLM (TVM) OpenAI-compatible server", lifespan=lifespan)
+    app.state.mlc = state
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                       allow_credentials=settings.allow_credentials, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers)
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, e: HTTPError):
+        state.metrics.errors.labels(model_name, str(e.status)).inc()
+        return _error_response(e)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        logger.exception("internal error")
+        state.metrics.errors.labels(model_name, "500").inc()
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def _auth_and_ids(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {settings.api_key}":
+                state.metrics.errors.labels(model_name, "401").inc()
+                msg = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
+                return JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"),
+                                    status_code=401)
+        response = await call_next(request)
+        rid = request.headers.get("x-request-id")
+        if rid:
+            response.headers["x-request-id"] = rid
+        return response
+
+    def ready_engine():
+        if state.engine is None:
+            if state.error:
+                raise HTTPError(503, f"the model failed to load: {state.error}", "server_error")
+            raise HTTPError(503, "the model is still loading; retry when GET /health returns 200", "server_error")
+        return state.engine
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise HTTPError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise HTTPError(413, f"request body of {len(raw)} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    @app.get("/health")
+    async def health():
+        if state.engine is not None:
+            return {"status": "ok"}
+        if state.error:
+            return JSONResponse({"status": "error", "error": state.error}, status_code=503)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(state.started),
+                                            "owned_by": "mlc_llm", "root": model_name}]}
+
+    async def generate(request: Request, create) -> Any:
+        engine = ready_engine()
+        body = await read_json(request)
+        if body.get("model") == model_name:
+            body["model"] = None  # the served name (whatever the engine calls it internally)
+        try:
+            result = await create(engine, body)
+        except P.BadRequestError as e:
+            raise _from_bad_request(e) from None
+        if body.get("stream"):
+            return StreamingResponse(_sse(result, model_name), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(_dump(result, model_name))
+
+    async def watch_disconnect(request: Request, task: asyncio.Task) -> None:
+        while not task.done():
+            if await request.is_disconnected():
+                task.cancel()  # AsyncMLCEngine aborts the request on cancellation
+                return
+            await asyncio.sleep(0.25)
+
+    async def non_stream(request: Request, coro):
+        task = asyncio.ensure_future(coro)
+        watcher = asyncio.ensure_future(watch_disconnect(request, task))
+        try:
+            return await task
+        finally:
+            watcher.cancel()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        async def create(engine, body):
+            if body.get("stream"):
+                return await engine.chat.completions.create(**body)
+            return await non_stream(request, engine.chat.completions.create(**body))
+
+        return await generate(request, create)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        async def create(engine, body):
+            if body.get("stream"):
+                return await engine.completions.create(**body)
+            return await non_stream(request, engine.completions.create(**body))
+
+        return await generate(request, create)
+
+    return app
+
+
+def _dump(obj, model_name: str) -> dict[str, Any]:
+    d = obj.model_dump(mode="json", by_alias=True)
+    d["model"] = model_name  # whichever accepted alias the request used, answer with the served name
+    return d
+
+
+async def _sse(stream, model_name: str):
+    try:
+        async for chunk in stream:
+            yield f"data: {json.dumps(_dump(chunk, model_name), ensure_ascii=False)}\n\n"
+    except P.BadRequestError as e:
+        yield f"data: {json.dumps(error_body(str(e), param=e.param, code=e.code))}\n\n"
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the stream is already open: report in-band, as vLLM does
+        logger.exception("error while streaming")
+        yield f"data: {json.dumps(error_body(f'{type(e).__name__}: {e}', 'server_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- process entry (mlc_llm serve) --------------------------------------------------------------------------------
+def serve(model: str, model_lib: Optional[str], device: str, mode: str, overrides: Optional[str], host: str,
+          port: int, settings: ServerSettings, served_model_name: Optional[str] = None,
+          log_level: str = "info") -> None:
+    import uvicorn
+
+    from .engine import AsyncMLCEngine
+
+    name = served_model_name or model
+
+    def load():
+        return AsyncMLCEngine(model, model_lib=model_lib, device=device, mode=mode, overrides=overrides)
+
+    app = create_app(load, name, settings)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     %(name)s: %(message)s")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
