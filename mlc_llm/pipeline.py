@@ -65,6 +65,17 @@ class ModelArtifact:
     def tensor_cache(self) -> str:
         return f"{self.dir}/tensor-cache.json"
 
+    def shard_files(self) -> list[str]:
+        """The weight shards tensor-cache.json names (none before the first conversion): outputs of convert_weight,
+        so a deleted or missing shard reruns the conversion instead of failing at load time."""
+        import json
+
+        try:
+            records = json.loads(Path(self.tensor_cache).read_text(encoding="utf-8")).get("records", [])
+            return sorted({f"{self.dir}/{r['dataPath']}" for r in records})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+
     def source_inputs(self) -> list[str]:
         """The source file (so replacing it reruns the steps); none for random or missing sources, where the step
         itself reports what is missing."""
@@ -106,19 +117,8 @@ class Plan:
         return [lib.model.chat_config, lib.model.tensor_cache, lib.path]
 
     def runtime_inputs(self, deployment: str) -> list[str]:
-        """Every file the engine opens (a deleted shard is rebuilt before a launch, not found missing at load)."""
-        import json
-
-        lib = self.lib_of(deployment)
-        files = self.build_inputs(deployment)
-        cache = Path(lib.model.tensor_cache)
-        if cache.exists():  # before the first build the shard names are not known yet; convert_weight makes them
-            try:
-                records = json.loads(cache.read_text(encoding="utf-8")).get("records", [])
-                files += [f"{lib.model.dir}/{r['dataPath']}" for r in records]
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        return files
+        """Every file the engine opens, so a launch rebuilds whatever is missing first."""
+        return self.build_inputs(deployment) + self.lib_of(deployment).model.shard_files()
 
     def launch_cmd(self, deployment: str, kind: str) -> str:
         """The process a `serve_<name>` / `chat_<name>` target execs once everything is built."""

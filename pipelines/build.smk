@@ -10,7 +10,7 @@ for art in PLAN.models.values():
     rule:
         name: f"convert_weight_{art.key}"
         input: lambda wc, a=art: a.source_inputs()
-        output: art.tensor_cache
+        output: art.tensor_cache, art.shard_files()
         params: cmd=art.convert_cmd, code=PLAN.code["convert_weight"]
         shell: "{params.cmd}"
 

@@ -93,6 +93,8 @@ class Metrics:
                               registry=r)
         self.e2e = Histogram("mlc_llm:e2e_request_latency_seconds", "End-to-end request latency", labels,
                              buckets=lat, registry=r)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e):
+            metric.labels(model_name)  # exported as 0 from the start, not only after the first request
 
         metrics = self
 
@@ -132,6 +134,38 @@ class Metrics:
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry)
+
+
+class _AuthAndRequestId:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints): checks the bearer
+    key on /v1/* and echoes an X-Request-Id header."""
+
+    def __init__(self, app, api_key: Optional[str], on_reject: Callable[[], None]):
+        self.app, self.api_key, self.on_reject = app, api_key, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = headers.get("authorization", "")
+            if auth != f"Bearer {self.api_key}":
+                self.on_reject()
+                msg = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
+                response = JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"),
+                                        status_code=401)
+                return await response(scope, receive, send)
+        rid = headers.get("x-request-id")
+        if not rid:
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) +
+                           [(b"x-request-id", rid.encode("latin-1"))]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_id)
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
@@ -174,9 +208,6 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     app = FastAPI(title="MLC LLM (TVM) OpenAI-compatible server", lifespan=lifespan)
     app.state.mlc = state
-    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
-                       allow_credentials=settings.allow_credentials, allow_methods=settings.allowed_methods,
-                       allow_headers=settings.allowed_headers)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
@@ -189,20 +220,11 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         state.metrics.errors.labels(model_name, "500").inc()
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth_and_ids(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {settings.api_key}":
-                state.metrics.errors.labels(model_name, "401").inc()
-                msg = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
-                return JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"),
-                                    status_code=401)
-        response = await call_next(request)
-        rid = request.headers.get("x-request-id")
-        if rid:
-            response.headers["x-request-id"] = rid
-        return response
+    app.add_middleware(_AuthAndRequestId, api_key=settings.api_key, on_reject=lambda: state.metrics.errors.labels(
+        model_name, "401").inc())
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                       allow_credentials=settings.allow_credentials, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers)
 
     def ready_engine():
         if state.engine is None:

@@ -1,0 +1,152 @@
+"""Launching: `snakemake serve_<name>` / `chat_<name>`, /health while loading or broken, the chat CLI in a pty."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from .conftest import REPO, run_snakemake
+from .server_utils import ServerProcess, free_port
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
+
+
+def test_serve_target_builds_then_becomes_the_server(smollm_q4, pipeline_dir, tmp_path):
+    port = free_port()
+    cmd = [*SNAKEMAKE, "-d", str(pipeline_dir), "serve_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+           f"overrides=[server.port={port}]"]
+    srv = ServerProcess([], port, tmp_path / "serve.log", cmd=cmd)
+    try:
+        srv.wait_health(200)
+        cmdline = open(f"/proc/{srv.proc.pid}/cmdline", "rb").read().split(b"\0")
+        assert b"serve" in cmdline and b"mlc_llm" in cmdline  # Snakemake's own process became the server
+        model = "artifacts/SmolLM2-135M-Instruct-q4f32_1"
+        r = requests.post(f"{srv.url}/v1/completions", json={"model": model, "prompt": "The sky is",
+                                                             "max_tokens": 2, "temperature": 0}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        code = srv.stop(signal.SIGTERM)
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in srv.log()
+    assert not list((pipeline_dir / ".snakemake" / "locks").glob("*"))  # a later run is not locked out
+    with pytest.raises(requests.ConnectionError):
+        requests.get(srv.url + "/health", timeout=5)
+
+
+def test_chat_target_rebuilds_a_missing_shard_and_reads_piped_stdin(smollm_q4, pipeline_dir):
+    shard = smollm_q4.dir / "params_shard_0.bin"
+    shard.unlink()
+    script = "/set temperature=0;max_gen_len=12\nWhat is the capital of France?\n/stats\n/exit\n"
+    r = subprocess.run([*SNAKEMAKE, "-d", str(pipeline_dir), "chat_smollm2_cpu"], input=script, text=True,
+                       capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "convert_weight" in r.stderr and shard.exists()
+    assert "Paris" in r.stdout and "prefill:" in r.stdout and "decode:" in r.stdout
+    again = run_snakemake(pipeline_dir, "-n", "build_smollm2_cpu")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_two_launch_targets_are_refused(smollm_q4, pipeline_dir):
+    r = run_snakemake(pipeline_dir, "serve_smollm2_cpu", "chat_smollm2_cpu")
+    assert r.returncode != 0 and "one launch target at a time" in r.stderr
+
+
+def test_health_503_when_the_model_cannot_load(smollm_q4, tmp_path):
+    bad_lib = tmp_path / "broken.so"
+    bad_lib.write_bytes(b"not a shared library")
+    port = free_port()
+    srv = ServerProcess([str(smollm_q4.dir), "--model-lib", str(bad_lib), "--device", "cpu"], port,
+                        tmp_path / "bad.log")
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                h = requests.get(srv.url + "/health", timeout=5)
+                if h.json().get("status") == "error":
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, srv.log()
+            time.sleep(0.1)
+        assert h.status_code == 503 and "broken.so" in h.json()["error"]
+        r = requests.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                          timeout=10)
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_health_503_while_loading_then_200(smollm_q4):
+    """The app answers /health before the engine is loaded (here held back until the test says go)."""
+    from fastapi.testclient import TestClient
+
+    from mlc_llm import AsyncMLCEngine
+    from mlc_llm.serve.server import create_app
+
+    go = threading.Event()
+
+    def load():
+        go.wait(60)
+        return AsyncMLCEngine(str(smollm_q4.dir), model_lib=str(smollm_q4.lib), device="cpu")
+
+    with TestClient(create_app(load, "smollm")) as client:
+        h = client.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = client.post("/v1/completions", json={"prompt": "hi"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        go.set()
+        deadline = time.time() + 60
+        while client.get("/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        r = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_serve_flags_not_supported_say_so(smollm_q4):
+    from .conftest import run_cli
+
+    for extra, word in ((["--enable-tracing"], "--enable-tracing"), (["--speculative-mode", "eagle"], "eagle"),
+                        (["--additional-models", "x"], "--additional-models"),
+                        (["--overrides", "max_num_sequence=abc"], "max_num_sequence")):
+        r = run_cli("serve", str(smollm_q4.dir), *extra, timeout=60)
+        assert r.returncode == 1 and word in r.stderr and "not" in r.stderr, r.stderr
+    r = run_cli("serve", "/no/such/model", timeout=60)
+    assert r.returncode == 1 and "mlc-chat-config.json" in r.stderr
+    r = run_cli("serve", str(smollm_q4.dir), "--allowed-origins", "*", timeout=60)
+    assert r.returncode == 2 and "JSON" in r.stderr
+
+
+def test_chat_cli_in_a_pseudo_terminal(smollm_q4):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "mlc_llm", "chat", str(smollm_q4.dir), "--model-lib",
+                                           str(smollm_q4.lib), "--device", "cpu"],
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TERM": "dumb"}, encoding="utf-8",
+                          timeout=120, dimensions=(40, 200))
+    try:
+        child.expect(">>> ")
+        child.sendline("/set temperature=0;max_gen_len=12")
+        child.expect("settings: .*'temperature': 0.0, 'max_tokens': 12")
+        child.expect(">>> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"prefill: [0-9.]+ tok/s, decode: [0-9.]+ tok/s")
+        child.expect(">>> ")
+        child.sendline("/set bogus=1")
+        child.expect("unknown setting 'bogus'")
+        child.expect(">>> ")
+        child.sendline("/reset")
+        child.expect("RESET CHAT SUCCESS")
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before

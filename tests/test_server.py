@@ -1,0 +1,278 @@
+"""The REST server on the real SmolLM2 artifacts: the official `openai` client, raw HTTP (requests, curl), errors,
+auth, CORS, metrics, disconnects."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from .server_utils import ServerProcess, free_port, scrape
+
+KEY = "sk-test-key"
+ORIGIN = "http://good.example"
+SHORT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(smollm_q4, tmp_path_factory):
+    port = free_port()
+    srv = ServerProcess([str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu", "--mode", "server",
+                         "--overrides", "max_num_sequence=8;max_total_seq_length=2048",
+                         "--served-model-name", "smollm", "--api-key", KEY,
+                         "--allowed-origins", json.dumps([ORIGIN])], port,
+                        tmp_path_factory.mktemp("server") / "server.log")
+    srv.wait_health(200)
+    yield srv
+    assert srv.stop() in (0, -15), srv.log()[-3000:]  # uvicorn re-raises SIGTERM after its graceful shutdown
+    assert "Application shutdown complete" in srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def post(server, path, body, headers=AUTH, **kw):
+    return requests.post(server.url + path, json=body, headers=headers, timeout=300, **kw)
+
+
+def error_of(r: requests.Response) -> dict:
+    body = r.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# ---- the official openai client ---------------------------------------------------------------------------------
+def test_models_list(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["smollm"]
+
+
+def test_chat_non_stream_and_stream_agree(client):
+    whole = client.chat.completions.create(model="smollm", messages=SHORT, temperature=0, max_tokens=10)
+    text = whole.choices[0].message.content
+    assert "Paris" in text
+    assert whole.model == "smollm" and whole.object == "chat.completion"
+    assert whole.usage.completion_tokens <= 10 and whole.usage.total_tokens == (whole.usage.prompt_tokens +
+                                                                                whole.usage.completion_tokens)
+    chunks = list(client.chat.completions.create(model="smollm", messages=SHORT, temperature=0, max_tokens=10,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 3  # one event per token chunk
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_completions_stream_usage_and_extra_fields(client):
+    whole = client.completions.create(model="smollm", prompt="One, two, three,", temperature=0, max_tokens=6,
+                                      extra_body={"ignore_eos": True, "top_k": 1})
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
+    chunks = list(client.completions.create(model="smollm", prompt="One, two, three,", temperature=0, max_tokens=6,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_max_completion_tokens_is_honoured(client):
+    r = client.chat.completions.create(model="smollm", messages=SHORT, temperature=0, max_completion_tokens=3,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_n2_and_seed_reproducible(client):
+    kw = dict(model="smollm", prompt="My favourite food is", temperature=1.0, max_tokens=6, n=2, seed=1234)
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    c = client.completions.create(**{**kw, "seed": 99})
+    assert [x.text for x in c.choices] != [x.text for x in a.choices]
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model="smollm", messages=SHORT, temperature=0, max_tokens=4, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        tops = entry.top_logprobs
+        assert len(tops) == 3 and tops[0].logprob >= tops[1].logprob >= tops[2].logprob
+        assert entry.logprob <= 0 and abs(entry.logprob - tops[0].logprob) < 1e-4  # greedy picks the top token
+    c = client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=3, logprobs=2)
+    assert len(c.choices[0].logprobs.tokens) == 3 and all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
+
+
+def test_stop_strings_cut_the_output(client):
+    full = client.completions.create(model="smollm", prompt="One, two, three,", temperature=0, max_tokens=8,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), full
+    cut = client.completions.create(model="smollm", prompt="One, two, three,", temperature=0, max_tokens=8,
+                                    stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+# ---- raw HTTP: the curl / requests examples of the original docs ---------------------------------------------------
+def test_curl_example(server):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = {"model": "smollm", "messages": SHORT, "temperature": 0, "max_tokens": 10}
+    out = subprocess.run(["curl", "-s", "-X", "POST", "-H", "Content-Type: application/json", "-H",
+                          f"Authorization: Bearer {KEY}", "-d", json.dumps(body), server.url + "/v1/chat/completions"],
+                         capture_output=True, text=True, timeout=300)
+    reply = json.loads(out.stdout)
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+def test_requests_streaming_example(server):
+    body = {"model": "smollm", "messages": SHORT, "stream": True, "temperature": 0, "max_tokens": 10}
+    events, content = [], []
+    with requests.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, stream=True, timeout=300) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            assert line.startswith("data: ")
+            events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    for e in events[:-1]:
+        chunk = json.loads(e)
+        assert chunk["object"] == "chat.completion.chunk"
+        content.append(chunk["choices"][0]["delta"].get("content") or "")
+    assert "Paris" in "".join(content)
+
+
+def test_request_id_header_echoed(server):
+    r = requests.get(server.url + "/v1/models", headers={**AUTH, "X-Request-Id": "abc-123"}, timeout=10)
+    assert r.headers["x-request-id"] == "abc-123"
+
+
+def test_docs_page(server):
+    assert requests.get(server.url + "/docs", timeout=10).status_code == 200
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+def test_bad_inputs_get_4xx_and_server_keeps_serving(server, client):
+    r = requests.post(server.url + "/v1/chat/completions", data="{not json", headers={**AUTH, "Content-Type":
+                                                                                    "application/json"}, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in error_of(r)["message"]
+    r = post(server, "/v1/chat/completions", [1, 2])
+    assert r.status_code == 400 and "JSON object" in error_of(r)["message"]
+    r = post(server, "/v1/chat/completions", {"messages": SHORT, "temperature": "hot"})
+    assert r.status_code == 400 and "temperature" in error_of(r)["message"]
+    r = post(server, "/v1/chat/completions", {"messages": SHORT, "n": "two", "stream": True})
+    assert r.status_code == 400 and "n" in error_of(r)["message"]  # stream requests fail as HTTP errors too
+    r = post(server, "/v1/chat/completions", {"messages": "hello"})
+    assert r.status_code == 400 and "messages" in error_of(r)["message"]
+    r = post(server, "/v1/chat/completions", {"messages": SHORT, "max_tokens": 10 ** 9})
+    err = error_of(r)
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "max_tokens" in err["message"]
+    r = post(server, "/v1/completions", {"prompt": list(range(100, 3100)), "max_tokens": 1, "stream": True})
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    r = post(server, "/v1/completions", {"prompt": [10 ** 7]})
+    assert r.status_code == 400 and "out of range" in error_of(r)["message"]
+    r = post(server, "/v1/completions", {"prompt": "hi", "bogus_field": 1})
+    assert r.status_code == 400 and "bogus_field" in error_of(r)["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=SHORT)
+    assert "gpt-4" in str(e.value)
+    r = post(server, "/v1/chat/completions", {"model": "/etc/passwd", "messages": SHORT})
+    assert r.status_code == 404  # the model field never opens a path
+    r = requests.post(server.url + "/v1/completions", data=b"x" * (17 * 1024 * 1024),
+                      headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413
+    ok = client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+# ---- auth and CORS ----------------------------------------------------------------------------------------------
+def test_api_key_required(server):
+    r = requests.get(server.url + "/v1/models", timeout=10)
+    assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+    r = requests.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 401 and error_of(r)["message"] == "invalid API key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert requests.get(server.url + "/v1/models", headers=AUTH, timeout=10).status_code == 200
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200  # probes need no key
+
+
+def test_cors(server):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = requests.options(server.url + "/v1/chat/completions", headers={"Origin": ORIGIN, **pre}, timeout=10)
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == ORIGIN
+    bad = requests.options(server.url + "/v1/chat/completions", headers={"Origin": "http://evil.example", **pre},
+                           timeout=10)
+    assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+    simple = requests.get(server.url + "/v1/models", headers={"Origin": ORIGIN, **AUTH}, timeout=10)
+    assert simple.headers["access-control-allow-origin"] == ORIGIN
+    other = requests.get(server.url + "/v1/models", headers={"Origin": "http://evil.example", **AUTH}, timeout=10)
+    assert "access-control-allow-origin" not in other.headers
+
+
+# ---- metrics and disconnects ---------------------------------------------------------------------------------------
+def wait_idle(server, timeout=60) -> dict[str, float]:
+    deadline = time.time() + timeout
+    while True:
+        m = scrape(server.url)
+        if m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0:
+            return m
+        assert time.time() < deadline, m
+        time.sleep(0.1)
+
+
+def test_metrics_count_requests(server, client):
+    before = wait_idle(server)
+    client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=3,
+                              extra_body={"ignore_eos": True})
+    after = wait_idle(server)
+    assert after["mlc_llm:generation_tokens_total"] - before["mlc_llm:generation_tokens_total"] == 3
+    assert after["mlc_llm:prompt_tokens_total"] - before["mlc_llm:prompt_tokens_total"] == 3
+    assert after["mlc_llm:time_to_first_token_seconds_count"] == before["mlc_llm:time_to_first_token_seconds_count"] + 1
+    assert after["mlc_llm:e2e_request_latency_seconds_count"] == before["mlc_llm:e2e_request_latency_seconds_count"] + 1
+    key = 'mlc_llm:request_success_total{finished_reason="length",model_name="smollm"}'
+    assert after[key] == before.get(key, 0) + 1
+    assert after["mlc_llm:kv_cache_usage_perc"] == 0.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_and_frees_kv(server, stream):
+    idle = wait_idle(server)
+    body = {"model": "smollm", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": stream}
+    running_seen = threading.Event()
+
+    def watch():
+        deadline = time.time() + 60
+        while time.time() < deadline and not running_seen.is_set():
+            m = scrape(server.url)
+            if m["mlc_llm:num_requests_running"] == 1 and m["mlc_llm:kv_cache_usage_perc"] > 0:
+                running_seen.set()
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    if stream:
+        with requests.post(server.url + "/v1/completions", json=body, headers=AUTH, stream=True, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]  # a few tokens, then drop the connection
+            assert any(g.startswith(b"data: ") for g in got)
+    else:
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=4)
+    watcher.join()
+    assert running_seen.is_set()
+    t0 = time.time()
+    after = wait_idle(server, timeout=10)
+    assert time.time() - t0 < 10
+    assert after["mlc_llm:kv_cache_usage_perc"] == idle["mlc_llm:kv_cache_usage_perc"] == 0.0
+    key = 'mlc_llm:request_success_total{finished_reason="abort",model_name="smollm"}'
+    assert after[key] == idle.get(key, 0) + 1
+    assert after["mlc_llm:generation_tokens_total"] - idle["mlc_llm:generation_tokens_total"] < 400
