@@ -151,6 +151,16 @@ def cmd_chat(a) -> int:
     return run_chat(a.model, a.model_lib, a.device, a.overrides)
 
 
+def cmd_bench(a) -> int:
+    if a.bench == "serve":
+        from .bench_serve import bench_serve
+
+        results = bench_serve(a.base_url, a.model, a.concurrency, a.num_prompts, a.input_len, a.output_len,
+                              a.endpoint == "chat", a.vocab_size, a.seed, a.api_key, a.result_json)
+        return 1 if any(r["failed"] for r in results) else 0
+    raise ValueError(f"unknown benchmark '{a.bench}'")
+
+
 def _runtime_flags(p: argparse.ArgumentParser, default_mode: str) -> None:
     p.add_argument("model", help="artifact folder (mlc-chat-config.json + weights) or HF://org/repo in the local cache")
     p.add_argument("--model-lib", help="compiled library (default: compiled on first use into $MLC_LLM_HOME)")
@@ -233,6 +243,24 @@ def make_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="interactive chat in the terminal (also reads piped stdin)")
     _runtime_flags(ch, "")
     ch.set_defaults(func=cmd_chat, mode="interactive")
+
+    bn = sub.add_parser("bench", help="benchmarks")
+    bsub = bn.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("serve", help="closed-loop serving benchmark against a running OpenAI-compatible server "
+                                       "(vLLM's metric names)")
+    bs.add_argument("--base-url", default="http://127.0.0.1:8000")
+    bs.add_argument("--model", help="model id to request (default: the server's first in /v1/models)")
+    bs.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                    help="completions: random token-id prompts of exact length; chat: random words")
+    bs.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 4, 8])
+    bs.add_argument("--num-prompts", type=_positive_int, help="requests per concurrency level (default: 2 x level)")
+    bs.add_argument("--input-len", type=_positive_int, default=128)
+    bs.add_argument("--output-len", type=_positive_int, default=128)
+    bs.add_argument("--vocab-size", type=_positive_int, default=32000, help="random prompt ids are below this")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--result-json", help="write every level's metrics here")
+    bs.set_defaults(func=cmd_bench)
     return p
 
 

@@ -150,3 +150,36 @@ def test_chat_cli_in_a_pseudo_terminal(smollm_q4):
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+# ---- units: no model needed --------------------------------------------------------------------------------------
+def test_chat_set_parsing():
+    from mlc_llm.chat import parse_set
+
+    assert parse_set("temperature=0.5;max_gen_len=100;stop=end,stop") == {
+        "temperature": 0.5, "max_tokens": 100, "stop": ["end", "stop"]}
+    assert parse_set("seed=") == {"seed": None}
+    for bad, word in (("temperature=hot", "not a number"), ("max_gen_len=1.5", "not an integer"),
+                      ("foo=1", "unknown setting"), ("temperature", "key=value")):
+        with pytest.raises(ValueError, match=word):
+            parse_set(bad)
+
+
+def test_launch_commands_from_the_plan():
+    from mlc_llm.config import ConfigError
+    from mlc_llm.pipeline import make_plan
+
+    plan = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.port=8123", "mode=server",
+                                                                 "mode.max_num_sequence=4", "device.num_threads=2"]})
+    serve = plan.launch_cmd("smollm2_cpu", "serve")
+    assert serve.startswith("env TVM_NUM_THREADS=2 python -m mlc_llm serve artifacts/SmolLM2-135M-Instruct-q4f32_1 ")
+    for part in ("--model-lib artifacts/SmolLM2-135M-Instruct-q4f32_1/lib/cpu.so", "--device cpu", "--mode server",
+                 "--port 8123", "--host 127.0.0.1", "max_num_sequence=4"):
+        assert part in serve
+    assert " chat " in plan.launch_cmd("smollm2_cpu", "chat")
+    assert plan.launch_target({"serve_smollm2_cpu"}) == ("smollm2_cpu", "serve")
+    assert plan.launch_target({"build_smollm2_cpu"}) is None
+    with pytest.raises(ConfigError, match="need deployment="):
+        make_plan({"overrides": ["server.port=1"]})
+    with pytest.raises(ConfigError, match="server.port"):
+        make_plan({"deployment": "smollm2_cpu", "overrides": ["server.port=70000"]})
