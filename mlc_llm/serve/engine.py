@@ -105,7 +105,7 @@ class _EngineBase:
         except ValidationError as e:
             raise P.BadRequestError(P.explain_validation_error(e)) from None
         if req.model is not None and req.model not in self.model_names:
-            raise P.ModelNotFoundError(f"the model '{req.model}' does not exist here (served: {self.model})")
+            raise P.ModelNotFoundError(f"model '{req.model}' is not served here (served: {self.model})")
         return req
 
     def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
@@ -316,15 +316,18 @@ class MLCEngine(_EngineBase):
         events: queue.Queue = queue.Queue()
         request = self._new_request(prompt, gen, events.put)
         fmt = _Formatter(self, kind, req, gen.n)
-        self.core.submit(request)
-        if req.stream:
+        if req.stream:  # submitted when the consumer starts reading: a stream never read never runs
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
+        self.core.submit(request)
         collected = _Collector(gen.n)
         while (response := _collect(events.get(), collected, fmt)) is None:
             pass
         return response
 
     def _stream(self, request: Request, events: queue.Queue, fmt: _Formatter, include_usage: bool) -> Iterator[Any]:
+        if self._terminated:
+            raise RuntimeError("the engine was terminated")
+        self.core.submit(request)
         done = False
         try:
             while not done:
@@ -377,9 +380,9 @@ class AsyncMLCEngine(_EngineBase):
         events: asyncio.Queue = asyncio.Queue()
         request = self._new_request(prompt, gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         fmt = _Formatter(self, kind, req, gen.n)
-        self.core.submit(request)
-        if req.stream:
+        if req.stream:  # submitted when the consumer starts reading: a stream never read never runs
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
+        self.core.submit(request)
         collected = _Collector(gen.n)
         try:
             while (response := _collect(await events.get(), collected, fmt)) is None:
@@ -391,6 +394,9 @@ class AsyncMLCEngine(_EngineBase):
 
     async def _stream(self, request: Request, events: asyncio.Queue, fmt: _Formatter,
                       include_usage: bool) -> AsyncIterator[Any]:
+        if self._terminated:
+            raise RuntimeError("the engine was terminated")
+        self.core.submit(request)
         done = False
         try:
             while not done:

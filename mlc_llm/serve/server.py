@@ -274,7 +274,7 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             result = await create(engine, body)
         except P.BadRequestError as e:
             raise _from_bad_request(e) from None
-        if body.get("stream"):
+        if hasattr(result, "__aiter__"):  # stream=true (as pydantic read it)
             return StreamingResponse(_sse(result, model_name), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(_dump(result, model_name))
@@ -287,6 +287,8 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             await asyncio.sleep(0.25)
 
     async def non_stream(request: Request, coro):
+        """Await the engine call, cancelling it if the client goes away (for a stream request this covers only the
+        preparation; the stream itself is cancelled by Starlette on disconnect)."""
         task = asyncio.ensure_future(coro)
         watcher = asyncio.ensure_future(watch_disconnect(request, task))
         try:
@@ -296,21 +298,11 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        async def create(engine, body):
-            if body.get("stream"):
-                return await engine.chat.completions.create(**body)
-            return await non_stream(request, engine.chat.completions.create(**body))
-
-        return await generate(request, create)
+        return await generate(request, lambda engine, body: non_stream(request, engine.chat.completions.create(**body)))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        async def create(engine, body):
-            if body.get("stream"):
-                return await engine.completions.create(**body)
-            return await non_stream(request, engine.completions.create(**body))
-
-        return await generate(request, create)
+        return await generate(request, lambda engine, body: non_stream(request, engine.completions.create(**body)))
 
     return app
 
