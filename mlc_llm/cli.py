@@ -158,6 +158,13 @@ def cmd_bench(a) -> int:
         results = bench_serve(a.base_url, a.model, a.concurrency, a.num_prompts, a.input_len, a.output_len,
                               a.endpoint == "chat", a.vocab_size, a.seed, a.api_key, a.result_json)
         return 1 if any(r["failed"] for r in results) else 0
+    if a.bench == "latency":
+        from .bench_latency import bench_latency
+
+        _check_model_paths(a)
+        bench_latency(a.model, a.model_lib, a.device, a.prompt_len, a.gen_len, a.repeat, a.profile,
+                      a.profile_context, a.profile_batch, a.result_json)
+        return 0
     raise ValueError(f"unknown benchmark '{a.bench}'")
 
 
@@ -261,6 +268,19 @@ def make_parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key", default=None)
     bs.add_argument("--result-json", help="write every level's metrics here")
     bs.set_defaults(func=cmd_bench)
+    bl = bsub.add_parser("latency", help="prefill / decode tok/s through the engine (llama-bench style) and a "
+                                         "per-kernel profile of one decode step")
+    bl.add_argument("model")
+    bl.add_argument("--model-lib")
+    bl.add_argument("--device", default="auto")
+    bl.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[128, 512])
+    bl.add_argument("--gen-len", type=_positive_int, default=128)
+    bl.add_argument("--repeat", type=_positive_int, default=5)
+    bl.add_argument("--profile", action="store_true", help="also time every kernel of one decode step")
+    bl.add_argument("--profile-context", type=_positive_int, default=128)
+    bl.add_argument("--profile-batch", type=_positive_int, default=1)
+    bl.add_argument("--result-json")
+    bl.set_defaults(func=cmd_bench, mode="local", overrides=None)
     return p
 
 

@@ -1,6 +1,7 @@
 """Launching: `snakemake serve_<name>` / `chat_<name>`, /health while loading or broken, the chat CLI in a pty."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,3 +184,21 @@ def test_launch_commands_from_the_plan():
         make_plan({"overrides": ["server.port=1"]})
     with pytest.raises(ConfigError, match="server.port"):
         make_plan({"deployment": "smollm2_cpu", "overrides": ["server.port=70000"]})
+
+
+def test_bench_latency_with_profile(smollm_q4, tmp_path):
+    from .conftest import run_cli
+
+    out = tmp_path / "latency.json"
+    r = run_cli("bench", "latency", str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu",
+                "--prompt-len", "4", "--gen-len", "3", "--repeat", "2", "--profile", "--profile-context", "8",
+                "--result-json", str(out), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    [run] = res["runs"]
+    assert run["prefill_tok_s"]["median"] > 0 and run["decode_tok_s"]["median"] > 0 and res["weight_bytes"] > 5e7
+    prof = res["profile"]
+    names = [c["name"] for c in prof["calls"]]
+    assert any("NT_matmul" in n for n in names) and any("attention" in n for n in names)
+    assert sum(c["ms"] for c in prof["calls"]) <= prof["wall_ms"] * 1.05
+    assert "one decode step" in r.stdout and "pp4:" in r.stdout

@@ -276,3 +276,12 @@ def test_client_disconnect_aborts_and_frees_kv(server, stream):
     key = 'mlc_llm:request_success_total{finished_reason="abort",model_name="smollm"}'
     assert after[key] == idle.get(key, 0) + 1
     assert after["mlc_llm:generation_tokens_total"] - idle["mlc_llm:generation_tokens_total"] < 400
+
+
+def test_bench_serve_client_against_the_server(server):
+    from mlc_llm.bench_serve import bench_serve
+
+    [s] = bench_serve(server.url, None, [2], 2, 4, 3, False, 49152, 0, KEY, None)
+    assert s["completed"] == 2 and s["failed"] == 0 and s["model"] == "smollm"
+    assert s["total_input_tokens"] == 8 and s["total_output_tokens"] == 6
+    assert 0 < s["median_ttft_ms"] <= s["median_e2el_ms"] and s["median_itl_ms"] > 0 and s["output_throughput"] > 0

@@ -1,0 +1,132 @@
+"""`mlc_llm bench latency`: llama-bench-style prefill and decode speed through the engine, plus a per-kernel profile.
+
+Speeds come from what a user gets: one completions request at a time through MLCEngine (random token-id prompt of
+exact length, greedy, ignore_eos), prefill tok/s = prompt tokens / time to first token, decode tok/s = generated
+tokens after the first / the time they took. Each setting runs `--repeat` times; median and range are printed, and
+decode speed is also given as achieved GB/s of weight reads (every weight is read once per decoded token at batch 1).
+
+`--profile` times every call the Relax VM makes during one decode step (kernels and VM builtins) through the VM's
+instrument hook, at a given context length and batch size: where the time of a token goes.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    index = json.loads((Path(model_dir) / "tensor-cache.json").read_text(encoding="utf-8"))
+    return sum(int(shard["nbytes"]) for shard in index["records"])
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def measure(engine, prompt_len: int, gen_len: int, repeat: int, seed: int = 0) -> dict[str, Any]:
+    rng = random.Random(seed)
+    vocab = engine.runner.vocab_size
+    prefill, decode = [], []
+    for _ in range(repeat):
+        prompt = [rng.randrange(256, vocab) for _ in range(prompt_len)]
+        r = engine.completions.create(prompt=prompt, max_tokens=gen_len, temperature=0, ignore_eos=True)
+        extra = r.usage.extra
+        prefill.append(prompt_len / extra["ttft_s"])
+        if extra.get("decode_tokens_per_s"):
+            decode.append(extra["decode_tokens_per_s"])
+    out = {"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat, "prefill_tok_s": _spread(prefill)}
+    if decode:
+        out["decode_tok_s"] = _spread(decode)
+    return out
+
+
+def profile_decode(runner, context: int, batch: int = 1) -> dict[str, Any]:
+    """Time every VM call of one batch_decode step (after a warm-up step) at `context` tokens per sequence."""
+    import tvm_ffi
+
+    cache = runner.create_kv_cache(batch, batch * (context + 8), min(context, 2048))
+    rng = random.Random(0)
+    for s in range(batch):
+        runner.add_sequence(cache, s)
+        prompt = [rng.randrange(256, runner.vocab_size) for _ in range(context)]
+        for start in range(0, context, 2048):
+            runner.batch_prefill(cache, [s], [prompt[start:start + 2048]])
+    seqs = list(range(batch))
+    runner.batch_decode(cache, seqs, [7] * batch)  # warm-up
+    stats: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before, ret, *args):
+        if before:
+            started[symbol] = time.perf_counter()
+        else:
+            entry = stats[symbol]
+            entry[0] += 1
+            entry[1] += time.perf_counter() - started[symbol]
+        return 0
+
+    runner.vm.set_instrument(tvm_ffi.convert(instrument))
+    try:
+        t = time.perf_counter()
+        runner.batch_decode(cache, seqs, [8] * batch)
+        wall = time.perf_counter() - t
+    finally:
+        runner.vm.set_instrument(None)
+    rows = sorted(({"name": k, "calls": n, "ms": s * 1e3} for k, (n, s) in stats.items()), key=lambda r: -r["ms"])
+    return {"context": context, "batch": batch, "wall_ms": wall * 1e3, "calls": rows}
+
+
+def print_profile(p: dict[str, Any], top: int = 15) -> None:
+    total = sum(r["ms"] for r in p["calls"])
+    builtins = sum(r["ms"] for r in p["calls"] if r["name"].startswith("vm.builtin.") and "attention" not in r["name"])
+    print(f"one decode step, batch {p['batch']}, context {p['context']}: {p['wall_ms']:.2f} ms wall "
+          f"(kernels incl. KV-cache attention {total - builtins:.2f} ms, other VM builtins {builtins:.2f} ms, the rest "
+          "is Python + VM dispatch)")
+    print(f"{'ms':>10} {'share':>6} {'calls':>6}  name")
+    for r in p["calls"][:top]:
+        print(f"{r['ms']:10.3f} {100 * r['ms'] / p['wall_ms']:5.1f}% {r['calls']:6d}  {r['name']}")
+
+
+def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens: list[int], gen_len: int,
+                  repeat: int, profile: bool, profile_context: int, profile_batch: int,
+                  result_json: Optional[str]) -> dict[str, Any]:
+    from .serve.engine import MLCEngine
+
+    longest = max(prompt_lens) + gen_len + 16
+    overrides = f"max_num_sequence={max(1, profile_batch)};max_total_seq_length={max(longest, 1024)}"
+    with MLCEngine(model, model_lib=model_lib, device=device, mode="local", overrides=overrides) as engine:
+        nbytes = weight_bytes(engine.model_dir)
+        import os
+
+        result: dict[str, Any] = {"model": str(engine.model_dir), "device": engine.device,
+                                  "threads": os.environ.get("TVM_NUM_THREADS"), "weight_bytes": nbytes,
+                                  "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+                                  "runs": []}
+        measure(engine, 8, 4, 1, seed=99)  # warm-up
+        print(f"{result['model']} on {engine.device} ({result['machine']}, TVM_NUM_THREADS={result['threads']}), "
+              f"weights {nbytes / 1e6:.1f} MB; median [min-max] of {repeat}")
+        for n in prompt_lens:
+            m = measure(engine, n, gen_len, repeat)
+            result["runs"].append(m)
+            p = m["prefill_tok_s"]
+            line = f"  pp{n}: {p['median']:8.1f} tok/s [{p['min']:.1f}-{p['max']:.1f}]"
+            if "decode_tok_s" in m:
+                d = m["decode_tok_s"]
+                gbs = nbytes * d["median"] / 1e9
+                m["decode_weight_GBps"] = gbs
+                line += (f"   tg{gen_len} after it: {d['median']:8.1f} tok/s [{d['min']:.1f}-{d['max']:.1f}]"
+                         f" = {gbs:.2f} GB/s of weights")
+            print(line, flush=True)
+        if profile:
+            result["profile"] = profile_decode(engine.runner, profile_context, profile_batch)
+            print_profile(result["profile"])
+    if result_json:
+        Path(result_json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
