@@ -7,6 +7,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
+from .cpu_schedules import schedule_cpu_matmuls
 from .passes import fuse_dequantize_matmul, mark_noalias
 from .target import is_gpu, matmul_rule_is_safe
 
@@ -23,7 +24,8 @@ def optimize_passes(target: tvm.target.Target) -> list:
         fuse_dequantize_matmul(),
         relax.transform.DeadCodeElimination(),
     ]
-    return passes + gpu_schedules(target) + [mark_noalias]
+    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls]
+    return passes + schedules + [mark_noalias]
 
 
 def gpu_schedules(target: tvm.target.Target) -> list:
