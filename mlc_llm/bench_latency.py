@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import platform
 import random
 import statistics
@@ -103,8 +104,6 @@ def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens
     overrides = f"max_num_sequence={max(1, profile_batch)};max_total_seq_length={max(longest, 1024)}"
     with MLCEngine(model, model_lib=model_lib, device=device, mode="local", overrides=overrides) as engine:
         nbytes = weight_bytes(engine.model_dir)
-        import os
-
         result: dict[str, Any] = {"model": str(engine.model_dir), "device": engine.device,
                                   "threads": os.environ.get("TVM_NUM_THREADS"), "weight_bytes": nbytes,
                                   "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",

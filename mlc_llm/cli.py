@@ -133,13 +133,13 @@ def _check_model_paths(a) -> None:
 def cmd_serve(a) -> None:
     from .serve.server import ServerSettings, serve
 
-    _check_unsupported_runtime_flags(a)
-    _check_model_paths(a)
     import os
 
-    settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None, allow_credentials=a.allow_credentials,
-                              allowed_origins=a.allowed_origins, allowed_methods=a.allowed_methods,
-                              allowed_headers=a.allowed_headers)
+    _check_unsupported_runtime_flags(a)
+    _check_model_paths(a)
+    settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None,
+                              allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
+                              allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
           served_model_name=a.served_model_name, log_level=a.log_level)
 

@@ -8,7 +8,6 @@ from mlc_llm.serve.config import EngineConfig, resolve
 from mlc_llm.serve.sampler import SampleRow, SamplingParams, sample_batch
 from mlc_llm.tokenizer import StopStrMatcher, TextStreamer, Tokenizer
 
-from .conftest import REPO
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from ..conversation import JINJA, Conversation
 from ..tokenizer import Tokenizer
 from . import protocol as P
 from .config import EngineConfig, resolve
-from .request import Delta, Done, Failed, GenerationConfig, Request
+from .request import Delta, Done, GenerationConfig, Request
 from .runner import ModelRunner
 from .sampler import SamplingParams
 from .scheduler import EngineCore
