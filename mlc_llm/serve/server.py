@@ -77,7 +77,8 @@ class Metrics:
         labels = ["model_name"]
         self.engine = None
         r = self.registry
-        self.success = Counter("mlc_llm:request_success", "Finished requests by finish reason",
+        self.success = Counter("mlc_llm:request_success",
+                               "Finished choices by finish reason (one per sequence: a request with n=2 counts 2)",
                                labels + ["finished_reason"], registry=r)
         self.prompt_tokens = Counter("mlc_llm:prompt_tokens", "Prompt tokens of finished requests", labels,
                                      registry=r)
