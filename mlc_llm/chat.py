@@ -35,10 +35,11 @@ def parse_set(text: str) -> dict[str, Any]:
         raw = raw.strip()
         if not sep:
             raise ValueError(f"'{item}' is not key=value")
+        if key not in _FLOAT_KEYS + _INT_KEYS + ("stop",):
+            allowed = ", ".join(_FLOAT_KEYS + _INT_KEYS + ("max_gen_len", "stop"))
+            raise ValueError(f"unknown setting '{key}' (allowed: {allowed})")
         if raw == "":
             out[key] = None
-            if key not in _FLOAT_KEYS + _INT_KEYS + ("stop",):
-                raise ValueError(f"unknown setting '{key}'")
         elif key in _FLOAT_KEYS:
             try:
                 out[key] = float(raw)
@@ -49,11 +50,8 @@ def parse_set(text: str) -> dict[str, Any]:
                 out[key] = int(raw)
             except ValueError:
                 raise ValueError(f"{key}: '{raw}' is not an integer") from None
-        elif key == "stop":
-            out[key] = [s for s in raw.split(",") if s]
         else:
-            allowed = ", ".join(_FLOAT_KEYS + _INT_KEYS + ("max_gen_len", "stop"))
-            raise ValueError(f"unknown setting '{key}' (allowed: {allowed})")
+            out[key] = [s for s in raw.split(",") if s]
     return out
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from .conftest import REPO, run_snakemake
+from .conftest import REPO, run_cli, run_snakemake
 from .server_utils import ServerProcess, free_port
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2"]
@@ -110,8 +110,6 @@ def test_health_503_while_loading_then_200(smollm_q4):
 
 
 def test_serve_flags_not_supported_say_so(smollm_q4):
-    from .conftest import run_cli
-
     for extra, word in ((["--enable-tracing"], "--enable-tracing"), (["--speculative-mode", "eagle"], "eagle"),
                         (["--additional-models", "x"], "--additional-models"),
                         (["--overrides", "max_num_sequence=abc"], "max_num_sequence")):
@@ -202,8 +200,6 @@ def test_launch_commands_from_the_plan():
 
 
 def test_bench_latency_with_profile(smollm_q4, tmp_path):
-    from .conftest import run_cli
-
     out = tmp_path / "latency.json"
     r = run_cli("bench", "latency", str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu",
                 "--prompt-len", "4", "--gen-len", "3", "--repeat", "2", "--profile", "--profile-context", "8",

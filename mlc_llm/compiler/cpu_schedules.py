@@ -61,10 +61,9 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     sch.parallel(no)
     sch.vectorize(k1)
     sch.reverse_compute_at(mm, ni)
-    for name in ("T_add",):
-        epilogue = _block(sch, name)
-        if epilogue is not None:
-            sch.reverse_compute_at(epilogue, ni)
+    epilogue = _block(sch, "T_add")  # the residual add fused after down_proj / o_proj
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, ni)
     sch.set_scope(rf, 0, "local")
     sch.decompose_reduction(rf, k0)
     return sch.mod["main"]

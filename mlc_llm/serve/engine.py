@@ -76,6 +76,9 @@ class _EngineBase:
         self._thread = threading.Thread(target=self.core.run_forever, name="mlc-engine", daemon=True)
         self._thread.start()
         self._terminated = False
+        # OpenAI's namespaces: engine.chat.completions.create(...) and engine.completions.create(...)
+        self.chat = _Chat(self)
+        self.completions = _Endpoint(self, "completion")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -198,6 +201,22 @@ class _EngineBase:
         return Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
 
 
+class _Endpoint:
+    """`create(**kwargs)` of one OpenAI endpoint: the engine's `_run` (a coroutine for AsyncMLCEngine, so
+    `await engine.chat.completions.create(...)` works there)."""
+
+    def __init__(self, engine: "_EngineBase", kind: str):
+        self._engine, self._kind = engine, kind
+
+    def create(self, **kwargs):
+        return self._engine._run(self._kind, kwargs)
+
+
+class _Chat:
+    def __init__(self, engine: "_EngineBase"):
+        self.completions = _Endpoint(engine, "chat")
+
+
 # ---- turning engine events into OpenAI objects ------------------------------------------------------------------
 def _chat_logprobs(delta: Delta, tok: Tokenizer) -> Optional[P.ChatLogprobs]:
     if not delta.logprobs:
@@ -304,11 +323,6 @@ def _collect(ev, collected: _Collector, fmt: _Formatter) -> Optional[Any]:
 class MLCEngine(_EngineBase):
     """from mlc_llm import MLCEngine; engine = MLCEngine(model_dir, model_lib=...)"""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chat = _SyncChat(self)
-        self.completions = _SyncCompletions(self)
-
     def _run(self, kind: str, kwargs: dict[str, Any]) -> Union[Any, Iterator[Any]]:
         req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
         if self._terminated:
@@ -342,35 +356,9 @@ class MLCEngine(_EngineBase):
                 self.core.abort(request.id)
 
 
-class _SyncChatCompletions:
-    def __init__(self, engine: MLCEngine):
-        self._engine = engine
-
-    def create(self, **kwargs):
-        return self._engine._run("chat", kwargs)
-
-
-class _SyncChat:
-    def __init__(self, engine: MLCEngine):
-        self.completions = _SyncChatCompletions(engine)
-
-
-class _SyncCompletions:
-    def __init__(self, engine: MLCEngine):
-        self._engine = engine
-
-    def create(self, **kwargs):
-        return self._engine._run("completion", kwargs)
-
-
 # ---- async engine -----------------------------------------------------------------------------------------------
 class AsyncMLCEngine(_EngineBase):
     """async for chunk in await engine.chat.completions.create(..., stream=True)"""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chat = _AsyncChat(self)
-        self.completions = _AsyncCompletions(self)
 
     async def _run(self, kind: str, kwargs: dict[str, Any]):
         req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
@@ -410,24 +398,3 @@ class AsyncMLCEngine(_EngineBase):
         finally:
             if not done:
                 self.core.abort(request.id)
-
-
-class _AsyncChatCompletions:
-    def __init__(self, engine: AsyncMLCEngine):
-        self._engine = engine
-
-    async def create(self, **kwargs):
-        return await self._engine._run("chat", kwargs)
-
-
-class _AsyncChat:
-    def __init__(self, engine: AsyncMLCEngine):
-        self.completions = _AsyncChatCompletions(engine)
-
-
-class _AsyncCompletions:
-    def __init__(self, engine: AsyncMLCEngine):
-        self._engine = engine
-
-    async def create(self, **kwargs):
-        return await self._engine._run("completion", kwargs)

@@ -174,7 +174,6 @@ class _State:
     def __init__(self, model_name: str):
         self.engine = None
         self.error: Optional[str] = None
-        self.model_name = model_name
         self.metrics = Metrics(model_name)
         self.started = time.time()
 
@@ -208,7 +207,6 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             await asyncio.to_thread(state.engine.terminate)
 
     app = FastAPI(title="MLC LLM (TVM) OpenAI-compatible server", lifespan=lifespan)
-    app.state.mlc = state
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
