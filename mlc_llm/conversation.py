@@ -28,6 +28,13 @@ class Conversation:
     stop_token_ids: list[int] = field(default_factory=list)
     function_string: str = ""
     use_function_calling: bool = False
+    # How tools are offered and calls written (mlc_llm/serve/tools.py): hermes | llama3_json | pythonic;
+    # empty = the template family's own format (see DEFAULT_TOOL_FORMATS).
+    tool_format: str = ""
+
+    @property
+    def effective_tool_format(self) -> str:
+        return self.tool_format or DEFAULT_TOOL_FORMATS.get(self.name, "pythonic")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +128,10 @@ def _templates() -> dict[str, Conversation]:
 CONV_TEMPLATES = _templates()
 ALIASES = {"gemma": "gemma_instruction", "mistral": "mistral_default", "llama3": "llama-3", "llama2": "llama-2",
            "phi3": "phi-3"}
+
+
+DEFAULT_TOOL_FORMATS = {"chatml": "hermes", "chatml_nosystem": "hermes", "qwen2": "hermes", "llama-3": "llama3_json",
+                        "jinja": "hermes"}
 
 
 JINJA = "jinja"  # no named template: the engine renders the tokenizer's own chat template

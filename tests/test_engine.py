@@ -123,7 +123,7 @@ def test_logprobs_are_valid_and_match_a_reference_softmax(engine, smollm_q4):
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
     # reference: the first generated token's log-softmax from the model's own logits, outside the engine
     runner = ModelRunner(smollm_q4.dir, smollm_q4.lib, verify_md5=False)
-    prompt = engine._chat_prompt(engine._parse(ChatCompletionRequest, {"messages": SHORT}))
+    prompt, _, _ = engine._chat_prompt(engine._parse(ChatCompletionRequest, {"messages": SHORT}))
     cache = runner.create_kv_cache(1, 256, 128)
     runner.add_sequence(cache, 0)
     logits = runner.batch_prefill(cache, [0], [prompt])[0].astype(np.float64)

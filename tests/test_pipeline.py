@@ -79,7 +79,10 @@ def test_interrupted_build_leaves_nothing_complete_and_rerun_recovers(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "mlc_llm", "build", "smollm2_cpu", "quantization=q0f16", "--workdir", str(tmp_path)]
     model_dir = tmp_path / "artifacts" / "SmolLM2-135M-Instruct-q0f16"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # Ctrl-C as in a terminal: SIGINT at its default in the build (a child inherits an *ignored* SIGINT, and after
+    # some earlier tests the pytest process has SIGINT ignored — seen as SigIgn in /proc for the build processes)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list(model_dir.glob(".convert-*/params_shard_0.bin")):
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]

@@ -18,10 +18,12 @@ from typing import Any, AsyncIterator, Iterator, Optional, Union
 from pydantic import ValidationError
 
 from .. import __version__
-from ..conversation import JINJA, Conversation
+from ..conversation import DEFAULT_TOOL_FORMATS, JINJA, Conversation
 from ..tokenizer import Tokenizer
 from . import protocol as P
+from . import tools as T
 from .config import EngineConfig, resolve
+from .grammar import Grammar, GrammarBackend, response_format_grammar
 from .request import Delta, Done, GenerationConfig, Request
 from .runner import ModelRunner
 from .sampler import SamplingParams
@@ -71,6 +73,7 @@ class _EngineBase:
         eos = self.chat_config.get("eos_token_id")
         self.stop_token_ids = sorted(set((self.conv.stop_token_ids if self.conv else []) +
                                          ([eos] if isinstance(eos, int) else list(eos or []))))
+        self.grammars = GrammarBackend(self.model_dir, self.runner.vocab_size, self.stop_token_ids)
         self.fingerprint = f"mlc-{__version__}-{self.chat_config['quantization']}-{self.device}"
         self.core = EngineCore(self.runner, self.config)
         self._thread = threading.Thread(target=self.core.run_forever, name="mlc-engine", daemon=True)
@@ -111,25 +114,60 @@ class _EngineBase:
             raise P.ModelNotFoundError(f"model '{req.model}' is not served here (served: {self.model})")
         return req
 
-    def _chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
-        if req.response_format is not None and req.response_format.type != "text":
-            raise P.BadRequestError(f"response_format type '{req.response_format.type}' is not supported yet")
-        if req.tools:
-            raise P.BadRequestError("tools / function calling are not supported yet")
-        messages = []
+    def _chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[list[int], Optional[Grammar], Optional[str]]:
+        """-> (prompt tokens, grammar or None, tool format when the answer may contain tool calls)."""
+        fmt = self.conv.effective_tool_format if self.conv else DEFAULT_TOOL_FORMATS[JINJA]
+        tools = T.parse_tools(req.tools) if req.tools is not None else None
+        if tools is None and req.tool_choice not in (None, "none"):
+            raise P.BadRequestError("tool_choice needs tools")
+        mode, forced = T.parse_tool_choice(req.tool_choice, tools) if tools else ("none", None)
+        if mode != "none" and req.response_format is not None and req.response_format.type != "text":
+            raise P.BadRequestError("response_format and tools cannot be combined; use tool_choice='none' or drop "
+                                    "response_format")
+        messages, call_ids = [], set()
         for i, m in enumerate(req.messages):
-            if m.tool_calls:
-                raise P.BadRequestError(f"messages[{i}]: assistant tool_calls in the history are not supported yet")
-            if m.role != "assistant" and not m.text().strip():
-                raise P.BadRequestError(f"messages[{i}]: content of a {m.role} message must not be empty")
-            messages.append({"role": m.role, "content": m.text()})
+            where = f"messages[{i}]"
+            content = m.text()
+            if m.tool_calls is not None and m.role != "assistant":
+                raise P.BadRequestError(f"{where}: only assistant messages carry tool_calls")
+            if m.tool_call_id is not None and m.role != "tool":
+                raise P.BadRequestError(f"{where}: only tool messages carry tool_call_id")
+            if m.role == "assistant" and m.tool_calls:
+                calls = T.parse_history_calls(m.tool_calls, where)
+                call_ids = {c[0] for c in calls}
+                content = (content + "\n" if content else "") + T.render_calls(fmt, calls)
+            elif m.role == "tool":
+                if not m.tool_call_id:
+                    raise P.BadRequestError(f"{where}: a tool message needs tool_call_id")
+                if m.tool_call_id not in call_ids:
+                    raise P.BadRequestError(f"{where}: tool_call_id '{m.tool_call_id}' does not answer a tool call "
+                                            "of the assistant message before it")
+                content = T.render_result(fmt, content)
+            elif m.role != "assistant" and not content.strip():
+                raise P.BadRequestError(f"{where}: content of a {m.role} message must not be empty")
+            if m.role != "tool" and not (m.role == "assistant" and m.tool_calls):
+                call_ids = set()  # a tool result answers the tool calls of the assistant turn just before it
+            messages.append({"role": m.role, "content": content})
+        if mode != "none":
+            instructions = T.system_prompt(fmt, tools)
+            grammar = self.grammars.compile(T.tool_grammar(fmt, tools, mode, forced, req.parallel_tool_calls), "tools")
+        else:
+            grammar, instructions = response_format_grammar(self.grammars, req.response_format)
+        if instructions:  # appended to the system message (the template's default one when there is none)
+            if messages[0]["role"] == "system":
+                messages[0]["content"] += "\n\n" + instructions
+            else:
+                default = self.conv.system_message if self.conv else ""
+                messages.insert(0, {"role": "system", "content": (default + "\n\n" if default else "") + instructions})
         if self.conv is not None:
             try:
                 text = self.conv.as_prompt(messages)
             except ValueError as e:
                 raise P.BadRequestError(str(e)) from None
-            return list(self.conv.system_prefix_token_ids or []) + self.tokenizer.encode(text)
-        return self.tokenizer.encode(self._render_jinja(messages))
+            prompt = list(self.conv.system_prefix_token_ids or []) + self.tokenizer.encode(text)
+        else:
+            prompt = self.tokenizer.encode(self._render_jinja(messages))
+        return prompt, grammar, (fmt if mode != "none" else None)
 
     def _render_jinja(self, messages: list[dict[str, str]]) -> str:
         template = self.tokenizer.chat_template
@@ -176,13 +214,15 @@ class _EngineBase:
         return GenerationConfig(sampling=sampling, n=req.n, max_tokens=max_tokens, stop=stop,
                                 stop_token_ids=self.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed)
 
-    def _prepare_chat(self, kwargs) -> tuple[P.ChatCompletionRequest, list[int], GenerationConfig]:
+    def _prepare_chat(self, kwargs) -> tuple[P.ChatCompletionRequest, list[int], GenerationConfig, Optional[str]]:
         req = self._parse(P.ChatCompletionRequest, kwargs)
-        prompt = self._chat_prompt(req)
+        prompt, grammar, tool_format = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return req, prompt, self._generation(req, prompt, max_tokens, req.logprobs, req.top_logprobs or 0)
+        gen = self._generation(req, prompt, max_tokens, req.logprobs, req.top_logprobs or 0)
+        gen.grammar = grammar
+        return req, prompt, gen, tool_format
 
-    def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig]:
+    def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig, None]:
         req = self._parse(P.CompletionRequest, kwargs)
         if req.echo or req.suffix:
             raise P.BadRequestError("echo and suffix are not supported")
@@ -194,8 +234,10 @@ class _EngineBase:
             if bad:
                 raise P.BadRequestError(f"prompt token id {bad[0]} is out of range [0, {self.runner.vocab_size})")
         n_lp = req.logprobs or 0
-        return req, prompt, self._generation(req, prompt, req.max_tokens if req.max_tokens is not None else 16,
-                                             req.logprobs is not None, n_lp)
+        gen = self._generation(req, prompt, req.max_tokens if req.max_tokens is not None else 16,
+                               req.logprobs is not None, n_lp)
+        gen.grammar, _ = response_format_grammar(self.grammars, req.response_format)
+        return req, prompt, gen, None
 
     def _new_request(self, prompt: list[int], gen: GenerationConfig, sink) -> Request:
         return Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
@@ -245,21 +287,42 @@ class _Collector:
             self.finish[d.index] = d.finish_reason
 
 
+def _finish_reason(reason: Optional[str], stream: Optional[T.ToolStream]) -> Optional[str]:
+    return "tool_calls" if reason == "stop" and stream is not None and stream.called else reason
+
+
 class _Formatter:
-    def __init__(self, engine: _EngineBase, kind: str, req, n: int):
+    def __init__(self, engine: _EngineBase, kind: str, req, n: int, tool_format: Optional[str] = None):
         self.engine, self.kind, self.req, self.n = engine, kind, req, n
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = req.model or engine.model
+        self.tool_format = tool_format
+        # per choice: splits the streamed text into content and tool-call deltas
+        self.tool_streams = [T.ToolStream(tool_format) for _ in range(n)] if tool_format else None
 
     def chunk(self, d: Delta):
+        """One engine delta -> a stream chunk, or None when there is nothing to send yet."""
         tok = self.engine.tokenizer
         if self.kind == "chat":
+            content, calls, finish = d.text, None, d.finish_reason
+            if self.tool_streams is not None:
+                stream = self.tool_streams[d.index]
+                content, new_calls = stream.feed(d.text, final=d.finish_reason is not None)
+                calls = [P.DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
+                                         function=P.DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                         for c in new_calls] or None
+                finish = _finish_reason(d.finish_reason, stream)
+            if not content and not calls and not finish and not d.logprobs:
+                return None
             return P.ChatCompletionStreamResponse(
                 id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
                 choices=[P.ChatCompletionStreamResponseChoice(
-                    index=d.index, delta=P.DeltaMessage(role="assistant", content=d.text),
-                    finish_reason=d.finish_reason, logprobs=_chat_logprobs(d, tok))])
+                    index=d.index, delta=P.DeltaMessage(role="assistant", content=content if content or not calls
+                                                        else None, tool_calls=calls),
+                    finish_reason=finish, logprobs=_chat_logprobs(d, tok))])
+        if not d.text and not d.finish_reason and not d.logprobs:
+            return None
         return P.CompletionResponse(
             id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
             choices=[P.CompletionResponseChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
@@ -274,10 +337,19 @@ class _Formatter:
         tok = self.engine.tokenizer
         u = P.CompletionUsage(**usage)
         if self.kind == "chat":
-            choices = [P.ChatCompletionResponseChoice(
-                index=i, message=P.ChatCompletionMessage(content=c.text[i]), finish_reason=c.finish[i],
-                logprobs=_chat_logprobs(Delta(i, "", c.logprobs[i]), tok) if self.req.logprobs else None)
-                for i in range(self.n)]
+            choices = []
+            for i in range(self.n):
+                message, stream = P.ChatCompletionMessage(content=c.text[i]), None
+                if self.tool_format:
+                    stream = T.ToolStream(self.tool_format)
+                    content, calls = stream.feed(c.text[i], final=True)
+                    message = P.ChatCompletionMessage(
+                        content=content if content.strip() or not calls else None,
+                        tool_calls=[P.ToolCall(id=k.id, function=P.FunctionCall(name=k.name, arguments=k.arguments))
+                                    for k in calls] or None)
+                choices.append(P.ChatCompletionResponseChoice(
+                    index=i, message=message, finish_reason=_finish_reason(c.finish[i], stream),
+                    logprobs=_chat_logprobs(Delta(i, "", c.logprobs[i]), tok) if self.req.logprobs else None))
             return P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
                                             system_fingerprint=self.engine.fingerprint, choices=choices, usage=u)
         choices = [P.CompletionResponseChoice(index=i, text=c.text[i], finish_reason=c.finish[i],
@@ -303,7 +375,8 @@ def _completion_logprobs(entries, tok: Tokenizer, offset: int) -> Optional[P.Com
 def _stream_items(ev, fmt: _Formatter, include_usage: bool) -> tuple[list[Any], bool]:
     """One engine event of a streamed request -> (chunks to yield, finished). Raises the engine's error."""
     if isinstance(ev, Delta):
-        return ([fmt.chunk(ev)] if ev.text or ev.finish_reason or ev.logprobs else []), False
+        chunk = fmt.chunk(ev)
+        return ([chunk] if chunk is not None else []), False
     if isinstance(ev, Done):
         return ([fmt.usage_chunk(ev.usage)] if include_usage else []), True
     raise ev.error
@@ -324,12 +397,12 @@ class MLCEngine(_EngineBase):
     """from mlc_llm import MLCEngine; engine = MLCEngine(model_dir, model_lib=...)"""
 
     def _run(self, kind: str, kwargs: dict[str, Any]) -> Union[Any, Iterator[Any]]:
-        req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
+        req, prompt, gen, tool_format = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
         if self._terminated:
             raise RuntimeError("the engine was terminated")
         events: queue.Queue = queue.Queue()
         request = self._new_request(prompt, gen, events.put)
-        fmt = _Formatter(self, kind, req, gen.n)
+        fmt = _Formatter(self, kind, req, gen.n, tool_format)
         if req.stream:  # submitted when the consumer starts reading: a stream never read never runs
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
         self.core.submit(request)
@@ -361,13 +434,13 @@ class AsyncMLCEngine(_EngineBase):
     """async for chunk in await engine.chat.completions.create(..., stream=True)"""
 
     async def _run(self, kind: str, kwargs: dict[str, Any]):
-        req, prompt, gen = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
+        req, prompt, gen, tool_format = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
         if self._terminated:
             raise RuntimeError("the engine was terminated")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = self._new_request(prompt, gen, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
-        fmt = _Formatter(self, kind, req, gen.n)
+        fmt = _Formatter(self, kind, req, gen.n, tool_format)
         if req.stream:  # submitted when the consumer starts reading: a stream never read never runs
             return self._stream(request, events, fmt, bool(req.stream_options and req.stream_options.include_usage))
         self.core.submit(request)

@@ -59,9 +59,12 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """OpenAI's {"type": "json_object"} / {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}, and
+    MLC LLM's {"type": "json_object", "schema": {...} or "<JSON text>"}."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: Optional[dict[str, Any]] = None
-    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    schema_: Optional[Union[dict[str, Any], str]] = Field(default=None, alias="schema")
 
 
 class SamplingFields(BaseModel):
@@ -110,8 +113,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[dict[str, Any]]] = None
+    tools: Optional[list[Any]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -124,6 +128,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[int]]
+    response_format: Optional[ResponseFormat] = None
     logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: Optional[str] = None
@@ -158,10 +163,21 @@ class CompletionUsage(BaseModel):
     extra: Optional[dict[str, Any]] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatCompletionResponseChoice(BaseModel):
@@ -185,9 +201,23 @@ class ChatCompletionResponse(BaseModel):
     usage: CompletionUsage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """The first delta of a call has id, type and function.name; later ones append to function.arguments."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamResponseChoice(BaseModel):

@@ -20,6 +20,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: Optional[int] = None
+    grammar: Any = None  # grammar.Grammar: each sequence gets its own matcher
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Sequence:
         self.rng = rng
         self.streamer = TextStreamer(tokenizer)
         self.stopper = StopStrMatcher(gen.stop)
+        self.matcher = gen.grammar.matcher() if gen.grammar is not None else None  # llguidance.LLMatcher
         self.finish_reason: Optional[str] = None
 
     @property

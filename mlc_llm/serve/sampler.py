@@ -3,11 +3,13 @@
 Order per row: presence/frequency penalty (logit -= presence + count·frequency), repetition penalty (divide positive
 logits, multiply negative ones), logit bias, then greedy argmax (temperature 0) or temperature → top-k → softmax →
 min-p → top-p → a draw from the row's own generator, so a seeded request samples the same whether batched or alone.
+Rows with a grammar matcher get their disallowed tokens set to -inf after penalties and bias.
 Logprobs are those of the model's distribution (log-softmax of the raw logits), as vLLM returns by default.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,8 @@ class SampleRow:
     params: SamplingParams
     rng: np.random.Generator
     counts: dict[int, int]  # generated token -> times
+    matcher: Any = None  # llguidance.LLMatcher of a grammar-constrained sequence
+    allowed: Any = None  # its token mask (bool [vocab]) when computed ahead, during the forward pass
 
 
 @dataclass
@@ -104,10 +108,20 @@ def sample_batch(logits: np.ndarray, rows: list[SampleRow]) -> list[Sampled]:
     """logits: float32 [batch, vocab] (not modified). Returns one Sampled per row."""
     want_lp = [i for i, r in enumerate(rows) if r.params.logprobs]
     logprobs = _log_softmax(logits[want_lp]) if want_lp else None
-    needs_copy = any(r.params.penalized or r.params.logit_bias for r in rows)
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+    needs_copy = bool(constrained) or any(r.params.penalized or r.params.logit_bias for r in rows)
     x = logits.copy() if needs_copy else logits
     if needs_copy:
         _apply_penalties_and_bias(x, rows)
+    if constrained:  # grammar masks (all missing ones in one parallel call), applied last
+        from .grammar import allowed_tokens
+
+        masks = {i: rows[i].allowed for i in constrained if rows[i].allowed is not None}
+        missing = [i for i in constrained if i not in masks]
+        if missing:
+            masks.update(zip(missing, allowed_tokens([rows[i].matcher for i in missing], x.shape[1])))
+        allowed = np.stack([masks[i] for i in constrained])
+        x[constrained] = np.where(allowed, x[constrained], np.float32(-np.inf))
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     tokens = np.empty(len(rows), np.int64)
     if greedy:
