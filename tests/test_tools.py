@@ -299,3 +299,17 @@ def test_async_engine_streams_tool_calls(smollm_q4):
     name, args = asyncio.run(main())
     assert name == "get_time"
     jsonschema.validate(json.loads(args), close_objects(TIME["function"]["parameters"]))
+
+
+@pytest.mark.parametrize("fmt", T.FORMATS)
+def test_auto_grammar_takes_plain_text_or_a_valid_call_but_not_a_broken_one(backend, fmt):
+    gb, tok = backend
+    tools = T.parse_tools([WEATHER, TIME, NOARGS])
+    grammar = gb.compile(T.tool_grammar(fmt, tools, "auto", None, parallel=True), "tools")
+    for text in ["It is sunny in Paris today.", T.render_calls(fmt, CALLS)]:
+        m = grammar.matcher()
+        assert m.consume_tokens(tok.encode(text)), (text, m.get_error())
+    broken = {"hermes": 'Sure <tool_call>\n{"name": "launch_rocket"', "llama3_json": '{"name": "launch_rocket"',
+              "pythonic": "[launch_rocket("}[fmt]
+    m = grammar.matcher()
+    assert not m.consume_tokens(tok.encode(broken))
