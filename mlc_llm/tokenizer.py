@@ -81,6 +81,15 @@ class TextStreamer:
         return delta
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag` (text to hold back: it may become
+    `tag` once more text arrives)."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
 class StopStrMatcher:
     """Holds back text that may begin a stop string; reports a stop and never emits the stop string itself."""
 
@@ -97,12 +106,7 @@ class StopStrMatcher:
         if hits:
             out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
             return out
-        hold = 0
-        for s in self.stop:  # the longest buffer suffix that is a proper prefix of a stop string
-            for k in range(min(len(s) - 1, len(self.buffer)), hold, -1):
-                if self.buffer.endswith(s[:k]):
-                    hold = k
-                    break
+        hold = max((partial_suffix(self.buffer, s) for s in self.stop), default=0)
         out = self.buffer[:len(self.buffer) - hold]
         self.buffer = self.buffer[len(self.buffer) - hold:]
         return out

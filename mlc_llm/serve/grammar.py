@@ -1,7 +1,8 @@
 """Grammar-constrained decoding with llguidance: JSON mode, JSON schemas and forced tool calls.
 
 A request with a grammar gets one `LLMatcher` per sequence. Each step the sampler asks llguidance for the token masks
-of every constrained row of the batch at once (`LLExecutor`, in parallel, ~0.02 ms per row on SmolLM2's 49k vocabulary)
+of every constrained row of the batch at once (`LLExecutor`, in parallel; 0.02-0.5 ms per row on SmolLM2's 49k
+vocabulary, see docs/BENCHMARKS.md)
 and sets the disallowed logits to -inf; the sampled token then advances the row's matcher. When the grammar is
 complete only the stop token stays allowed.
 """

@@ -37,7 +37,7 @@ class EngineCore:
         self._lock = threading.Lock()
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
         # forward pass. On the CPU the forward pass already uses every core: measured slower (bench/grammar.py:
-        # 0.77x of plain decode overlapped vs 0.96x in line), so there they are built in line when sampling.
+        # 0.77x of plain decode overlapped vs 0.975x in line), so there they are built in line when sampling.
         self._masks_overlap = runner.device.dlpack_device_type() != 1  # 1 = kDLCPU
         self._mask_pool: Optional[ThreadPoolExecutor] = None
         # Called in the engine thread as fn(usage, finish_reasons) when a request ends without an error

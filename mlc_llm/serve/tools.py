@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..tokenizer import partial_suffix
 from .grammar import check_json_schema, close_objects, json_schema_rule
 from .protocol import BadRequestError
 
@@ -214,7 +215,6 @@ def tool_grammar(fmt: str, tools: list[Tool], mode: str, forced: Optional[str], 
 class ParsedCall:
     name: Optional[str]
     arguments: str
-    complete: bool
 
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -230,13 +230,13 @@ def _json_call(body: str, complete: bool) -> Optional[ParsedCall]:
         name = json.loads(f'"{m.group(1)}"')
         rest = body[m.end():]
         if not complete:
-            return ParsedCall(name, rest.rstrip("} \t\r\n"), False)
+            return ParsedCall(name, rest.rstrip("} \t\r\n"))
         args = rest.rstrip()
         if args.endswith("}"):
             args = args[:-1].rstrip()
         try:
             if isinstance(json.loads(args), dict):
-                return ParsedCall(name, args, True)
+                return ParsedCall(name, args)
         except ValueError:
             pass
     if complete:  # other key order or spacing: parse the whole object
@@ -244,18 +244,10 @@ def _json_call(body: str, complete: bool) -> Optional[ParsedCall]:
             obj = json.loads(body)
             args = obj.get("arguments", obj.get("parameters", {}))
             if isinstance(obj.get("name"), str) and isinstance(args, dict):
-                return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False), True)
+                return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
         except (ValueError, AttributeError):
             pass
     return None
-
-
-def _held(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
 
 
 def _split_json_objects(text: str) -> tuple[list[str], str]:
@@ -304,7 +296,7 @@ def _pythonic_calls(text: str) -> Optional[list[ParsedCall]]:
             if not isinstance(c, ast.Call) or not isinstance(c.func, ast.Name) or c.args:
                 return None
             out.append(ParsedCall(c.func.id, json.dumps({k.arg: value(k.value) for k in c.keywords},
-                                                        ensure_ascii=False), True))
+                                                        ensure_ascii=False)))
         return out
     except (SyntaxError, ValueError, TypeError):
         return None
@@ -322,7 +314,7 @@ def parse_output(fmt: str, text: str, final: bool) -> tuple[str, list[ParsedCall
                 before = before.lstrip()
             if i < 0:
                 if not final:  # may still become a call: hold back a partial tag and trailing whitespace
-                    before = before[:len(before) - _held(before, start)].rstrip()
+                    before = before[:len(before) - partial_suffix(before, start)].rstrip()
                 content.append(before)
                 break
             content.append(before.rstrip())
@@ -330,7 +322,7 @@ def parse_output(fmt: str, text: str, final: bool) -> tuple[str, list[ParsedCall
             closed = j >= 0 or final
             body = text[i + len(start): j if j >= 0 else len(text)]
             if not closed:
-                body = body[:len(body) - _held(body, end)]
+                body = body[:len(body) - partial_suffix(body, end)]
             call = _json_call(body.strip() if closed else body, closed)
             if call is not None:
                 calls.append(call)
