@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tvm
 
+from mlc_llm.compiler import cpu_gemv
 from mlc_llm.compiler.cpu_schedules import schedule_nt_matmul
 from mlc_llm.quantization.scheme import dequantize_q4, quantize_q4
 
@@ -27,6 +28,10 @@ def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
         text = f.script()
         assert "T.parallel" in text and "T.vectorized" in text, name
         assert "dequantize_intermediate" not in text, name  # int4 decoded in registers, not into a buffer
+        # q4f32 linear layers get the batch-tiled kernel (cpu_gemv.py), unquantized ones and output sizes that are
+        # not a multiple of 8 rows (the tiny vocab of 300) the rfactor schedule
+        n_out = int(f.params[-1].shape[-1])
+        assert (cpu_gemv.KERNEL_ATTR in f.attrs) == (quant == "q4f32_1" and n_out % 8 == 0), name
 
 
 def _kernel(n: int, k: int, epilogue: bool):
@@ -67,3 +72,38 @@ def test_scheduled_kernel_matches_numpy(n, k, batch, epilogue):
     out = tvm.runtime.tensor(np.zeros((batch, 1, n), np.float32), dev)
     lib["main"](*args, out)
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["b1", "1s", "11"])
+@pytest.mark.parametrize("n,residual", [(64, True), (40, False)])  # 64: 4 row blocks per task; 40: one per task
+def test_row_tiled_q4_kernel_matches_numpy(layout, n, residual):
+    """The batch-tiled kernel for every row count branch (1 row, tile 4 with clamped tail, tile 8 with tail)."""
+    k = 96
+    rng = np.random.default_rng(n)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    wd = dequantize_q4(q, s, k).astype(np.float64)
+    func = cpu_gemv.tiled_kernel(n, k, layout, residual)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target.from_device(tvm.cpu()))
+    dev = tvm.cpu()
+    for rows in ([1] if layout == "11" else [1, 2, 3, 4, 5, 8, 9, 13, 20]):
+        shape = (rows, 1) if layout == "b1" else (1, rows)
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        res = rng.standard_normal((*shape, n)).astype(np.float32)
+        expected = x.astype(np.float64) @ wd.T + (res if residual else 0)
+        args = [tvm.runtime.tensor(a, dev) for a in ([q, s, x] + ([res] if residual else []))]
+        out = tvm.runtime.tensor(np.full((*shape, n), np.nan, np.float32), dev)
+        lib["main"](*args, out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4, err_msg=f"rows={rows}")
+
+
+def test_row_tiled_kernel_replaces_only_the_stock_q4_form():
+    stock = cpu_gemv.stock_kernel(64, 64, "b1", True)
+    tiled = cpu_gemv.replace_q4_matmul(stock)
+    assert tiled is not None and tiled.attrs[cpu_gemv.KERNEL_ATTR] == "q4_row_tiled"
+    # Same shapes, another dequantize formula (zero point 8): not ours, keeps the rfactor schedule.
+    other = cpu_gemv._parse(cpu_gemv.stock_source(64, 64, "b1", False).replace("T.float32(7.0)", "T.float32(8.0)"))
+    assert cpu_gemv._signature(other) == (64, 64, "b1", False)
+    assert cpu_gemv.replace_q4_matmul(other) is None
+    assert cpu_gemv.replace_q4_matmul(cpu_gemv.stock_kernel(64, 64, "b1", False)) is not None
+    assert cpu_gemv.replace_q4_matmul(_kernel(64, 64, False)) is None  # int32 shapes: not what our models produce

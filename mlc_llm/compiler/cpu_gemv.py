@@ -1,0 +1,221 @@
+"""Batch-tiled CPU kernels for the int4 (q4f32_1) linear layers: decode with several sequences, and prefill.
+
+The rfactor schedule of `cpu_schedules.py` decodes the int4 weights again for every row of x (every sequence of a
+decode batch, every token of a prefill), so its time grows linearly with the rows, and the decode of the weights (not
+DRAM) is what limits it. The kernel written here decodes 16 weights of one output row into a register vector once per
+K chunk and does the FMAs of a tile of `TILE` rows of x with it, so the decode is shared by the tile. Rows of the last
+tile are clamped on read (`min(r, R-1)`) and skipped on write, so any row count works with a static register tile.
+One row (batch-1 decode, or the last-token lm_head of prefill) takes a branch *inside* the parallel loop with the
+rfactor kernel's loop structure, so batch-1 decode keeps its speed (a branch around two parallel nests was measured
+4x slower in TVM 0.27).
+
+The kernel is written as TVMScript text from the shapes of the stock kernel it replaces, and it only replaces a kernel
+that is structurally equal (`tvm.ir.structural_equal`) to the stock dequantize + NT_matmul [+ residual add] of the same
+shapes, also written here; so a kernel with any other dequantize formula, dtype or epilogue keeps the rfactor schedule.
+Measured with `bench/gemv_batched.py` (docs/BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import tvm
+import tvm_ffi
+
+LANES = 16  # float32 lanes of an AVX-512 register
+ROWS = 8  # output rows per parallel task
+TILES = (4, 8)  # rows of x sharing one decoded weight vector: 4 for 2-4 rows, 8 above (bench/gemv_batched.py)
+KERNEL_ATTR = "mlc_llm.cpu_kernel"  # marks the kernels replaced here (tests look for it)
+GROUP = 4  # row blocks per parallel task (a task allocates its accumulators once: ~1 us each in TVM's workspace pool)
+
+_HEADER = """
+@T.prim_func(private=True, s_tir=True)
+def main(qw: T.Buffer((T.int64({n}), T.int64({kw})), "uint32"), qs: T.Buffer((T.int64({n}), T.int64({g})), "float32"),
+         x_h: T.handle, {res_param}y_h: T.handle):
+    T.func_attr({{"tirx.noalias": True}})
+    {rdef}
+    x = T.match_buffer(x_h, ({xs}, T.int64({k})), "float32")
+    {res_buf}
+    y = T.match_buffer(y_h, ({xs}, T.int64({n})), "float32")
+"""
+
+# The stock kernel (what LegalizeOps + FuseOps + FuseTIR produce for our q4 dequantize and the NT matmul).
+_STOCK = """
+    dequantize_intermediate = T.sblock_alloc_buffer((T.int64({n}), T.int64({k})))
+    {mm_alloc}for n, j in T.grid(T.int64({n}), T.int64({k})):
+        with T.sblock("dequantize"):
+            v_n, v_j = T.axis.remap("SS", [n, j])
+            T.reads(qw[v_n, v_j // T.int64(8)], qs[v_n, v_j // T.int64(32)])
+            T.writes(dequantize_intermediate[v_n, v_j])
+            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", qw[v_n, v_j // T.int64(8)] >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * qs[v_n, v_j // T.int64(32)]
+    for i0, i1, i2, k in T.grid({xs}, T.int64({n}), T.int64({k})):
+        with T.sblock("NT_matmul"):
+            v_i0, v_i1, v_i2, v_k = T.axis.remap("SSSR", [i0, i1, i2, k])
+            T.reads(x[v_i0, v_i1, v_k], dequantize_intermediate[v_i2, v_k])
+            T.writes({mm}[v_i0, v_i1, v_i2])
+            with T.init():
+                {mm}[v_i0, v_i1, v_i2] = T.float32(0.0)
+            {mm}[v_i0, v_i1, v_i2] = {mm}[v_i0, v_i1, v_i2] + x[v_i0, v_i1, v_k] * dequantize_intermediate[v_i2, v_k]
+"""
+_STOCK_ADD = """
+    for ax0, ax1, ax2 in T.grid({xs}, T.int64({n})):
+        with T.sblock("T_add"):
+            v_ax0, v_ax1, v_ax2 = T.axis.remap("SSS", [ax0, ax1, ax2])
+            T.reads(r[v_ax0, v_ax1, v_ax2], NT_matmul_intermediate[v_ax0, v_ax1, v_ax2])
+            T.writes(y[v_ax0, v_ax1, v_ax2])
+            y[v_ax0, v_ax1, v_ax2] = r[v_ax0, v_ax1, v_ax2] + NT_matmul_intermediate[v_ax0, v_ax1, v_ax2]
+"""
+
+_DEQ = ("(T.Cast(\"float32\", (qw[nb * {rows} + ni, (k0 * {lanes} + l) // 8] >> T.Cast(\"uint32\", (k0 * {lanes} + l) % 8 "
+        "* 4)) & T.uint32(15)) - T.float32(7)) * qs[nb * {rows} + ni, (k0 * {lanes} + l) // 32]")
+
+_ONE_ROW = """
+for ni in range({rows}):
+    for l in T.vectorized({lanes}):
+        acc[0, ni, l] = T.float32(0)
+    for k0 in range(T.int64({kc})):
+        for l in T.vectorized({lanes}):
+            acc[0, ni, l] = acc[0, ni, l] + {x} * ({deq})
+    y[{y}] = {res}
+    for l in range({lanes}):
+        y[{y}] = y[{y}] + acc[0, ni, l]
+"""
+
+_ROW_TILES = """
+for bo in range(({R} + T.int64({t} - 1)) // T.int64({t})):
+    for bi, ni in T.grid({t}, {rows}):
+        for l in T.vectorized({lanes}):
+            acc[bi, ni, l] = T.float32(0)
+    for ni in range({rows}):
+        for k0 in range(T.int64({kc})):
+            for bi in T.unroll({t}):
+                for l in T.vectorized({lanes}):
+                    acc[bi, ni, l] = acc[bi, ni, l] + {x} * ({deq})
+    for bi in range({t}):
+        if bo * {t} + bi < {R}:
+            for ni in range({rows}):
+                y[{y}] = {res}
+                for l in range({lanes}):
+                    y[{y}] = y[{y}] + acc[bi, ni, l]
+"""
+
+
+def _index(layout: str, row: str, col: str) -> str:
+    """x / y / residual element at flat row `row`: rows are dim 0 ("b1": [R, 1, *]), dim 1 ("1s": [1, R, *]) or
+    there is one ("11")."""
+    if layout == "b1":
+        return f"{row}, 0, {col}"
+    if layout == "1s":
+        return f"0, {row}, {col}"
+    return f"0, 0, {col}"
+
+
+def _shapes(layout: str) -> tuple[str, str, str]:
+    """(definition of the row var, the leading two dims of x/y, the row count expression)."""
+    if layout == "11":
+        return "", "T.int64(1), T.int64(1)", "T.int64(1)"
+    xs = "R, T.int64(1)" if layout == "b1" else "T.int64(1), R"
+    return "R = T.int64()", xs, "R"
+
+
+def _source(body: str, n: int, k: int, layout: str, residual: bool, **kw) -> str:
+    rdef, xs, rows = _shapes(layout)
+    header = _HEADER.format(
+        n=n, k=k, kw=k // 8, g=k // 32, rdef=rdef, xs=xs,
+        res_param="r_h: T.handle, " if residual else "",
+        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "")
+    return header + body.format(n=n, k=k, xs=xs, R=rows, **kw)
+
+
+def _parse(src: str) -> tvm.tirx.PrimFunc:
+    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
+
+
+def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
+    """The unscheduled kernel this module knows how to replace (for the equivalence check)."""
+    return _parse(stock_source(n, k, layout, residual))
+
+
+def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
+    xs = _shapes(layout)[1]
+    mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
+    body = _STOCK.format(n=n, k=k, xs=xs, mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
+    if residual:
+        body += _STOCK_ADD.format(n=n, xs=xs)
+    return _source(body.replace("{", "{{").replace("}", "}}"), n, k, layout, residual)
+
+
+def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> tvm.tirx.PrimFunc:
+    return _parse(tiled_source(n, k, layout, residual, tiles))
+
+
+def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> str:
+    """TVMScript of the kernel: one parallel task per GROUP blocks of ROWS output rows; inside it a branch on the row
+    count R: one row, then R <= tiles[0] with tiles[0] rows per tile, ... , the last tile size for the rest."""
+    group = GROUP if n % (ROWS * GROUP) == 0 else 1
+    rows = _shapes(layout)[2]
+    col = f"nb * {ROWS} + ni"
+    common = dict(rows=ROWS, lanes=LANES, kc=k // LANES, R=rows, deq=_DEQ.format(rows=ROWS, lanes=LANES))
+
+    def one_row() -> str:
+        return _ONE_ROW.format(x=f"x[{_index(layout, '0', f'k0 * {LANES} + l')}]", y=_index(layout, "0", col),
+                               res=f"r[{_index(layout, '0', col)}]" if residual else "T.float32(0)", **common)
+
+    def row_tiles(t: int) -> str:
+        row, out = f"T.min(bo * {t} + bi, {rows} - T.int64(1))", f"bo * {t} + bi"
+        return _ROW_TILES.format(t=t, x=f"x[{_index(layout, row, f'k0 * {LANES} + l')}]", y=_index(layout, out, col),
+                                 res=f"r[{_index(layout, out, col)}]" if residual else "T.float32(0)", **common)
+
+    def indent(text: str, level: int) -> str:
+        return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
+
+    # if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]
+    branches = [("T.int64(1)", one_row())] + [(f"T.int64({t})", row_tiles(t)) for t in tiles[:-1]]
+    code, level = "", 3
+    for i, (bound, nest) in enumerate(branches):
+        code += indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + indent(nest, level + 1)
+        code += indent("else:", level)
+        level += 1
+    code += indent(row_tiles(tiles[-1]), level)
+    head = (f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
+            f"        acc = T.alloc_buffer(({max(tiles)}, {ROWS}, {LANES}), \"float32\", scope=\"local\")\n"
+            f"        for nbi in range(T.int64({group})):\n"
+            f"            nb = task * T.int64({group}) + nbi\n")
+    return _source((head + code).replace("{", "{{").replace("}", "}}"), n, k, layout, residual)
+
+
+def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:
+    """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer."""
+    bufs = list(func.params) if len(func.params) in (4, 5) else []  # TVM 0.27 tirx: params are the buffers
+    if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
+        return None
+    shapes = [list(b.shape) for b in bufs]
+    if any(len(s) != 2 for s in shapes[:2]) or any(len(s) != 3 for s in shapes[2:]):
+        return None
+    static = [all(isinstance(d, tvm.tirx.IntImm) for d in s) for s in shapes]
+    if not all(static[:2]):
+        return None
+    n, k = int(shapes[0][0]), int(shapes[0][1]) * 8
+    if n % ROWS or k % 32 or not isinstance(shapes[2][2], tvm.tirx.IntImm) or int(shapes[2][2]) != k:
+        return None
+    d0, d1 = shapes[2][0], shapes[2][1]
+    one = lambda d: isinstance(d, tvm.tirx.IntImm) and int(d) == 1  # noqa: E731
+    layout = "11" if one(d0) and one(d1) else "1s" if one(d0) else "b1" if one(d1) else None
+    if layout is None:
+        return None
+    return n, k, layout, len(bufs) == 5
+
+
+def replace_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
+    """The batch-tiled kernel for a stock q4f32 (dequantize + NT_matmul [+ add]) kernel, or None if `func` is not one."""
+    sig = _signature(func)
+    if sig is None:
+        return None
+    def strip(f: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:  # compare parameters and body, not attributes
+        return tvm.tirx.PrimFunc(f.params, f.body)
+
+    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig)), map_free_vars=True):
+        return None
+    tiled = tiled_kernel(*sig)
+    for key, value in func.attrs.items():  # keep the stock kernel's attributes (symbol, op pattern, ...)
+        tiled = tiled.with_attr(key, value)
+    return tiled.with_attr(KERNEL_ATTR, "q4_row_tiled")
