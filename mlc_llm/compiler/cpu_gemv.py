@@ -3,14 +3,16 @@
 The rfactor schedule of `cpu_schedules.py` decodes the int4 weights again for every row of x (every sequence of a
 decode batch, every token of a prefill), so its time grows linearly with the rows, and the decode of the weights (not
 DRAM) is what limits it. The kernel written here decodes 16 weights of one output row into a register vector once per
-K chunk and does the FMAs of a tile of `TILE` rows of x with it, so the decode is shared by the tile. Rows of the last
-tile are clamped on read (`min(r, R-1)`) and skipped on write, so any row count works with a static register tile.
-One row (batch-1 decode, or the last-token lm_head of prefill) takes a branch *inside* the parallel loop with the
-rfactor kernel's loop structure, so batch-1 decode keeps its speed (a branch around two parallel nests was measured
-4x slower in TVM 0.27).
+K chunk and does the FMAs of a tile of 4 (2-4 rows) or 8 (more rows) rows of x with it, so the decode is shared by the
+tile. Rows of the last tile are clamped on read (`min(r, R-1)`) and skipped on write, so any row count works with a
+static register tile. One row (batch-1 decode, or the last-token lm_head of prefill) takes a branch *inside* the
+parallel loop with the rfactor kernel's loop structure (a branch around two parallel nests was measured 4x slower in
+TVM 0.27). Each parallel task covers 4 blocks of 8 output rows, so its accumulators are allocated once per 32 rows
+(TVM takes them from the workspace pool; one allocation per 8-row block made the batch-1 kernel 1.1-1.3x slower than
+the rfactor one, now 1.0-1.09x faster).
 
 The kernel is written as TVMScript text from the shapes of the stock kernel it replaces, and it only replaces a kernel
-that is structurally equal (`tvm.ir.structural_equal`) to the stock dequantize + NT_matmul [+ residual add] of the same
+that is structurally equal (`tvm_ffi.structural_equal`, attributes aside) to the stock dequantize + NT_matmul [+ residual add] of the same
 shapes, also written here; so a kernel with any other dequantize formula, dtype or epilogue keeps the rfactor schedule.
 Measured with `bench/gemv_batched.py` (docs/BENCHMARKS.md).
 """
@@ -25,7 +27,7 @@ LANES = 16  # float32 lanes of an AVX-512 register
 ROWS = 8  # output rows per parallel task
 TILES = (4, 8)  # rows of x sharing one decoded weight vector: 4 for 2-4 rows, 8 above (bench/gemv_batched.py)
 KERNEL_ATTR = "mlc_llm.cpu_kernel"  # marks the kernels replaced here (tests look for it)
-GROUP = 4  # row blocks per parallel task (a task allocates its accumulators once: ~1 us each in TVM's workspace pool)
+GROUP = 4  # row blocks per parallel task (a task allocates its accumulators once)
 
 _HEADER = """
 @T.prim_func(private=True, s_tir=True)
@@ -168,18 +170,23 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
     def indent(text: str, level: int) -> str:
         return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
 
-    # if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]
-    branches = [("T.int64(1)", one_row())] + [(f"T.int64({t})", row_tiles(t)) for t in tiles[:-1]]
-    code, level = "", 3
+    # Inside the parallel loop: if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]. Each
+    # branch allocates accumulators sized for its tile once per task (so the one-row path does not carry the 8-row
+    # tile's 4 KB buffer), then walks the task's GROUP row blocks.
+    def with_acc(t: int, nest: str) -> str:
+        return (f"acc = T.alloc_buffer(({t}, {ROWS}, {LANES}), \"float32\", scope=\"local\")\n"
+                f"for nbi in range(T.int64({group})):\n"
+                f"    nb = task * T.int64({group}) + nbi\n" + indent(nest, 1))
+
+    branches = [("T.int64(1)", with_acc(1, one_row()))] + [(f"T.int64({t})", with_acc(t, row_tiles(t)))
+                                                          for t in tiles[:-1]]
+    code, level = "", 2
     for i, (bound, nest) in enumerate(branches):
         code += indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + indent(nest, level + 1)
         code += indent("else:", level)
         level += 1
-    code += indent(row_tiles(tiles[-1]), level)
-    head = (f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
-            f"        acc = T.alloc_buffer(({max(tiles)}, {ROWS}, {LANES}), \"float32\", scope=\"local\")\n"
-            f"        for nbi in range(T.int64({group})):\n"
-            f"            nb = task * T.int64({group}) + nbi\n")
+    code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
+    head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
     return _source((head + code).replace("{", "{{").replace("}", "}}"), n, k, layout, residual)
 
 
