@@ -41,6 +41,13 @@ def jit_library(model_dir: str | Path, chat_config: dict[str, Any], device: str)
     policy = os.environ.get("MLC_JIT_POLICY", "ON").upper()
     if policy not in POLICIES:
         raise ValueError(f"MLC_JIT_POLICY='{policy}' is not one of {', '.join(POLICIES)}")
+    from tvm.base import _RUNTIME_ONLY
+
+    if _RUNTIME_ONLY:  # e.g. the runtime-only TVM of scripts/gpu/: nothing to compile (or hash) with
+        raise FileNotFoundError(
+            f"no model library given for '{model_dir}', and this TVM is runtime-only (no libtvm_compiler.so), so it "
+            f"cannot be compiled here: pass model_lib=... (e.g. {Path(model_dir) / 'lib'}/<device>.so built by the "
+            f"pipeline)")
     lib = cache_dir() / "model_lib" / f"{library_key(chat_config, device)}.so"
     if policy in ("ON", "READONLY") and lib.exists():
         return lib
