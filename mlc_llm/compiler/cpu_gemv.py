@@ -119,13 +119,13 @@ def _shapes(layout: str) -> tuple[str, str, str]:
     return "R = T.int64()", xs, "R"
 
 
-def _source(body: str, n: int, k: int, layout: str, residual: bool, **kw) -> str:
-    rdef, xs, rows = _shapes(layout)
-    header = _HEADER.format(
+def _source(body: str, n: int, k: int, layout: str, residual: bool) -> str:
+    """The function header (parameters for these shapes) followed by `body`."""
+    rdef, xs, _ = _shapes(layout)
+    return _HEADER.format(
         n=n, k=k, kw=k // 8, g=k // 32, rdef=rdef, xs=xs,
         res_param="r_h: T.handle, " if residual else "",
-        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "")
-    return header + body.format(n=n, k=k, xs=xs, R=rows, **kw)
+        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
 
 
 def _parse(src: str) -> tvm.tirx.PrimFunc:
@@ -143,7 +143,7 @@ def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
     body = _STOCK.format(n=n, k=k, xs=xs, mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
     if residual:
         body += _STOCK_ADD.format(n=n, xs=xs)
-    return _source(body.replace("{", "{{").replace("}", "}}"), n, k, layout, residual)
+    return _source(body, n, k, layout, residual)
 
 
 def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> tvm.tirx.PrimFunc:
@@ -187,7 +187,7 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
         level += 1
     code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
     head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
-    return _source((head + code).replace("{", "{{").replace("}", "}}"), n, k, layout, residual)
+    return _source(head + code, n, k, layout, residual)
 
 
 def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:

@@ -43,7 +43,7 @@ def record(model_dir: Path, out: Path) -> None:
         for s, row in zip(seqs, step):
             s.append(int(np.argmax(row)))
     np.savez_compressed(out, logits=np.stack(logits), prompt_lens=[len(p) for p in prompts],
-                        tokens=np.array([s for s in seqs], dtype=object), quantization=chat["quantization"])
+                        tokens=np.array(seqs, dtype=object), quantization=chat["quantization"])
     print(f"recorded {len(prompts)} prompts x {STEPS + 1} steps of logits -> {out}")
 
 
