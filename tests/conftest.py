@@ -37,7 +37,7 @@ def smollm_q4(pipeline_dir):
     first = run_snakemake(pipeline_dir, "build_smollm2_cpu")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     second = run_snakemake(pipeline_dir, "build_smollm2_cpu")
-    d = pipeline_dir / SMOLLM_DIR.format(quant="q4f32_1")
+    d = pipeline_dir / SMOLLM_DIR.format(quant="q4f32_cpu")
     return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so", first=first, second=second)
 
 

@@ -8,6 +8,9 @@ import numpy as np
 
 
 def dequant_q4(q_weight: np.ndarray, q_scale: np.ndarray, k: int) -> np.ndarray:
+    if q_weight.ndim == 3:  # q4f32_cpu row blocks: [N/64, K/8, 64] holds row 64 b + i of the NK form at [b, :, i]
+        q_weight = q_weight.transpose(0, 2, 1).reshape(-1, q_weight.shape[1])
+        q_scale = q_scale.transpose(0, 2, 1).reshape(-1, q_scale.shape[1])
     n, words = q_weight.shape
     out = np.empty((n, words * 8), dtype=np.float64)
     for j in range(8):  # nibble j of each word is element 8*w + j

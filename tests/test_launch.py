@@ -27,7 +27,7 @@ def test_serve_target_builds_then_becomes_the_server(smollm_q4, pipeline_dir, tm
         srv.wait_health(200)
         cmdline = open(f"/proc/{srv.proc.pid}/cmdline", "rb").read().split(b"\0")
         assert b"serve" in cmdline and b"mlc_llm" in cmdline  # Snakemake's own process became the server
-        model = "artifacts/SmolLM2-135M-Instruct-q4f32_1"
+        model = "artifacts/SmolLM2-135M-Instruct-q4f32_cpu"
         r = requests.post(f"{srv.url}/v1/completions", json={"model": model, "prompt": "The sky is",
                                                              "max_tokens": 2, "temperature": 0}, timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
@@ -186,8 +186,8 @@ def test_launch_commands_from_the_plan():
     plan = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.port=8123", "mode=server",
                                                                  "mode.max_num_sequence=4", "device.num_threads=2"]})
     serve = plan.launch_cmd("smollm2_cpu", "serve")
-    assert serve.startswith("env TVM_NUM_THREADS=2 python -m mlc_llm serve artifacts/SmolLM2-135M-Instruct-q4f32_1 ")
-    for part in ("--model-lib artifacts/SmolLM2-135M-Instruct-q4f32_1/lib/cpu.so", "--device cpu", "--mode server",
+    assert serve.startswith("env TVM_NUM_THREADS=2 python -m mlc_llm serve artifacts/SmolLM2-135M-Instruct-q4f32_cpu ")
+    for part in ("--model-lib artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu.so", "--device cpu", "--mode server",
                  "--port 8123", "--host 127.0.0.1", "max_num_sequence=4"):
         assert part in serve
     assert " chat " in plan.launch_cmd("smollm2_cpu", "chat")

@@ -30,7 +30,7 @@ def test_smollm2_logits_match_numpy(fixture, request):
     assert diff < TOL, f"max |Δlogit| {diff:.2e}"
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1"])
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu"])
 def test_tiny_llama31_from_hf_folder_matches_numpy(tmp_path, quant):
     """Untied lm_head, GQA, Llama-3.1 RoPE scaling, bf16 + f32 safetensors across two shards."""
     write_tiny_hf(tmp_path / "hf")

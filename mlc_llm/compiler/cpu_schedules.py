@@ -19,7 +19,7 @@ from typing import Optional
 import tvm
 from tvm.s_tir import Schedule
 
-from . import cpu_gemv
+from . import cpu_gemv, cpu_q4_blocked
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,15 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
 def schedule_cpu_matmuls(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """q4f32 linear layers get the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule above."""
+    """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py`, NK q4f32 ones the batch-tiled kernel of
+    `cpu_gemv.py`; other matmuls the rfactor schedule above."""
     updates = {}
     for gv, func in mod.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
             continue
         try:
-            scheduled = cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func)
+            scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func) or cpu_gemv.replace_q4_matmul(func)
+                         or schedule_nt_matmul(func))
         except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
             logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
             continue

@@ -18,6 +18,7 @@ class QuantName(Enum):
     q0f16 = "q0f16"
     q4f16_1 = "q4f16_1"
     q4f32_1 = "q4f32_1"
+    q4f32_cpu = "q4f32_cpu"
 
 
 class ModeName(Enum):

@@ -7,6 +7,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from ..compiler import cpu_attention
 from ..quantization.layers import make_embedding, make_linear
 from .llama import LlamaConfig
 
@@ -99,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         c = self.cfg
-        return TIRPagedKVCache(
+        cache = TIRPagedKVCache(
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
@@ -109,6 +110,10 @@ class LlamaForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )
+        if self.target.kind.name == "llvm":  # our CPU decode attention instead of TVM's serial one
+            cpu_attention.install(rx.BlockBuilder.current(), c.num_attention_heads, c.num_key_value_heads,
+                                  c.head_dim, self.dtype)
+        return cache
 
     def get_default_spec(self):
         c, dt = self.cfg, self.dtype

@@ -3,6 +3,11 @@
 Int4 group quantization (MLC's `q4f16_1` / `q4f32_1`): groups of 32 along K (the input dim), per-group scale
 max|w| / 7 in the model dtype, q = clamp(round(w / s + 7), 0, 14), eight nibbles per uint32, least significant first.
 Weights are [N, K] ("NK"): `q_weight uint32[N, K/8]`, `q_scale [N, K/32]`.
+
+`q4f32_cpu` stores the same numbers in 64-row blocks for the CPU kernels (`compiler/cpu_q4_blocked.py`):
+`q_weight uint32[N/64, K/8, 64]`, `q_scale [N/64, K/32, 64]` (element [b, w, i] is row 64 b + i of the NK form).
+A weight whose N is not a multiple of 64 keeps the NK form (`Quantization.blocked(n)`); the embedding of a tied model
+is blocked like the lm_head it is.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 GROUP_SIZE = 32
 ELEMS_PER_WORD = 8  # 4-bit values per uint32
 MAX_INT = 7
+BLOCK_ROWS = 64  # rows per block of the q4f32_cpu layout
 
 
 @dataclass(frozen=True)
@@ -22,10 +28,15 @@ class Quantization:
     model_dtype: str  # activation / scale dtype
     bits: int = 0
     group_size: int = 0
+    block_rows: int = 0  # > 0: weights with N % block_rows == 0 are stored in row blocks (see the module docstring)
 
     @property
     def is_group(self) -> bool:
         return self.kind == "group"
+
+    def blocked(self, n: int) -> bool:
+        """Whether a [n, K] weight is stored in row blocks."""
+        return self.is_group and self.block_rows > 0 and n % self.block_rows == 0
 
 
 QUANTIZATIONS: dict[str, Quantization] = {
@@ -33,6 +44,7 @@ QUANTIZATIONS: dict[str, Quantization] = {
     "q0f16": Quantization("q0f16", "none", "float16"),
     "q4f16_1": Quantization("q4f16_1", "group", "float16", bits=4, group_size=GROUP_SIZE),
     "q4f32_1": Quantization("q4f32_1", "group", "float32", bits=4, group_size=GROUP_SIZE),
+    "q4f32_cpu": Quantization("q4f32_cpu", "group", "float32", bits=4, group_size=GROUP_SIZE, block_rows=BLOCK_ROWS),
 }
 
 
@@ -70,3 +82,17 @@ def dequantize_q4(q_weight: np.ndarray, q_scale: np.ndarray, k: int) -> np.ndarr
     q = ((q_weight[:, :, None] >> shifts) & 0xF).reshape(n, -1).astype(np.float32)
     scale = np.repeat(q_scale.astype(np.float32), GROUP_SIZE, axis=1)
     return ((q - MAX_INT) * scale)[:, :k]
+
+
+def block_rows(a: np.ndarray, rows: int = BLOCK_ROWS) -> np.ndarray:
+    """[N, X] -> [N / rows, X, rows] (the blocked layout of q_weight and q_scale)."""
+    n, x = a.shape
+    if n % rows:
+        raise ValueError(f"{n} rows are not a multiple of the block of {rows}")
+    return np.ascontiguousarray(a.reshape(n // rows, rows, x).transpose(0, 2, 1))
+
+
+def unblock_rows(a: np.ndarray) -> np.ndarray:
+    """Inverse of block_rows: [N / rows, X, rows] -> [N, X]."""
+    nb, x, rows = a.shape
+    return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(nb * rows, x))

@@ -66,6 +66,9 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     quant = get_quantization(chat["quantization"])
     cfg = arch.config_cls.from_dict({**chat["model_config"], **(overrides or {})})
     target = make_target(device)
+    if quant.block_rows and is_gpu(target):
+        raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
+                           f"use q4f16_1 (or q4f32_1) for {device}")
     model = arch.build_module(cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     mod = _attach_metadata(mod, _metadata(chat, cfg, quant, device, target, params))

@@ -8,7 +8,7 @@ import numpy as np
 from ..loader import open_source
 from ..model import get_architecture
 from ..quantization import get_quantization
-from ..quantization.scheme import quantize_q4
+from ..quantization.scheme import block_rows, quantize_q4
 from ..tensor_cache import TensorCacheWriter
 
 
@@ -18,6 +18,8 @@ def make_quantizer(quant):
     def quantize(mlc_prefix: str, w: np.ndarray) -> dict[str, np.ndarray]:
         if quant.is_group:
             q_weight, q_scale = quantize_q4(w, quant.model_dtype)
+            if quant.blocked(w.shape[0]):
+                q_weight, q_scale = block_rows(q_weight), block_rows(q_scale)
             return {f"{mlc_prefix}.q_weight": q_weight, f"{mlc_prefix}.q_scale": q_scale}
         return {f"{mlc_prefix}.weight": w.astype(dtype)}
 

@@ -1,0 +1,218 @@
+"""CPU kernels for int4 weights stored in 64-row blocks (the `q4f32_cpu` quantization): decode GEMV and prefill.
+
+`q4f32_1` stores a weight as `q_weight uint32[N, K/8]`, `q_scale[N, K/32]` (MLC's NK layout). Its kernels
+(`cpu_gemv.py`) vectorize over K: 6 vector instructions to decode 16 weights (shift, and, convert, subtract the zero
+point, multiply by a scale gathered per group) before the FMA, and a horizontal sum per output. `q4f32_cpu` stores the
+same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8, 64]`, `q_scale[N/64, K/32, 64]`:
+64 output rows are contiguous, and a 16-lane vector holds the same word of 16 consecutive rows, so
+- the weight stream of one parallel task is one contiguous run of memory;
+- the nibble j of 16 rows is `float(q & (15 << 4j))` = nibble * 16^j: x is pre-scaled by 16^-j once per group of 32
+  (a vector multiply by constants), so decoding needs no shift and no zero-point subtraction: and, convert, FMA —
+  3 instructions per 16 weights;
+- the zero point and the scale apply once per group: `acc += s * (partial - 7 * sum(x of the group))`, with the scale
+  vector loaded contiguously.
+(../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, prefill)
+one decoded weight vector feeds a tile of 4 or 8 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on write.
+
+The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
+[+ residual add] of the blocked layout (`stock_source`), as `cpu_gemv.replace_q4_matmul` does for the NK layout.
+Rows of N that are not a multiple of 64 keep the NK layout (`scheme.blocked_rows`) and the NK kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import tvm
+import tvm_ffi
+
+from .cpu_gemv import KERNEL_ATTR, _index, _parse, _shapes
+
+BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
+LANES = 16
+# (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
+# registers. Measured with bench/gemv_batched.py: tiles of 8 rows (x 1 or 2 vectors) or 6 (x 2) were 1.1-2x slower
+# than 4 x 4 at 8 and 128 rows.
+PLANS = ((1, 4), (4, 4))
+
+_HEADER = """
+@T.prim_func(private=True, s_tir=True)
+def main(qw: T.Buffer((T.int64({nb}), T.int64({kw}), T.int64(64)), "uint32"),
+         qs: T.Buffer((T.int64({nb}), T.int64({g}), T.int64(64)), "float32"),
+         x_h: T.handle, {res_param}y_h: T.handle):
+    T.func_attr({{"tirx.noalias": True}})
+    {rdef}
+    x = T.match_buffer(x_h, ({xs}, T.int64({k})), "float32")
+    {res_buf}
+    y = T.match_buffer(y_h, ({xs}, T.int64({n})), "float32")
+"""
+
+_STOCK = """
+    dequantize_intermediate = T.sblock_alloc_buffer((T.int64({n}), T.int64({k})))
+    {mm_alloc}for n, j in T.grid(T.int64({n}), T.int64({k})):
+        with T.sblock("dequantize"):
+            v_n, v_j = T.axis.remap("SS", [n, j])
+            T.reads(qw[v_n // T.int64(64), v_j // T.int64(8), v_n % T.int64(64)], qs[v_n // T.int64(64), v_j // T.int64(32), v_n % T.int64(64)])
+            T.writes(dequantize_intermediate[v_n, v_j])
+            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", qw[v_n // T.int64(64), v_j // T.int64(8), v_n % T.int64(64)] >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * qs[v_n // T.int64(64), v_j // T.int64(32), v_n % T.int64(64)]
+    for i0, i1, i2, k in T.grid({xs}, T.int64({n}), T.int64({k})):
+        with T.sblock("NT_matmul"):
+            v_i0, v_i1, v_i2, v_k = T.axis.remap("SSSR", [i0, i1, i2, k])
+            T.reads(x[v_i0, v_i1, v_k], dequantize_intermediate[v_i2, v_k])
+            T.writes({mm}[v_i0, v_i1, v_i2])
+            with T.init():
+                {mm}[v_i0, v_i1, v_i2] = T.float32(0.0)
+            {mm}[v_i0, v_i1, v_i2] = {mm}[v_i0, v_i1, v_i2] + x[v_i0, v_i1, v_k] * dequantize_intermediate[v_i2, v_k]
+"""
+_STOCK_ADD = """
+    for ax0, ax1, ax2 in T.grid({xs}, T.int64({n})):
+        with T.sblock("T_add"):
+            v_ax0, v_ax1, v_ax2 = T.axis.remap("SSS", [ax0, ax1, ax2])
+            T.reads(r[v_ax0, v_ax1, v_ax2], NT_matmul_intermediate[v_ax0, v_ax1, v_ax2])
+            T.writes(y[v_ax0, v_ax1, v_ax2])
+            y[v_ax0, v_ax1, v_ax2] = r[v_ax0, v_ax1, v_ax2] + NT_matmul_intermediate[v_ax0, v_ax1, v_ax2]
+"""
+
+# One pass: `t` rows of x (tile `bo`) times `v` 16-row vectors (pass `p` of the 64-row block `blk`).
+# 2^(-4 (rr % 8)) is built from its exponent bits, so the pre-scale vectorizes.
+_PASS = """
+for bi in T.unroll({t}):
+    for v in T.unroll({v}):
+        for l in T.vectorized(16):
+            acc[bi, v * 16 + l] = T.float32(0)
+for g in range(T.int64({g})):
+    for bi in T.unroll({t}):
+        for rr in T.vectorized(32):
+            xs[bi, rr] = x[{xrow}, g * 32 + rr] * T.reinterpret("float32", T.shift_left(T.Cast("uint32", 127 - 4 * (rr % 8)), T.uint32(23)))
+        for l in T.vectorized(16):
+            xsum[bi, l] = x[{xrow}, g * 32 + l] + x[{xrow}, g * 32 + 16 + l]
+        for v in T.unroll({v}):
+            for l in T.vectorized(16):
+                part[bi, v * 16 + l] = T.float32(0)
+    for w in range(4):
+        for j in T.unroll(8):
+            for v in T.unroll({v}):
+                for l in T.vectorized(16):
+                    wv[v * 16 + l] = T.Cast("float32", T.bitwise_and(qw[blk, g * 4 + w, p * {pr} + v * 16 + l], T.shift_left(T.uint32(15), T.Cast("uint32", j * 4))))
+                for bi in T.unroll({t}):
+                    for l in T.vectorized(16):
+                        part[bi, v * 16 + l] = part[bi, v * 16 + l] + wv[v * 16 + l] * xs[bi, w * 8 + j]
+    for bi in T.unroll({t}):
+        for v in T.unroll({v}):
+            for l in T.vectorized(16):
+                acc[bi, v * 16 + l] = acc[bi, v * 16 + l] + qs[blk, g, p * {pr} + v * 16 + l] * (part[bi, v * 16 + l] - T.float32(7) * ({xsum}))
+"""
+_WRITE = """
+for i in range({pr}):
+    y[{yidx}] = {res}acc[bi, i]
+"""
+
+
+def _source(body: str, n: int, k: int, layout: str, residual: bool) -> str:
+    rdef, xs, _ = _shapes(layout)
+    return _HEADER.format(
+        nb=n // BLOCK, n=n, k=k, kw=k // 8, g=k // 32, rdef=rdef, xs=xs,
+        res_param="r_h: T.handle, " if residual else "",
+        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
+
+
+def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
+    xs = _shapes(layout)[1]
+    mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
+    body = _STOCK.format(n=n, k=k, xs=xs, mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
+    if residual:
+        body += _STOCK_ADD.format(n=n, xs=xs)
+    return _source(body, n, k, layout, residual)
+
+
+def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
+    return _parse(stock_source(n, k, layout, residual))
+
+
+def _indent(text: str, level: int) -> str:
+    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
+
+
+def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
+    """Buffers and loops for row tiles of `t` rows, 16*v output rows per pass."""
+    rows = _shapes(layout)[2]
+    pr = 16 * v
+    row = f"T.min(bo * {t} + bi, {rows} - T.int64(1))" if t > 1 else "T.int64(0)"
+    out = f"bo * {t} + bi" if t > 1 else "T.int64(0)"
+    col = f"blk * {BLOCK} + p * {pr} + i"
+    body = _PASS.format(
+        t=t, v=v, pr=pr, g=k // 32, xrow=_index(layout, row, "0").rsplit(",", 1)[0],
+        xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
+    )
+    write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=f"r[{_index(layout, out, col)}] + " if residual else "")
+    if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
+        write = f"if bo * {t} + bi < {rows}:\n" + _indent(write, 1)
+    body += f"for bi in range({t}):\n" + _indent(write, 1)
+    head = (f"acc = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"local\")\n"
+            f"part = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"local\")\n"
+            f"wv = T.alloc_buffer(({pr},), \"float32\", scope=\"local\")\n"
+            f"xs = T.alloc_buffer(({t}, 32), \"float32\", scope=\"local\")\n"
+            f"xsum = T.alloc_buffer(({t}, 16), \"float32\", scope=\"local\")\n")
+    loops = f"for bo in range(({rows} + T.int64({t - 1})) // T.int64({t})):\n" if t > 1 else "for bo in range(1):\n"
+    loops += f"    for p in range({BLOCK // pr}):\n"
+    return head + loops + _indent(body, 2)
+
+
+def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> str:
+    """One parallel task per 64-row block; inside it a branch on the row count R: one row (plans[0]), then
+    R <= t of each middle plan, then the last plan for the rest."""
+    rows = _shapes(layout)[2]
+    code, level = "", 2
+    if layout == "11":
+        code = _indent(_plan(n, k, layout, residual, *plans[0]), level)
+    else:
+        bounds = ["T.int64(1)"] + [f"T.int64({t})" for t, _ in plans[1:-1]]
+        for i, bound in enumerate(bounds):
+            code += _indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level)
+            code += _indent(_plan(n, k, layout, residual, *plans[i]), level + 1)
+            code += _indent("else:", level)
+            level += 1
+        code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
+    head = f"    for blk in T.parallel(T.int64({n // BLOCK})):\n"
+    return _source(head + code, n, k, layout, residual)
+
+
+def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> tvm.tirx.PrimFunc:
+    return _parse(blocked_source(n, k, layout, residual, plans))
+
+
+def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:
+    """(N, K, layout, residual) when the kernel's parameters have the shapes of a blocked q4f32 linear layer."""
+    bufs = list(func.params) if len(func.params) in (4, 5) else []
+    if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
+        return None
+    shapes = [list(b.shape) for b in bufs]
+    if any(len(s) != 3 for s in shapes):
+        return None
+    if not all(isinstance(d, tvm.tirx.IntImm) for s in shapes[:2] for d in s) or int(shapes[0][2]) != BLOCK:
+        return None
+    n, k = int(shapes[0][0]) * BLOCK, int(shapes[0][1]) * 8
+    if not isinstance(shapes[2][2], tvm.tirx.IntImm) or int(shapes[2][2]) != k:
+        return None
+    d0, d1 = shapes[2][0], shapes[2][1]
+    one = lambda d: isinstance(d, tvm.tirx.IntImm) and int(d) == 1  # noqa: E731
+    layout = "11" if one(d0) and one(d1) else "1s" if one(d0) else "b1" if one(d1) else None
+    if layout is None:
+        return None
+    return n, k, layout, len(bufs) == 5
+
+
+def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
+    """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None."""
+    sig = _signature(func)
+    if sig is None:
+        return None
+
+    def strip(f: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+        return tvm.tirx.PrimFunc(f.params, f.body)
+
+    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig)), map_free_vars=True):
+        return None
+    kernel = blocked_kernel(*sig)
+    for key, value in func.attrs.items():
+        kernel = kernel.with_attr(key, value)
+    return kernel.with_attr(KERNEL_ATTR, "q4_blocked64")

@@ -1,0 +1,137 @@
+"""The CPU decode attention kernel (compiler/cpu_attention.py) against numpy, and against TVM's stock kernel, on paged
+KV with ragged lengths (a partial last page, an empty sequence, GQA groups)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+
+from mlc_llm.compiler import cpu_attention
+
+PAGE = cpu_attention.PAGE
+
+
+def _inputs(rng, lengths, hq, hkv, d):
+    pages_per_seq = [-(-n // PAGE) for n in lengths]
+    total = sum(pages_per_seq)
+    order = rng.permutation(total + 3)[:total].astype(np.int32)  # scattered pages, some unused
+    pages = rng.standard_normal((total + 3, 2, hkv, PAGE, d)).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(pages_per_seq)]).astype(np.int32)
+    last = np.array([(n - 1) % PAGE + 1 if n else 0 for n in lengths], np.int32)
+    q = rng.standard_normal((len(lengths), hq, d)).astype(np.float32)
+    return q, pages, indptr, order, last
+
+
+def _reference(q, pages, indptr, values, lengths, hq, hkv, d, sm_scale):
+    out = np.zeros(q.shape, np.float64)
+    lse = np.full(q.shape[:2], -5e4)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        rows = [(values[indptr[b] + i // PAGE], i % PAGE) for i in range(n)]
+        for h in range(hq):
+            hk = h // (hq // hkv)
+            k = np.stack([pages[p, 0, hk, r] for p, r in rows]).astype(np.float64)
+            v = np.stack([pages[p, 1, hk, r] for p, r in rows]).astype(np.float64)
+            s = k @ q[b, h].astype(np.float64) * sm_scale * math.log2(math.e)
+            w = np.exp2(s - s.max())
+            out[b, h] = w @ v / w.sum()
+            lse[b, h] = s.max() + math.log2(w.sum())
+    return out, lse
+
+
+def _run(func, q, pages, indptr, values, last, sm_scale):
+    dev = tvm.cpu()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target.from_device(dev))
+    b = q.shape[0]
+    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
+    out = t(np.full(q.shape, np.nan, np.float32))
+    lse = t(np.full(q.shape[:2], np.nan, np.float32))
+    zeros = np.zeros(b, np.int32)
+    lib["main"](t(q), t(pages), t(indptr), t(values), t(last), t(zeros), t(zeros), out, lse, 0, 1.0, 10000.0,
+                sm_scale)
+    return out.numpy(), lse.numpy()
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32)])
+def test_decode_attention_matches_numpy_and_the_stock_kernel(hq, hkv, d):
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    rng = np.random.default_rng(hq * d)
+    lengths = [1, 16, 37, 0, 300]
+    q, pages, indptr, values, last = _inputs(rng, lengths, hq, hkv, d)
+    sm_scale = d ** -0.5
+    out, lse = _run(cpu_attention.decode_kernel(hq, hkv, d, "float32"), q, pages, indptr, values, last, sm_scale)
+    ref_out, ref_lse = _reference(q, pages, indptr, values, lengths, hq, hkv, d, sm_scale)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
+    stock_out, stock_lse = _run(_attention_decode_cpu(hkv, hq, d, "float32", False, {}), q, pages, indptr, values,
+                                last, sm_scale)
+    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_exp2_polynomial():
+    """The kernel's exp2 (through a tiny kernel that applies it to a vector) vs numpy, incl. underflow to ~0."""
+    src = f"""
+@T.prim_func(s_tir=True)
+def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
+    for i in T.vectorized(64):
+        y[i] = {cpu_attention._exp2("x[i]")}
+"""
+    func = tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target.from_device(tvm.cpu()))
+    x = np.concatenate([-np.linspace(0, 30, 60), [-200.0, -1e30, -0.5, -1e-7]]).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros(64, np.float32))
+    lib["main"](tvm.runtime.tensor(x), y)
+    expected = np.exp2(x.astype(np.float64))
+    np.testing.assert_allclose(y.numpy()[:60], expected[:60], rtol=3e-7)
+    assert np.all(y.numpy()[60:62] < 1e-37) and abs(y.numpy()[62] - 2 ** -0.5) < 1e-7
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal):
+    """Two sequences in one ragged batch, one with more KV rows than queries (the causal offset), GQA 9/3."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    hq, hkv, d = 9, 3, 64
+    rng = np.random.default_rng(causal)
+    q_lens, kv_lens = [37, 5], [37, 21]
+    q = rng.standard_normal((sum(q_lens), hq, d)).astype(np.float32)
+    k = rng.standard_normal((sum(kv_lens), hkv, d)).astype(np.float32)
+    v = rng.standard_normal((sum(kv_lens), hkv, d)).astype(np.float32)
+    q_indptr = np.array([0, q_lens[0], sum(q_lens)], np.int32)
+    kv_indptr = np.array([0, kv_lens[0], sum(kv_lens)], np.int32)
+    sm_scale = d ** -0.5
+    ref_out = np.zeros(q.shape)
+    ref_lse = np.zeros(q.shape[:2])
+    for b in range(2):
+        for i in range(q_lens[b]):
+            limit = kv_lens[b] - q_lens[b] + i + 1 if causal else kv_lens[b]
+            kk = k[kv_indptr[b]:kv_indptr[b] + limit].astype(np.float64)
+            vv = v[kv_indptr[b]:kv_indptr[b] + limit].astype(np.float64)
+            for h in range(hq):
+                s = kk[:, h // 3] @ q[q_indptr[b] + i, h] * sm_scale * math.log2(math.e)
+                w = np.exp2(s - s.max())
+                ref_out[q_indptr[b] + i, h] = w @ vv[:, h // 3] / w.sum()
+                ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
+    results = []
+    for func in (cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
+                 _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                          target=tvm.target.Target.from_device(dev))
+        out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
+        lib["main"](t(q), t(q_indptr), t(k), t(v), t(kv_indptr), t(np.zeros(len(q), np.int32)),
+                    t(np.zeros(2, np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
+        results.append((out.numpy(), lse.numpy()))
+    (out, lse), (stock_out, stock_lse) = results
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
