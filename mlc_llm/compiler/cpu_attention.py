@@ -21,6 +21,8 @@ import math
 
 import tvm
 
+from .cpu_gemv import _indent, _parse
+
 PAGE = 16
 # 2^f on [0, 1), degree 5, least squares on Chebyshev nodes: max relative error 1.8e-7
 EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
@@ -175,10 +177,6 @@ def _dot(d: int) -> str:
     return terms[0]
 
 
-def _indent(text: str, level: int) -> str:
-    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
-
-
 def _body(template: str, hq: int, hkv: int, d: int, dtype: str, q_row: str, k_row: str, v_row: str, out_row: str,
           lse: str) -> str:
     common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, page_m1=PAGE - 1, grp=hq // hkv, log2e=repr(LOG2E))
@@ -187,10 +185,6 @@ def _body(template: str, hq: int, hkv: int, d: int, dtype: str, q_row: str, k_ro
                                   exp2_vec=_exp2("s[g, r] - st[1]"), **common), 3)
     write = _indent(_WRITE.format(out_row=out_row, lse=lse, **common), 2)
     return template.format(state=state, chunk=chunk, write=write, **common)
-
-
-def _parse(src: str) -> tvm.tirx.PrimFunc:
-    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
 
 
 def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:

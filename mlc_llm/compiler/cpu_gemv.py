@@ -128,6 +128,11 @@ def _source(body: str, n: int, k: int, layout: str, residual: bool) -> str:
         res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
 
 
+def _indent(text: str, level: int) -> str:
+    """`text` (TVMScript lines) indented by `level` levels."""
+    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
+
+
 def _parse(src: str) -> tvm.tirx.PrimFunc:
     return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
 
@@ -167,25 +172,22 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
         return _ROW_TILES.format(t=t, x=f"x[{_index(layout, row, f'k0 * {LANES} + l')}]", y=_index(layout, out, col),
                                  res=f"r[{_index(layout, out, col)}]" if residual else "T.float32(0)", **common)
 
-    def indent(text: str, level: int) -> str:
-        return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
-
     # Inside the parallel loop: if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]. Each
     # branch allocates accumulators sized for its tile once per task (so the one-row path does not carry the 8-row
     # tile's 4 KB buffer), then walks the task's GROUP row blocks.
     def with_acc(t: int, nest: str) -> str:
         return (f"acc = T.alloc_buffer(({t}, {ROWS}, {LANES}), \"float32\", scope=\"local\")\n"
                 f"for nbi in range(T.int64({group})):\n"
-                f"    nb = task * T.int64({group}) + nbi\n" + indent(nest, 1))
+                f"    nb = task * T.int64({group}) + nbi\n" + _indent(nest, 1))
 
     branches = [("T.int64(1)", with_acc(1, one_row()))] + [(f"T.int64({t})", with_acc(t, row_tiles(t)))
                                                           for t in tiles[:-1]]
     code, level = "", 2
     for i, (bound, nest) in enumerate(branches):
-        code += indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + indent(nest, level + 1)
-        code += indent("else:", level)
+        code += _indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + _indent(nest, level + 1)
+        code += _indent("else:", level)
         level += 1
-    code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
+    code += _indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
     head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
     return _source(head + code, n, k, layout, residual)
 

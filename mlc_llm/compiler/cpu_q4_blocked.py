@@ -12,11 +12,11 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
 - the zero point and the scale apply once per group: `acc += s * (partial - 7 * sum(x of the group))`, with the scale
   vector loaded contiguously.
 (../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, prefill)
-one decoded weight vector feeds a tile of 4 or 8 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on write.
+one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on write.
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`stock_source`), as `cpu_gemv.replace_q4_matmul` does for the NK layout.
-Rows of N that are not a multiple of 64 keep the NK layout (`scheme.blocked_rows`) and the NK kernels.
+Rows of N that are not a multiple of 64 keep the NK layout (`Quantization.blocked`) and the NK kernels.
 """
 from __future__ import annotations
 
@@ -25,10 +25,9 @@ from typing import Optional
 import tvm
 import tvm_ffi
 
-from .cpu_gemv import KERNEL_ATTR, _index, _parse, _shapes
+from .cpu_gemv import KERNEL_ATTR, _indent, _index, _parse, _shapes
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
-LANES = 16
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
 # registers. Measured with bench/gemv_batched.py: tiles of 8 rows (x 1 or 2 vectors) or 6 (x 2) were 1.1-2x slower
 # than 4 x 4 at 8 and 128 rows.
@@ -126,10 +125,6 @@ def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
 
 def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
     return _parse(stock_source(n, k, layout, residual))
-
-
-def _indent(text: str, level: int) -> str:
-    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
 
 
 def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:

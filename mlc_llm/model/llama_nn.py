@@ -110,7 +110,7 @@ class LlamaForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )
-        if self.target.kind.name == "llvm":  # our CPU decode attention instead of TVM's serial one
+        if self.target.kind.name == "llvm":  # our CPU decode and ragged-prefill attention instead of TVM's serial kernels
             cpu_attention.install(rx.BlockBuilder.current(), c.num_attention_heads, c.num_key_value_heads,
                                   c.head_dim, self.dtype)
         return cache

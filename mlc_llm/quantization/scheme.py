@@ -6,8 +6,8 @@ Weights are [N, K] ("NK"): `q_weight uint32[N, K/8]`, `q_scale [N, K/32]`.
 
 `q4f32_cpu` stores the same numbers in 64-row blocks for the CPU kernels (`compiler/cpu_q4_blocked.py`):
 `q_weight uint32[N/64, K/8, 64]`, `q_scale [N/64, K/32, 64]` (element [b, w, i] is row 64 b + i of the NK form).
-A weight whose N is not a multiple of 64 keeps the NK form (`Quantization.blocked(n)`); the embedding of a tied model
-is blocked like the lm_head it is.
+A weight whose N is not a multiple of 64 keeps the NK form (`Quantization.blocked(n)`); an embedding table is a
+[vocab, hidden] weight like the others (its lookup decodes row `id` from block id // 64).
 """
 from __future__ import annotations
 
