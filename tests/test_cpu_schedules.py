@@ -140,7 +140,7 @@ def test_blocked_kernel_replaces_only_the_stock_blocked_form():
     stock = cpu_q4_blocked.stock_kernel(128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(stock).attrs[cpu_gemv.KERNEL_ATTR] == "q4_blocked64"
     other = cpu_gemv._parse(cpu_q4_blocked.stock_source(128, 64, "1s", True).replace("T.float32(7.0)", "T.float32(8.0)"))
-    assert cpu_q4_blocked._signature(other) == (128, 64, "1s", True)
+    assert cpu_gemv._signature(other, cpu_q4_blocked.BLOCK) == (128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(other) is None
     # the NK stock form is not the blocked one, and the other way round
     assert cpu_q4_blocked.replace_blocked_q4_matmul(cpu_gemv.stock_kernel(128, 64, "1s", True)) is None

@@ -18,7 +18,7 @@ Measured with `bench/gemv_batched.py` (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import tvm
 import tvm_ffi
@@ -31,7 +31,7 @@ GROUP = 4  # row blocks per parallel task (a task allocates its accumulators onc
 
 _HEADER = """
 @T.prim_func(private=True, s_tir=True)
-def main(qw: T.Buffer((T.int64({n}), T.int64({kw})), "uint32"), qs: T.Buffer((T.int64({n}), T.int64({g})), "float32"),
+def main(qw: T.Buffer(({qw_shape}), "uint32"), qs: T.Buffer(({qs_shape}), "float32"),
          x_h: T.handle, {res_param}y_h: T.handle):
     T.func_attr({{"tirx.noalias": True}})
     {rdef}
@@ -40,15 +40,16 @@ def main(qw: T.Buffer((T.int64({n}), T.int64({kw})), "uint32"), qs: T.Buffer((T.
     y = T.match_buffer(y_h, ({xs}, T.int64({n})), "float32")
 """
 
-# The stock kernel (what LegalizeOps + FuseOps + FuseTIR produce for our q4 dequantize and the NT matmul).
+# The stock kernel (what LegalizeOps + FuseOps + FuseTIR produce for our q4 dequantize and the NT matmul); {w} and
+# {s} are the word and the scale of weight [v_n, v_j] in the storage layout (`_weight_refs`).
 _STOCK = """
     dequantize_intermediate = T.sblock_alloc_buffer((T.int64({n}), T.int64({k})))
     {mm_alloc}for n, j in T.grid(T.int64({n}), T.int64({k})):
         with T.sblock("dequantize"):
             v_n, v_j = T.axis.remap("SS", [n, j])
-            T.reads(qw[v_n, v_j // T.int64(8)], qs[v_n, v_j // T.int64(32)])
+            T.reads({w}, {s})
             T.writes(dequantize_intermediate[v_n, v_j])
-            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", qw[v_n, v_j // T.int64(8)] >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * qs[v_n, v_j // T.int64(32)]
+            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", {w} >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * {s}
     for i0, i1, i2, k in T.grid({xs}, T.int64({n}), T.int64({k})):
         with T.sblock("NT_matmul"):
             v_i0, v_i1, v_i2, v_k = T.axis.remap("SSSR", [i0, i1, i2, k])
@@ -119,11 +120,28 @@ def _shapes(layout: str) -> tuple[str, str, str]:
     return "R = T.int64()", xs, "R"
 
 
-def _source(body: str, n: int, k: int, layout: str, residual: bool) -> str:
-    """The function header (parameters for these shapes) followed by `body`."""
+def _weight_shapes(n: int, k: int, block: int) -> tuple[str, str]:
+    """Shapes of q_weight and q_scale: NK `[N, K/8]`, `[N, K/32]` (block 0) or `[N/block, K/8, block]`, ..."""
+    if block:
+        return (f"T.int64({n // block}), T.int64({k // 8}), T.int64({block})",
+                f"T.int64({n // block}), T.int64({k // 32}), T.int64({block})")
+    return f"T.int64({n}), T.int64({k // 8})", f"T.int64({n}), T.int64({k // 32})"
+
+
+def _weight_refs(block: int) -> tuple[str, str]:
+    """The word and the scale of weight [v_n, v_j] in the stock kernel, for the storage layout."""
+    if block:
+        b, i = f"v_n // T.int64({block})", f"v_n % T.int64({block})"
+        return f"qw[{b}, v_j // T.int64(8), {i}]", f"qs[{b}, v_j // T.int64(32), {i}]"
+    return "qw[v_n, v_j // T.int64(8)]", "qs[v_n, v_j // T.int64(32)]"
+
+
+def _source(body: str, n: int, k: int, layout: str, residual: bool, block: int = 0) -> str:
+    """The function header (parameters for these shapes and this weight layout) followed by `body`."""
     rdef, xs, _ = _shapes(layout)
+    qw_shape, qs_shape = _weight_shapes(n, k, block)
     return _HEADER.format(
-        n=n, k=k, kw=k // 8, g=k // 32, rdef=rdef, xs=xs,
+        n=n, k=k, qw_shape=qw_shape, qs_shape=qs_shape, rdef=rdef, xs=xs,
         res_param="r_h: T.handle, " if residual else "",
         res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
 
@@ -137,18 +155,21 @@ def _parse(src: str) -> tvm.tirx.PrimFunc:
     return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
 
 
-def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
+def stock_kernel(n: int, k: int, layout: str, residual: bool, block: int = 0) -> tvm.tirx.PrimFunc:
     """The unscheduled kernel this module knows how to replace (for the equivalence check)."""
-    return _parse(stock_source(n, k, layout, residual))
+    return _parse(stock_source(n, k, layout, residual, block))
 
 
-def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
+def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0) -> str:
+    """The stock dequantize + NT_matmul [+ residual add] for weights in the NK (block 0) or row-blocked layout."""
     xs = _shapes(layout)[1]
+    w, sc = _weight_refs(block)
     mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
-    body = _STOCK.format(n=n, k=k, xs=xs, mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
+    body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, mm="NT_matmul_intermediate" if residual else "y",
+                         mm_alloc=mm_alloc)
     if residual:
         body += _STOCK_ADD.format(n=n, xs=xs)
-    return _source(body, n, k, layout, residual)
+    return _source(body, n, k, layout, residual, block)
 
 
 def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> tvm.tirx.PrimFunc:
@@ -192,18 +213,20 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
     return _source(head + code, n, k, layout, residual)
 
 
-def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:
-    """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer."""
+def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:
+    """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer with weights in
+    the NK layout (block 0) or in blocks of `block` rows."""
     bufs = list(func.params) if len(func.params) in (4, 5) else []  # TVM 0.27 tirx: params are the buffers
     if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
         return None
     shapes = [list(b.shape) for b in bufs]
-    if any(len(s) != 2 for s in shapes[:2]) or any(len(s) != 3 for s in shapes[2:]):
+    if any(len(s) != (3 if block else 2) for s in shapes[:2]) or any(len(s) != 3 for s in shapes[2:]):
         return None
-    static = [all(isinstance(d, tvm.tirx.IntImm) for d in s) for s in shapes]
-    if not all(static[:2]):
+    if not all(isinstance(d, tvm.tirx.IntImm) for s in shapes[:2] for d in s):
         return None
-    n, k = int(shapes[0][0]), int(shapes[0][1]) * 8
+    if block and int(shapes[0][2]) != block:
+        return None
+    n, k = int(shapes[0][0]) * (block or 1), int(shapes[0][1]) * 8
     if n % ROWS or k % 32 or not isinstance(shapes[2][2], tvm.tirx.IntImm) or int(shapes[2][2]) != k:
         return None
     d0, d1 = shapes[2][0], shapes[2][1]
@@ -214,17 +237,26 @@ def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:
     return n, k, layout, len(bufs) == 5
 
 
-def replace_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
-    """The batch-tiled kernel for a stock q4f32 (dequantize + NT_matmul [+ add]) kernel, or None if `func` is not one."""
-    sig = _signature(func)
+def replace_stock(func: tvm.tirx.PrimFunc, block: int, make: Callable[..., tvm.tirx.PrimFunc],
+                  mark: str) -> Optional[tvm.tirx.PrimFunc]:
+    """`make(N, K, layout, residual)` in place of `func` if `func` is the stock q4f32 dequantize + NT_matmul [+ add]
+    of the weight layout `block` (structurally equal, attributes aside), with `func`'s attributes and `mark`; else
+    None."""
+    sig = _signature(func, block)
     if sig is None:
         return None
+
     def strip(f: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:  # compare parameters and body, not attributes
         return tvm.tirx.PrimFunc(f.params, f.body)
 
-    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig)), map_free_vars=True):
+    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig, block)), map_free_vars=True):
         return None
-    tiled = tiled_kernel(*sig)
+    kernel = make(*sig)
     for key, value in func.attrs.items():  # keep the stock kernel's attributes (symbol, op pattern, ...)
-        tiled = tiled.with_attr(key, value)
-    return tiled.with_attr(KERNEL_ATTR, "q4_row_tiled")
+        kernel = kernel.with_attr(key, value)
+    return kernel.with_attr(KERNEL_ATTR, mark)
+
+
+def replace_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
+    """The batch-tiled kernel for a stock q4f32 (dequantize + NT_matmul [+ add]) kernel, or None if `func` is not one."""
+    return replace_stock(func, 0, tiled_kernel, "q4_row_tiled")

@@ -15,7 +15,7 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
 one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on write.
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
-[+ residual add] of the blocked layout (`stock_source`), as `cpu_gemv.replace_q4_matmul` does for the NK layout.
+[+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).
 Rows of N that are not a multiple of 64 keep the NK layout (`Quantization.blocked`) and the NK kernels.
 """
 from __future__ import annotations
@@ -23,53 +23,15 @@ from __future__ import annotations
 from typing import Optional
 
 import tvm
-import tvm_ffi
 
-from .cpu_gemv import KERNEL_ATTR, _indent, _index, _parse, _shapes
+from . import cpu_gemv
+from .cpu_gemv import _indent, _index, _parse, _shapes, _source
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
 # registers. Measured with bench/gemv_batched.py: tiles of 8 rows (x 1 or 2 vectors) or 6 (x 2) were 1.1-2x slower
 # than 4 x 4 at 8 and 128 rows.
 PLANS = ((1, 4), (4, 4))
-
-_HEADER = """
-@T.prim_func(private=True, s_tir=True)
-def main(qw: T.Buffer((T.int64({nb}), T.int64({kw}), T.int64(64)), "uint32"),
-         qs: T.Buffer((T.int64({nb}), T.int64({g}), T.int64(64)), "float32"),
-         x_h: T.handle, {res_param}y_h: T.handle):
-    T.func_attr({{"tirx.noalias": True}})
-    {rdef}
-    x = T.match_buffer(x_h, ({xs}, T.int64({k})), "float32")
-    {res_buf}
-    y = T.match_buffer(y_h, ({xs}, T.int64({n})), "float32")
-"""
-
-_STOCK = """
-    dequantize_intermediate = T.sblock_alloc_buffer((T.int64({n}), T.int64({k})))
-    {mm_alloc}for n, j in T.grid(T.int64({n}), T.int64({k})):
-        with T.sblock("dequantize"):
-            v_n, v_j = T.axis.remap("SS", [n, j])
-            T.reads(qw[v_n // T.int64(64), v_j // T.int64(8), v_n % T.int64(64)], qs[v_n // T.int64(64), v_j // T.int64(32), v_n % T.int64(64)])
-            T.writes(dequantize_intermediate[v_n, v_j])
-            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", qw[v_n // T.int64(64), v_j // T.int64(8), v_n % T.int64(64)] >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * qs[v_n // T.int64(64), v_j // T.int64(32), v_n % T.int64(64)]
-    for i0, i1, i2, k in T.grid({xs}, T.int64({n}), T.int64({k})):
-        with T.sblock("NT_matmul"):
-            v_i0, v_i1, v_i2, v_k = T.axis.remap("SSSR", [i0, i1, i2, k])
-            T.reads(x[v_i0, v_i1, v_k], dequantize_intermediate[v_i2, v_k])
-            T.writes({mm}[v_i0, v_i1, v_i2])
-            with T.init():
-                {mm}[v_i0, v_i1, v_i2] = T.float32(0.0)
-            {mm}[v_i0, v_i1, v_i2] = {mm}[v_i0, v_i1, v_i2] + x[v_i0, v_i1, v_k] * dequantize_intermediate[v_i2, v_k]
-"""
-_STOCK_ADD = """
-    for ax0, ax1, ax2 in T.grid({xs}, T.int64({n})):
-        with T.sblock("T_add"):
-            v_ax0, v_ax1, v_ax2 = T.axis.remap("SSS", [ax0, ax1, ax2])
-            T.reads(r[v_ax0, v_ax1, v_ax2], NT_matmul_intermediate[v_ax0, v_ax1, v_ax2])
-            T.writes(y[v_ax0, v_ax1, v_ax2])
-            y[v_ax0, v_ax1, v_ax2] = r[v_ax0, v_ax1, v_ax2] + NT_matmul_intermediate[v_ax0, v_ax1, v_ax2]
-"""
 
 # One pass: `t` rows of x (tile `bo`) times `v` 16-row vectors (pass `p` of the 64-row block `blk`).
 # 2^(-4 (rr % 8)) is built from its exponent bits, so the pre-scale vectorizes.
@@ -106,25 +68,12 @@ for i in range({pr}):
 """
 
 
-def _source(body: str, n: int, k: int, layout: str, residual: bool) -> str:
-    rdef, xs, _ = _shapes(layout)
-    return _HEADER.format(
-        nb=n // BLOCK, n=n, k=k, kw=k // 8, g=k // 32, rdef=rdef, xs=xs,
-        res_param="r_h: T.handle, " if residual else "",
-        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
-
-
 def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
-    xs = _shapes(layout)[1]
-    mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
-    body = _STOCK.format(n=n, k=k, xs=xs, mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
-    if residual:
-        body += _STOCK_ADD.format(n=n, xs=xs)
-    return _source(body, n, k, layout, residual)
+    return cpu_gemv.stock_source(n, k, layout, residual, BLOCK)
 
 
 def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
-    return _parse(stock_source(n, k, layout, residual))
+    return cpu_gemv.stock_kernel(n, k, layout, residual, BLOCK)
 
 
 def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
@@ -168,46 +117,13 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> 
             level += 1
         code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
     head = f"    for blk in T.parallel(T.int64({n // BLOCK})):\n"
-    return _source(head + code, n, k, layout, residual)
+    return _source(head + code, n, k, layout, residual, BLOCK)
 
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> tvm.tirx.PrimFunc:
     return _parse(blocked_source(n, k, layout, residual, plans))
 
 
-def _signature(func: tvm.tirx.PrimFunc) -> Optional[tuple[int, int, str, bool]]:
-    """(N, K, layout, residual) when the kernel's parameters have the shapes of a blocked q4f32 linear layer."""
-    bufs = list(func.params) if len(func.params) in (4, 5) else []
-    if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
-        return None
-    shapes = [list(b.shape) for b in bufs]
-    if any(len(s) != 3 for s in shapes):
-        return None
-    if not all(isinstance(d, tvm.tirx.IntImm) for s in shapes[:2] for d in s) or int(shapes[0][2]) != BLOCK:
-        return None
-    n, k = int(shapes[0][0]) * BLOCK, int(shapes[0][1]) * 8
-    if not isinstance(shapes[2][2], tvm.tirx.IntImm) or int(shapes[2][2]) != k:
-        return None
-    d0, d1 = shapes[2][0], shapes[2][1]
-    one = lambda d: isinstance(d, tvm.tirx.IntImm) and int(d) == 1  # noqa: E731
-    layout = "11" if one(d0) and one(d1) else "1s" if one(d0) else "b1" if one(d1) else None
-    if layout is None:
-        return None
-    return n, k, layout, len(bufs) == 5
-
-
 def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None."""
-    sig = _signature(func)
-    if sig is None:
-        return None
-
-    def strip(f: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-        return tvm.tirx.PrimFunc(f.params, f.body)
-
-    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig)), map_free_vars=True):
-        return None
-    kernel = blocked_kernel(*sig)
-    for key, value in func.attrs.items():
-        kernel = kernel.with_attr(key, value)
-    return kernel.with_attr(KERNEL_ATTR, "q4_blocked64")
+    return cpu_gemv.replace_stock(func, BLOCK, blocked_kernel, "q4_blocked64")
