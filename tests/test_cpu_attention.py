@@ -56,12 +56,13 @@ def _run(func, q, pages, indptr, values, last, sm_scale):
     return out.numpy(), lse.numpy()
 
 
+# Batches of 5 split each (sequence, KV head) in 2-3 tasks; one sequence in 8-11 (more tasks than pages at 5 rows).
+@pytest.mark.parametrize("lengths", [[1, 16, 37, 0, 300], [300], [5], [0]])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32)])
-def test_decode_attention_matches_numpy_and_the_stock_kernel(hq, hkv, d):
+def test_decode_attention_matches_numpy_and_the_stock_kernel(hq, hkv, d, lengths):
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
-    rng = np.random.default_rng(hq * d)
-    lengths = [1, 16, 37, 0, 300]
+    rng = np.random.default_rng(hq * d + len(lengths))
     q, pages, indptr, values, last = _inputs(rng, lengths, hq, hkv, d)
     sm_scale = d ** -0.5
     out, lse = _run(cpu_attention.decode_kernel(hq, hkv, d, "float32"), q, pages, indptr, values, last, sm_scale)

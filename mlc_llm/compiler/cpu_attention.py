@@ -24,6 +24,10 @@ import tvm
 from .cpu_gemv import _indent, _parse
 
 PAGE = 16
+# Decode tasks aimed at: a batch of B sequences splits each (sequence, KV head)'s pages among
+# min(ceil(SPLIT_TASKS / (B * KV heads)), pages per sequence / SPLIT_MIN_PAGES) tasks (bench/attention.py).
+SPLIT_TASKS = 16
+SPLIT_MIN_PAGES = 8
 # 2^f on [0, 1), degree 5, least squares on Chebyshev nodes: max relative error 1.8e-7
 EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
 LOG2E = math.log2(math.e)
@@ -32,9 +36,7 @@ _CHUNK = """
 for g in range({grp}):
     for r in range({page}):
         if r < rows:
-            for dd in T.vectorized({d}):
-                part[dd] = q[g, dd] * T.Cast("float32", {k_row})
-            s[g, r] = {dot}
+{score}
         else:
             s[g, r] = T.float32(-1e30)
     st[0] = s[g, 0]
@@ -70,7 +72,7 @@ for g in range({grp}):
         q[g, dd] = T.Cast("float32", {q_row}) * (sm_scale * T.float32({log2e}))
         o[g, dd] = T.float32(0)
     m[g] = T.float32(-50000)
-    den[g] = T.float32(1)
+    den[g] = T.float32({den0})
 """
 
 _WRITE = """
@@ -80,6 +82,24 @@ for g in range({grp}):
     {lse} = m[g] + T.log2(den[g])
 """
 
+# Decode's state starts with sum 0 (so that splits merge); no KV at all gives 0 and lse -5e4.
+_WRITE_DECODE = """
+for g in range({grp}):
+    if den[g] > T.float32(0):
+        for dd in T.vectorized({d}):
+            {out_row} = T.Cast("{dtype}", o[g, dd] / den[g])
+        {lse} = m[g] + T.log2(den[g])
+    else:
+        for dd in T.vectorized({d}):
+            {out_row} = T.Cast("{dtype}", T.float32(0))
+        {lse} = T.float32(-50000)
+"""
+
+# Decode. With few (sequence, KV head) pairs and long contexts (one sequence of SmolLM2: 3 KV heads, so 3 tasks on
+# 2 threads left one idle a third of the time), the pages of each pair are split among `ns` tasks: each leaves its
+# unnormalized output, max and sum in a workspace, and a second parallel loop merges the splits. ns = 1 (no workspace,
+# no merge) unless the batch has fewer than SPLIT_TASKS pairs and at least SPLIT_MIN_PAGES pages per sequence on
+# average. A sequence (or split) without KV has sum 0: the result is 0 with lse -5e4, as in the stock kernel.
 _DECODE = """
 @T.prim_func(s_tir=True)
 def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
@@ -104,15 +124,53 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
     output = T.match_buffer(output_handle, (B, {hq}, {d}), "{dtype}")
     lse = T.match_buffer(lse_handle, (B, {hq}), "float32")
     length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
-    for task in T.parallel(B * {hkv}):
-        b = task // {hkv}
-        hk = task % {hkv}
-        begin = page_table_indptr[b]
-        n_pages = page_table_indptr[b + 1] - begin
-{state}        for p in range(n_pages):
-            page_no = page_table_values[begin + p]
-            rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
-{chunk}{write}"""
+    if {ns} == 1:
+        for task in T.parallel(B * {hkv}):
+            b = task // {hkv}
+            hk = task % {hkv}
+            begin = page_table_indptr[b]
+            n_pages = page_table_indptr[b + 1] - begin
+{state}            for p in range(n_pages):
+                page_no = page_table_values[begin + p]
+                rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
+{chunk}{write}
+    else:
+        part_o = T.alloc_buffer((B * {hkv} * {ns}, {grp}, {d}), "float32")
+        part_md = T.alloc_buffer((B * {hkv} * {ns}, {grp}, 2), "float32")
+        for task in T.parallel(B * {hkv} * {ns}):
+            b = task // ({hkv} * {ns})
+            hk = task // {ns} % {hkv}
+            sp = task % {ns}
+            begin = page_table_indptr[b]
+            n_pages = page_table_indptr[b + 1] - begin
+{state}            for p in range(sp * n_pages // {ns}, (sp + 1) * n_pages // {ns}):
+                page_no = page_table_values[begin + p]
+                rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
+{chunk}            for g in range({grp}):
+                for dd in T.vectorized({d}):
+                    part_o[task, g, dd] = o[g, dd]
+                part_md[task, g, 0] = m[g]
+                part_md[task, g, 1] = den[g]
+        for bh in T.parallel(B * {hkv}):
+            b = bh // {hkv}
+            hk = bh % {hkv}
+            o = T.alloc_buffer(({grp}, {d}), "float32", scope="local")
+            m = T.alloc_buffer(({grp},), "float32", scope="local")
+            den = T.alloc_buffer(({grp},), "float32", scope="local")
+            w = T.alloc_buffer((1,), "float32", scope="local")
+            for g in range({grp}):
+                m[g] = T.float32(-50000)
+                for sp in range({ns}):
+                    m[g] = T.max(m[g], part_md[bh * {ns} + sp, g, 0])
+                den[g] = T.float32(0)
+                for dd in T.vectorized({d}):
+                    o[g, dd] = T.float32(0)
+                for sp in range({ns}):
+                    w[0] = {exp2_merge}
+                    den[g] = den[g] + part_md[bh * {ns} + sp, g, 1] * w[0]
+                    for dd in T.vectorized({d}):
+                        o[g, dd] = o[g, dd] + part_o[bh * {ns} + sp, g, dd] * w[0]
+{write}"""
 
 # Prefill of new tokens against themselves (q, k, v ragged over the batch): one task per (query token, KV head);
 # with `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i.
@@ -168,41 +226,59 @@ def _exp2(x: str) -> str:
     return f"{pow2} * {poly}"
 
 
-def _dot(d: int) -> str:
-    """Sum of part[0:d] as a balanced tree (TVM does not reassociate a serial sum into vector adds)."""
+def _score(d: int, k_row: str) -> str:
+    """s[g, r] = q[g] . k_row as TIR text (`dd` in k_row is the head_dim index). With d % 16 == 0: 16-lane products
+    summed in a register, then halved 16 -> 8 -> 4 -> 2 -> 1 (vectorlow/vectorhigh: 4 extract + add steps). The
+    earlier form, 64 products in a local buffer summed as a scalar tree, cost 3x more: the halves were reloaded from
+    memory just after a full-vector store (failed store forwarding). Otherwise a balanced scalar tree."""
+    if d % 16 == 0:
+        ramp = lambda c: f"T.ramp({16 * c}, 1, 16)"  # noqa: E731
+        prods = [f"q[g, {ramp(c)}] * T.Cast(\"float32x16\", {k_row.replace('dd', ramp(c))})" for c in range(d // 16)]
+        lines = [f"v16 = {' + '.join(prods)}"]
+        for lanes, prev in ((8, 16), (4, 8), (2, 4)):
+            lines.append(f"v{lanes} = T.vectorlow(\"float32x{lanes}\", v{prev}) + "
+                         f"T.vectorhigh(\"float32x{lanes}\", v{prev})")
+        lines.append("s[g, r] = T.vectorlow(\"float32\", v2) + T.vectorhigh(\"float32\", v2)")
+        return "\n".join(lines)
     terms = [f"part[{i}]" for i in range(d)]
-    while len(terms) > 1:
+    while len(terms) > 1:  # TVM does not reassociate a serial sum into vector adds
         terms = [f"({terms[i]} + {terms[i + len(terms) // 2]})" for i in range(len(terms) // 2)] + \
             (terms[-1:] if len(terms) % 2 else [])
-    return terms[0]
+    return (f"for dd in T.vectorized({d}):\n    part[dd] = q[g, dd] * T.Cast(\"float32\", {k_row})\n"
+            f"s[g, r] = {terms[0]}")
 
 
-def _body(template: str, hq: int, hkv: int, d: int, dtype: str, q_row: str, k_row: str, v_row: str, out_row: str,
-          lse: str) -> str:
-    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, page_m1=PAGE - 1, grp=hq // hkv, log2e=repr(LOG2E))
-    state = _indent(_STATE.format(q_row=q_row, **common), 2)
-    chunk = _indent(_CHUNK.format(k_row=k_row, v_row=v_row, dot=_dot(d), exp2_scalar=_exp2("m[g] - st[1]"),
-                                  exp2_vec=_exp2("s[g, r] - st[1]"), **common), 3)
-    write = _indent(_WRITE.format(out_row=out_row, lse=lse, **common), 2)
-    return template.format(state=state, chunk=chunk, write=write, **common)
+def _body(template: str, write: str, hq: int, hkv: int, d: int, dtype: str, q_row: str, k_row: str, v_row: str,
+          out_row: str, lse: str, den0: int, level: int) -> str:
+    """`template` with the per-task state, the page/chunk loop body and the output `write` at nesting `level`."""
+    grp = hq // hkv
+    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, page_m1=PAGE - 1, grp=grp, log2e=repr(LOG2E),
+                  ns=f"T.max(1, T.min(({SPLIT_TASKS} + B * {hkv} - 1) // (B * {hkv}), "
+                     f"nnz_pages // (B * {SPLIT_MIN_PAGES})))")
+    state = _indent(_STATE.format(q_row=q_row, den0=den0, **common), level)
+    chunk = _indent(_CHUNK.format(v_row=v_row, score=_indent(_score(d, k_row), 3), exp2_scalar=_exp2("m[g] - st[1]"),
+                                  exp2_vec=_exp2("s[g, r] - st[1]"), **common), level + 1)
+    write = _indent(write.format(out_row=out_row, lse=lse, **common), level)
+    return template.format(state=state, chunk=chunk, write=write,
+                           exp2_merge=_exp2("part_md[bh * {ns} + sp, g, 0] - m[g]").replace("{ns}", common["ns"]), **common)
 
 
 def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
     """Same parameters as TVM's `_attention_decode_cpu` (no sliding window)."""
     grp = num_q_heads // num_kv_heads
-    return _parse(_body(_DECODE, num_q_heads, num_kv_heads, head_dim, dtype,
+    return _parse(_body(_DECODE, _WRITE_DECODE, num_q_heads, num_kv_heads, head_dim, dtype,
                         q_row=f"Q[b, hk * {grp} + g, dd]", k_row="pages[page_no, 0, hk, r, dd]",
                         v_row="pages[page_no, 1, hk, r, dd]", out_row=f"output[b, hk * {grp} + g, dd]",
-                        lse=f"lse[b, hk * {grp} + g]"))
+                        lse=f"lse[b, hk * {grp} + g]", den0=0, level=3))
 
 
 def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
     """Same parameters as TVM's `_attention_prefill_ragged_cpu`."""
     grp = num_q_heads // num_kv_heads
-    return _parse(_body(_RAGGED, num_q_heads, num_kv_heads, head_dim, dtype,
+    return _parse(_body(_RAGGED, _WRITE, num_q_heads, num_kv_heads, head_dim, dtype,
                         q_row=f"Qb[qi, hk * {grp} + g, dd]", k_row=f"Kb[kv_start + c * {PAGE} + r, hk, dd]",
                         v_row=f"Vb[kv_start + c * {PAGE} + r, hk, dd]", out_row=f"output[qi, hk * {grp} + g, dd]",
-                        lse=f"lse[qi, hk * {grp} + g]"))
+                        lse=f"lse[qi, hk * {grp} + g]", den0=1, level=2))
 
 
 KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel}

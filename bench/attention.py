@@ -1,0 +1,87 @@
+"""Isolated decode attention over the paged KV cache: TVM's stock CPU kernel vs ours (`compiler/cpu_attention.py`)
+with and without splitting a sequence's pages among tasks, at SmolLM2-135M's shapes (9 query heads, 3 KV heads,
+head_dim 64, float32, 16-row pages).
+
+    .venv/bin/python bench/attention.py [--contexts 128 1000] [--batches 1 8] [--splits 1 8 16 32] [--repeat 7]
+
+Every variant is first checked against the stock kernel; times are medians of `time_evaluator` (the KV pages of one
+layer, hot in cache unless the context is long). "split N" = SPLIT_TASKS N (1: one task per (sequence, KV head)).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1000])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--repeat", type=int, default=7)
+    a = ap.parse_args()
+
+    import tvm
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    from mlc_llm.compiler import cpu_attention
+
+    hq, hkv, d, page = 9, 3, 64, cpu_attention.PAGE
+    dev = tvm.cpu()
+    target = tvm.target.Target.from_device(dev)
+
+    def build(func):
+        return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+
+    default = cpu_attention.SPLIT_TASKS
+    kernels = {"stock": build(_attention_decode_cpu(hkv, hq, d, "float32", False, {}))}
+    for n in a.splits:
+        cpu_attention.SPLIT_TASKS = n
+        kernels[f"split {n}"] = build(cpu_attention.decode_kernel(hq, hkv, d, "float32"))
+    cpu_attention.SPLIT_TASKS = default
+    names = list(kernels)
+    print(f"| B | context | " + " | ".join(f"{n} us" for n in names) + " | stock / best |")
+    print("|---" * (len(names) + 3) + "|")
+    rng = np.random.default_rng(0)
+    for b in a.batches:
+        for ctx in a.contexts:
+            per_seq = -(-ctx // page)
+            pages = rng.standard_normal((b * per_seq, 2, hkv, page, d)).astype(np.float32)
+            values = rng.permutation(b * per_seq).astype(np.int32)
+            indptr = (np.arange(b + 1) * per_seq).astype(np.int32)
+            last = np.full(b, (ctx - 1) % page + 1, np.int32)
+            q = rng.standard_normal((b, hq, d)).astype(np.float32)
+            t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
+            zeros = t(np.zeros(b, np.int32))
+            args = [t(q), t(pages), t(indptr), t(values), t(last), zeros, zeros]
+            times, ref = [], None
+            for name in names:
+                out, lse = t(np.zeros((b, hq, d), np.float32)), t(np.zeros((b, hq), np.float32))
+                call = (*args, out, lse, 0, 1.0, 10000.0, d ** -0.5)
+                kernels[name](*call)
+                if ref is None:
+                    ref = out.numpy()
+                np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
+                ev = tvm.runtime.Module.time_evaluator if False else None  # noqa: F841
+                f = kernels[name]
+                runs = []
+                for _ in range(a.repeat):
+                    import time
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        f(*call)
+                    runs.append((time.perf_counter() - start) / 20)
+                times.append(statistics.median(runs) * 1e6)
+            best = min(times[1:]) if len(times) > 1 else times[0]
+            print(f"| {b} | {ctx} | " + " | ".join(f"{x:.1f}" for x in times) + f" | {times[0] / best:.1f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
