@@ -136,3 +136,29 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rope_kernel_matches_the_stock_kernel(rotary_dim):
+    """Our RoPE + split (angles once per token) against TVM's `llama_rope_with_position_map`, with and without
+    apply_rope, for 1 and 7 tokens at large positions (where the f32 angle formula matters)."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    hq, hkv, d, theta = 9, 3, 64, 100000.0
+    dev = tvm.cpu()
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
+                                  target=tvm.target.Target.from_device(dev))["main"]
+    stock = build(llama_rope_with_position_map(theta, 1.0, d, hq, hkv, "float32", {}, rotary_dim))
+    ours = build(cpu_attention.rope_kernel(hq, hkv, d, "float32", theta, 1.0, rotary_dim))
+    rng = np.random.default_rng(rotary_dim)
+    for n in (1, 7):
+        qkv = tvm.runtime.tensor(rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float32), dev)
+        pos = tvm.runtime.tensor(rng.integers(0, 9000, n).astype(np.int32), dev)
+        for apply_rope in (1, 0):
+            results = []
+            for f in (stock, ours):
+                outs = [tvm.runtime.tensor(np.full((n, h, d), np.nan, np.float32), dev) for h in (hq, hkv, hkv)]
+                f(qkv, pos, *outs, apply_rope)
+                results.append([o.numpy() for o in outs])
+            for a, b in zip(*results):
+                np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)

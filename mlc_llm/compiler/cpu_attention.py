@@ -21,7 +21,7 @@ import math
 
 import tvm
 
-from .cpu_gemv import _indent, _parse
+from .cpu_gemv import _indent, _parse, _prefetch
 
 PAGE = 16
 # Decode tasks aimed at: a batch of B sequences splits each (sequence, KV head)'s pages among
@@ -133,7 +133,7 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
 {state}            for p in range(n_pages):
                 page_no = page_table_values[begin + p]
                 rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
-{chunk}{write}
+{prefetch}{chunk}{write}
     else:
         part_o = T.alloc_buffer((B * {hkv} * {ns}, {grp}, {d}), "float32")
         part_md = T.alloc_buffer((B * {hkv} * {ns}, {grp}, 2), "float32")
@@ -146,7 +146,7 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
 {state}            for p in range(sp * n_pages // {ns}, (sp + 1) * n_pages // {ns}):
                 page_no = page_table_values[begin + p]
                 rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
-{chunk}            for g in range({grp}):
+{prefetch}{chunk}            for g in range({grp}):
                 for dd in T.vectorized({d}):
                     part_o[task, g, dd] = o[g, dd]
                 part_md[task, g, 0] = m[g]
@@ -259,7 +259,15 @@ def _body(template: str, write: str, hq: int, hkv: int, d: int, dtype: str, q_ro
     chunk = _indent(_CHUNK.format(v_row=v_row, score=_indent(_score(d, k_row), 3), exp2_scalar=_exp2("m[g] - st[1]"),
                                   exp2_vec=_exp2("s[g, r] - st[1]"), **common), level + 1)
     write = _indent(write.format(out_row=out_row, lse=lse, **common), level)
-    return template.format(state=state, chunk=chunk, write=write,
+    # decode: the K rows of the next page and the V rows of this one (a page's rows of one head are one 4 KB run,
+    # where the hardware prefetcher stops)
+    per_line = 64 // tvm.DataType(dtype).bits * 8
+    lines = PAGE * d // per_line
+    at = lambda page_no, kv: f"pages[{page_no}, {kv}, hk, c * {per_line} // {d}, c * {per_line} % {d}]"  # noqa: E731
+    prefetch = _indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
+                       f"        {_prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
+                       f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", level + 1)
+    return template.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
                            exp2_merge=_exp2("part_md[bh * {ns} + sp, g, 0] - m[g]").replace("{ns}", common["ns"]), **common)
 
 
@@ -281,14 +289,79 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
                         lse=f"lse[qi, hk * {grp} + g]", den0=1, level=2))
 
 
+# RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
+# TVM's kernel is serial and evaluates pow, cos and sin for every (token, head, dim): 12 us per decode token, 1.5 ms
+# for 128 prompt tokens, per layer. Here tokens run in parallel and each token's rotary_dim / 2 angles are evaluated
+# once (the same f32 formula: pos * scale / theta^(2i / rotary_dim)), then applied to every q and k head.
+_ROPE = """
+@T.prim_func(s_tir=True)
+def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle,
+         apply_rope: T.int64):
+    T.func_attr({{"op_pattern": 8, "tirx.noalias": True}})
+    seq_len = T.int32()
+    position_map_elem_offset = T.int32()
+    qkv = T.match_buffer(var_qkv, (seq_len, {fused}, {d}), "{dtype}")
+    q = T.match_buffer(var_q, (seq_len, {hq}, {d}), "{dtype}")
+    k = T.match_buffer(var_k, (seq_len, {hkv}, {d}), "{dtype}")
+    v = T.match_buffer(var_v, (seq_len, {hkv}, {d}), "{dtype}")
+    position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+    for s in T.parallel(seq_len):
+        cs = T.alloc_buffer((2, {half}), "float32", scope="local")
+        for i in range({half}):
+            cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))
+            cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))
+        for h in range({hq} + {hkv}):
+            if apply_rope > 0:
+                for i in T.vectorized({half}):
+{store_lo}
+{store_hi}
+{rest}            else:
+                for i in T.vectorized({d}):
+{store_copy}
+        for h in range({hkv}):
+            for i in T.vectorized({d}):
+                v[s, h, i] = qkv[s, {hq} + {hkv} + h, i]
+"""
+
+
+def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, theta: float, scale: float = 1.0,
+                rotary_dim: int | None = None) -> tvm.tirx.PrimFunc:
+    """Same parameters and results as TVM's `llama_rope_with_position_map` for the default RoPE."""
+    rot = rotary_dim or head_dim
+    half = rot // 2
+
+    def x(col: str) -> str:
+        return f'T.Cast("float32", qkv[s, h, {col}])'
+
+    def store(col: str, value: str) -> str:  # q for heads < hq, else k
+        return (f'if h < {num_q_heads}:\n    q[s, h, {col}] = T.Cast("{dtype}", {value})\n'
+                f'else:\n    k[s, h - {num_q_heads}, {col}] = T.Cast("{dtype}", {value})')
+
+    lo = store("i", f"cs[0, i] * {x('i')} + cs[1, i] * -{x(f'i + {half}')}")
+    hi = store(f"i + {half}", f"cs[0, i] * {x(f'i + {half}')} + cs[1, i] * {x('i')}")
+    rest = ""
+    if rot < head_dim:  # dims past rotary_dim are copied
+        rest = _indent(f"for i in T.vectorized({head_dim - rot}):\n" + _indent(store(f"i + {rot}", x(f"i + {rot}")), 1),
+                       4)
+    src = _ROPE.format(fused=num_q_heads + 2 * num_kv_heads, hq=num_q_heads, hkv=num_kv_heads, d=head_dim,
+                       dtype=dtype, half=half, rot=rot, theta=repr(float(theta)), scale=repr(float(scale)),
+                       store_lo=_indent(lo, 5), store_hi=_indent(hi, 5), rest=rest,
+                       store_copy=_indent(store("i", x("i")), 5))
+    return _parse(src)
+
+
 KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel}
 
 
-def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> None:
-    """Replace TVM's CPU attention kernels that TIRPagedKVCache just added to the module being built with ours
-    (same name and symbol, same parameters)."""
+def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, rope_theta: float,
+            rope_scaling: dict) -> None:
+    """Replace TVM's CPU kernels that TIRPagedKVCache just added to the module being built with ours (same name and
+    symbol, same parameters): decode and ragged-prefill attention, and RoPE + split for the default RoPE (other
+    RoPE scalings keep TVM's kernel)."""
     mod = bb.get()
-    for name, make in KERNELS.items():
+    kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in KERNELS.items()}
+    if "rope_type" not in rope_scaling:
+        kernels["tir_split_rotary"] = rope_kernel(num_q_heads, num_kv_heads, head_dim, dtype, rope_theta)
+    for name, kernel in kernels.items():
         gv = mod.get_global_var(name)
-        kernel = make(num_q_heads, num_kv_heads, head_dim, dtype)
         bb.update_func(gv, kernel.with_attr("global_symbol", mod[gv].attrs["global_symbol"]))

@@ -151,6 +151,13 @@ def _indent(text: str, level: int) -> str:
     return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
 
 
+def _prefetch(element: str) -> str:
+    """TIR text: prefetch the cache line of `element` (a buffer element, e.g. `qw[i, j]`) into all cache levels.
+    A hint: an address past the end of the buffer does not fault."""
+    return (f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({element}), T.int32(0), '
+            'T.int32(3), T.int32(1)))')
+
+
 def _parse(src: str) -> tvm.tirx.PrimFunc:
     return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
 

@@ -25,7 +25,7 @@ from typing import Optional
 import tvm
 
 from . import cpu_gemv
-from .cpu_gemv import _indent, _index, _parse, _shapes, _source
+from .cpu_gemv import _indent, _index, _parse, _prefetch, _shapes, _source
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
@@ -49,9 +49,9 @@ for bi in T.unroll({t}):
             acc[bi, v * 16 + l] = T.float32(0)
 for g in range(T.int64({g})):
     for c in T.unroll(16):
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(qw[blk, g * 4 + {ahead} * 4 + c // 4, (c % 4) * 16]), T.int32(0), T.int32(3), T.int32(1)))
+        {prefetch_qw}
     for c in T.unroll(4):
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(qs[blk, g + {ahead}, c * 16]), T.int32(0), T.int32(3), T.int32(1)))
+        {prefetch_qs}
     for bi in T.unroll({t}):
         for rr in T.vectorized(32):
             xs[bi, rr] = x[{xrow}, g * 32 + rr] * T.reinterpret("float32", T.shift_left(T.Cast("uint32", 127 - 4 * (rr % 8)), T.uint32(23)))
@@ -95,7 +95,9 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
     out = f"bo * {t} + bi" if t > 1 else "T.int64(0)"
     col = f"blk * {BLOCK} + p * {pr} + i"
     body = _PASS.format(
-        t=t, v=v, pr=pr, g=k // 32, ahead=PREFETCH_GROUPS, xrow=_index(layout, row, "0").rsplit(",", 1)[0],
+        t=t, v=v, pr=pr, g=k // 32,
+        prefetch_qw=_prefetch(f"qw[blk, g * 4 + {4 * PREFETCH_GROUPS} + c // 4, (c % 4) * 16]"),
+        prefetch_qs=_prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]"), xrow=_index(layout, row, "0").rsplit(",", 1)[0],
         xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
     )
     write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=f"r[{_index(layout, out, col)}] + " if residual else "")

@@ -110,9 +110,9 @@ class LlamaForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )
-        if self.target.kind.name == "llvm":  # our CPU decode and ragged-prefill attention instead of TVM's serial kernels
+        if self.target.kind.name == "llvm":  # our CPU attention and RoPE kernels instead of TVM's serial ones
             cpu_attention.install(rx.BlockBuilder.current(), c.num_attention_heads, c.num_key_value_heads,
-                                  c.head_dim, self.dtype)
+                                  c.head_dim, self.dtype, c.rope_theta, dict(c.rope_scaling))
         return cache
 
     def get_default_spec(self):
