@@ -7,7 +7,8 @@
 llama.cpp side: `llama-bench -m GGUF -p 128,512 -n 128 -t THREADS -r REPEAT -o json` (its tg128 decodes from an
 empty context). Our side: `mlc_llm bench latency` through MLCEngine (decode measured right after the prompt, so at a
 longer context than llama-bench's tg128 — a small disadvantage for us). Medians over the repetitions; llama.cpp's
-per-repetition samples come from its JSON `samples_ts`.
+per-repetition samples come from its JSON `samples_ts`. The machines here are shared and their speed drifts by
+1.5x within minutes: `--rounds N` alternates the two sides N times and reports the median of the per-round ratios.
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
@@ -47,28 +48,42 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the two sides this many times; ratios are then medians of per-round ratios")
     p.add_argument("--result-json")
     a = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    from mlc_llm.bench_latency import bench_latency
+    from mlc_llm.bench_latency import _spread, bench_latency
 
-    theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
-    ours = bench_latency(a.model, a.model_lib or str(Path(a.model) / "lib" / "cpu.so"), "cpu", a.prompt_len,
-                         a.gen_len, a.repeat, False, 128, 1, None)
-    rows = []
-    for run in ours["runs"]:
-        rows.append((f"pp{run['prompt_len']}", run["prefill_tok_s"], theirs.get(f"pp{run['prompt_len']}")))
-    first = ours["runs"][0]
-    rows.append((f"tg{a.gen_len}", first["decode_tok_s"], theirs.get(f"tg{a.gen_len}")))
-    print(f"\n{'test':<8}{'ours tok/s (median [min-max])':>34}{'llama.cpp tok/s':>30}{'ratio':>8}")
+    rounds = []  # (test name -> (ours, theirs) spread dicts) per round; the two sides alternate round by round
+    for _ in range(a.rounds):
+        theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
+        ours = bench_latency(a.model, a.model_lib or str(Path(a.model) / "lib" / "cpu.so"), "cpu", a.prompt_len,
+                             a.gen_len, a.repeat, False, 128, 1, None)
+        tests = {f"pp{run['prompt_len']}": (run["prefill_tok_s"], theirs.get(f"pp{run['prompt_len']}"))
+                 for run in ours["runs"]}
+        tests[f"tg{a.gen_len}"] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"))
+        rounds.append(tests)
+    print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
+          + (" of the per-round medians" if a.rounds > 1 else ""))
+    print(f"{'test':<8}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ratio':>24}")
     table = []
-    for name, o, t in rows:
-        ratio = o["median"] / t["median"] if t else float("nan")
-        table.append({"test": name, "ours": o, "llama_cpp": t, "ratio": ratio})
-        ts = f"{t['median']:.1f} [{t['min']:.1f}-{t['max']:.1f}]" if t else "n/a"
-        print(f"{name:<8}{o['median']:>16.1f} [{o['min']:.1f}-{o['max']:.1f}]{ts:>30}{ratio:>8.2f}")
+    for name in rounds[0]:
+        if any(r[name][1] is None for r in rounds):
+            continue
+        if a.rounds == 1:
+            o, t = rounds[0][name]
+        else:
+            o = _spread([r[name][0]["median"] for r in rounds])
+            t = _spread([r[name][1]["median"] for r in rounds])
+        ratios = [r[name][0]["median"] / r[name][1]["median"] for r in rounds]
+        ratio = _spread(ratios)
+        table.append({"test": name, "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios})
+        fmt = lambda v, p=1: f"{v['median']:.{p}f} [{v['min']:.{p}f}-{v['max']:.{p}f}]"  # noqa: E731
+        print(f"{name:<8}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}")
     if a.result_json:
-        Path(a.result_json).write_text(json.dumps({"threads": a.threads, "repeat": a.repeat, "rows": table}, indent=2))
+        Path(a.result_json).write_text(json.dumps({"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds,
+                                                   "rows": table}, indent=2))
     return 0
 
 

@@ -7,7 +7,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from ..compiler import cpu_attention
+from ..compiler import cpu_activation, cpu_attention
 from ..quantization.layers import make_embedding, make_linear
 from .llama import LlamaConfig
 
@@ -26,23 +26,31 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant):
+    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         self.inter = cfg.intermediate_size
+        # CPU: our vectorized silu * up (TVM's silu is a scalar expf call per element)
+        self.cpu_act = cpu_activation.silu_mul_kernel(self.inter, quant.model_dtype) if (
+            cpu and cpu_activation.supported(self.inter)) else None
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        gu = self.gate_up_proj(x)
+        if self.cpu_act is not None:
+            b, s, _ = gu.shape
+            act = op.tensor_ir_op(self.cpu_act, "silu_mul_cpu", [gu], Tensor.placeholder((b, s, self.inter), gu.dtype))
+            return self.down_proj(act)
+        gate, up = op.split(gu, 2, axis=-1)
         return self.down_proj(op.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant):
+    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         dtype = quant.model_dtype
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.self_attn = LlamaAttention(cfg, quant)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.mlp = LlamaMLP(cfg, quant)
+        self.mlp = LlamaMLP(cfg, quant, cpu)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
@@ -50,9 +58,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant):
+    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, quant) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, quant, cpu) for _ in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=quant.model_dtype)
 
     def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
@@ -65,7 +73,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaConfig, quant, target):
         self.cfg, self.quant, self.target = cfg, quant, target
         self.dtype = quant.model_dtype
-        self.model = LlamaModel(cfg, quant)
+        self.model = LlamaModel(cfg, quant, cpu=target.kind.name == "llvm")
         if not cfg.tie_word_embeddings:
             self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size)
 
