@@ -1,6 +1,6 @@
 """Isolated decode attention over the paged KV cache: TVM's stock CPU kernel vs ours (`compiler/cpu_attention.py`)
 with and without splitting a sequence's pages among tasks, at SmolLM2-135M's shapes (9 query heads, 3 KV heads,
-head_dim 64, float32, 16-row pages).
+head_dim 64, float32, 16-row pages); then TVM's RoPE + split kernel vs ours (results must be bit-identical).
 
     .venv/bin/python bench/attention.py [--contexts 128 1000] [--batches 1 8] [--splits 1 8 16 32] [--repeat 7]
 
@@ -12,11 +12,50 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _time(f, args, repeat: int, number: int = 20) -> float:
+    """Median over `repeat` of the mean of `number` calls, in microseconds."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            f(*args)
+        runs.append((time.perf_counter() - start) / number)
+    return statistics.median(runs) * 1e6
+
+
+def rope_table(dev, target, repeat: int) -> None:
+    """TVM's `tir_split_rotary` vs ours (`cpu_attention.rope_kernel`) on the fused qkv of 1, 8 and 128 tokens."""
+    import tvm
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    from mlc_llm.compiler import cpu_attention
+
+    hq, hkv, d, theta = 9, 3, 64, 100000.0
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
+                                  target=target)["main"]
+    stock = build(llama_rope_with_position_map(theta, 1.0, d, hq, hkv, "float32", {}, d))
+    ours = build(cpu_attention.rope_kernel(hq, hkv, d, "float32", theta))
+    print("\n| tokens | stock RoPE us | ours us | stock / ours |\n|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for n in (1, 8, 128):
+        t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
+        qkv, pos = t(rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float32)), t(np.arange(n, dtype=np.int32))
+        results, times = [], []
+        for f in (stock, ours):
+            outs = [t(np.zeros((n, h, d), np.float32)) for h in (hq, hkv, hkv)]
+            f(qkv, pos, *outs, 1)
+            results.append([o.numpy() for o in outs])
+            times.append(_time(f, (qkv, pos, *outs, 1), repeat))
+        assert all(np.array_equal(x, y) for x, y in zip(*results))
+        print(f"| {n} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -68,19 +107,11 @@ def main() -> None:
                 if ref is None:
                     ref = out.numpy()
                 np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
-                ev = tvm.runtime.Module.time_evaluator if False else None  # noqa: F841
-                f = kernels[name]
-                runs = []
-                for _ in range(a.repeat):
-                    import time
-                    start = time.perf_counter()
-                    for _ in range(20):
-                        f(*call)
-                    runs.append((time.perf_counter() - start) / 20)
-                times.append(statistics.median(runs) * 1e6)
+                times.append(_time(kernels[name], call, a.repeat))
             best = min(times[1:]) if len(times) > 1 else times[0]
             print(f"| {b} | {ctx} | " + " | ".join(f"{x:.1f}" for x in times) + f" | {times[0] / best:.1f} |",
                   flush=True)
+    rope_table(dev, target, a.repeat)
 
 
 if __name__ == "__main__":

@@ -31,21 +31,34 @@ def _spread(values: list[float]) -> dict[str, float]:
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def measure(engine, prompt_len: int, gen_len: int, repeat: int, seed: int = 0) -> dict[str, Any]:
+def _one(engine, prompt_len: int, gen_len: int, rng: random.Random) -> tuple[float, Optional[float]]:
+    """One request of `prompt_len` random token ids: (prefill tok/s, decode tok/s or None)."""
+    prompt = [rng.randrange(256, engine.runner.vocab_size) for _ in range(prompt_len)]
+    r = engine.completions.create(prompt=prompt, max_tokens=gen_len, temperature=0, ignore_eos=True)
+    extra = r.usage.extra
+    return prompt_len / extra["ttft_s"], extra.get("decode_tokens_per_s")
+
+
+def measure(engine, prompt_lens: list[int], gen_len: int, repeat: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`repeat` requests per prompt length, the lengths interleaved (one of each per repetition), so that drift of a
+    shared machine hits them alike."""
     rng = random.Random(seed)
-    vocab = engine.runner.vocab_size
-    prefill, decode = [], []
+    samples = {n: ([], []) for n in prompt_lens}
     for _ in range(repeat):
-        prompt = [rng.randrange(256, vocab) for _ in range(prompt_len)]
-        r = engine.completions.create(prompt=prompt, max_tokens=gen_len, temperature=0, ignore_eos=True)
-        extra = r.usage.extra
-        prefill.append(prompt_len / extra["ttft_s"])
-        if extra.get("decode_tokens_per_s"):
-            decode.append(extra["decode_tokens_per_s"])
-    out = {"prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat, "prefill_tok_s": _spread(prefill)}
-    if decode:
-        out["decode_tok_s"] = _spread(decode)
-    return out
+        for n in prompt_lens:
+            prefill, decode = _one(engine, n, gen_len, rng)
+            samples[n][0].append(prefill)
+            if decode:
+                samples[n][1].append(decode)
+    runs = []
+    for n in prompt_lens:
+        prefill, decode = samples[n]
+        out = {"prompt_len": n, "gen_len": gen_len, "repeat": repeat, "prefill_tok_s": _spread(prefill)}
+        if decode:
+            out["decode_tok_s"] = _spread(decode)
+            out["decode_samples"] = decode
+        runs.append(out)
+    return runs
 
 
 def profile_decode(runner, context: int, batch: int = 1) -> dict[str, Any]:
@@ -108,14 +121,13 @@ def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens
                                   "threads": os.environ.get("TVM_NUM_THREADS"), "weight_bytes": nbytes,
                                   "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
                                   "runs": []}
-        measure(engine, 8, 4, 1, seed=99)  # warm-up
+        measure(engine, [8], 4, 1, seed=99)  # warm-up
         print(f"{result['model']} on {engine.device} ({result['machine']}, TVM_NUM_THREADS={result['threads']}), "
-              f"weights {nbytes / 1e6:.1f} MB; median [min-max] of {repeat}")
-        for n in prompt_lens:
-            m = measure(engine, n, gen_len, repeat)
-            result["runs"].append(m)
+              f"weights {nbytes / 1e6:.1f} MB; median [min-max] of {repeat}, prompt lengths interleaved")
+        result["runs"] = measure(engine, prompt_lens, gen_len, repeat)
+        for m in result["runs"]:
             p = m["prefill_tok_s"]
-            line = f"  pp{n}: {p['median']:8.1f} tok/s [{p['min']:.1f}-{p['max']:.1f}]"
+            line = f"  pp{m['prompt_len']}: {p['median']:8.1f} tok/s [{p['min']:.1f}-{p['max']:.1f}]"
             if "decode_tok_s" in m:
                 d = m["decode_tok_s"]
                 gbs = nbytes * d["median"] / 1e9
@@ -123,6 +135,14 @@ def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens
                 line += (f"   tg{gen_len} after it: {d['median']:8.1f} tok/s [{d['min']:.1f}-{d['max']:.1f}]"
                          f" = {gbs:.2f} GB/s of weights")
             print(line, flush=True)
+        first, last = result["runs"][0], result["runs"][-1]
+        if len(result["runs"]) > 1 and first.get("decode_samples") and last.get("decode_samples") and \
+                len(first["decode_samples"]) == len(last["decode_samples"]):
+            ratios = [b / a for a, b in zip(first["decode_samples"], last["decode_samples"])]
+            result["decode_ratio_last_first"] = _spread(ratios)
+            r = result["decode_ratio_last_first"]
+            print(f"  decode after pp{last['prompt_len']} / after pp{first['prompt_len']}, per repetition: "
+                  f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]")
         if profile:
             result["profile"] = profile_decode(engine.runner, profile_context, profile_batch)
             print_profile(result["profile"])
