@@ -14,7 +14,7 @@ from .cpu_attention import LOG2E, _exp2
 from .cpu_gemv import _parse
 
 _SILU_MUL = """
-@T.prim_func(s_tir=True)
+@T.prim_func(private=True, s_tir=True)
 def main(x_h: T.handle, y_h: T.handle):
     T.func_attr({{"op_pattern": 8, "tirx.noalias": True}})
     b = T.int64()
