@@ -1,6 +1,7 @@
 """Isolated-kernel comparison for issue 5: the rfactor CPU schedule (`compiler/cpu_schedules.py`), the batch-tiled
 int4 kernel for the NK layout of q4f32_1 (`compiler/cpu_gemv.py`) and the kernel for the 64-row-blocked layout of
-q4f32_cpu (`compiler/cpu_q4_blocked.py`), on the same weights.
+q4f32_cpu (`compiler/cpu_q4_blocked.py`), on the same weights; from PANEL_MIN rows the blocked kernel runs its panel
+GEMM, and "blocked, no panel" is the same kernel with the row tiles of fewer rows at any row count.
 
     .venv/bin/python bench/gemv_batched.py [--tiles 4 8] [--batches 1 2 4 8] [--prefill 128 512]
 
@@ -41,8 +42,8 @@ def main() -> None:
 
     tiles = tuple(a.tiles or cpu_gemv.TILES)
     target, dev = make_target("cpu"), tvm.cpu()
-    print(f"tiles {tiles}\n| N x K | rows | rfactor us | NK tiled us | blocked us | rfactor / tiled | tiled / blocked |"
-          "\n|---|---|---|---|---|---|---|")
+    print(f"tiles {tiles}\n| N x K | rows | rfactor us | NK tiled us | blocked, no panel us | blocked us | "
+          "rfactor / tiled | tiled / blocked | no panel / blocked |\n|---|---|---|---|---|---|---|---|---|")
     cases = [("b1", b) for b in a.batches] + [("1s", s) for s in a.prefill]
     for n, k, residual in SHAPES:
         rng = np.random.default_rng(0)
@@ -53,6 +54,7 @@ def main() -> None:
             stock = cpu_gemv.stock_kernel(n, k, layout, residual)
             libs[layout] = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).jit()
                             for f in (schedule_nt_matmul(stock), cpu_gemv.tiled_kernel(n, k, layout, residual, tiles),
+                                      cpu_q4_blocked.blocked_kernel(n, k, layout, residual, panel_min=0),
                                       cpu_q4_blocked.blocked_kernel(n, k, layout, residual))]
         for layout, rows in cases:
             shape = (rows, 1) if layout == "b1" else (1, rows)
@@ -61,7 +63,7 @@ def main() -> None:
             expected = x.astype(np.float64) @ wd.T + (res if residual else 0)
             times = []
             for i, lib in enumerate(libs[layout]):
-                w = (block_rows(q), block_rows(s)) if i == 2 else (q, s)
+                w = (block_rows(q), block_rows(s)) if i >= 2 else (q, s)
                 args = [tvm.runtime.tensor(v, dev) for v in ((*w, x, res) if residual else (*w, x))]
                 out = tvm.runtime.tensor(np.zeros((*shape, n), np.float32), dev)
                 lib["main"](*args, out)
@@ -70,8 +72,8 @@ def main() -> None:
                 runs = lib.time_evaluator("main", dev, number=number, repeat=a.repeat)(*args, out).results
                 times.append(statistics.median(runs) * 1e6)
             kind = "B" if layout == "b1" else "S"
-            print(f"| {n} x {k} | {kind}={rows} | {times[0]:.0f} | {times[1]:.0f} | {times[2]:.0f} | "
-                  f"{times[0] / times[1]:.2f} | {times[1] / times[2]:.2f} |", flush=True)
+            print(f"| {n} x {k} | {kind}={rows} | {times[0]:.0f} | {times[1]:.0f} | {times[2]:.0f} | {times[3]:.0f} | "
+                  f"{times[0] / times[1]:.2f} | {times[1] / times[3]:.2f} | {times[2] / times[3]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def test_row_tiled_kernel_replaces_only_the_stock_q4_form():
 @pytest.mark.parametrize("layout", ["b1", "1s", "11"])
 @pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
 def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
-    """The 64-row-blocked kernel (q4f32_cpu) for one row and for row tiles with a clamped tail."""
+    """The 64-row-blocked kernel (q4f32_cpu) for one row, for row tiles with a clamped tail, and (from PANEL_MIN rows)
+    for the panel GEMM: chunks of PANEL_CHUNK rows, a last chunk of 1 row, tiles with a clamped tail."""
     rng = np.random.default_rng(n + k)
     q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
     wd = dequantize_q4(q, s, k).astype(np.float64)
@@ -125,7 +126,8 @@ def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=tvm.target.Target.from_device(tvm.cpu()))
     dev = tvm.cpu()
-    for rows in ([1] if layout == "11" else [1, 2, 3, 4, 5, 8, 9, 13]):
+    panel = [cpu_q4_blocked.PANEL_MIN + d for d in (-1, 0, 1)] + [cpu_q4_blocked.PANEL_CHUNK + d for d in (-1, 0, 1)]
+    for rows in ([1] if layout == "11" else [1, 2, 3, 4, 5, 8, 9, 13, *panel, 100, 3 * cpu_q4_blocked.PANEL_CHUNK + 1]):
         shape = (rows, 1) if layout == "b1" else (1, rows)
         x = rng.standard_normal((*shape, k)).astype(np.float32)
         res = rng.standard_normal((*shape, n)).astype(np.float32)

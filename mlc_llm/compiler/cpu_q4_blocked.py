@@ -11,8 +11,11 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
   3 instructions per 16 weights;
 - the zero point and the scale apply once per group: `acc += s * (partial - 7 * sum(x of the group))`, with the scale
   vector loaded contiguously.
-(../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, prefill)
-one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on write.
+(../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, short
+prefill) one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on
+write. From PANEL_MIN rows (prefill) a task dequantizes its block once into a float32 panel and runs a 6 x 64
+register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.45x faster than the 4-row tiles at
+128-512 rows, ~70 % of one core's FMA peak.
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).
@@ -37,6 +40,14 @@ PLANS = ((1, 4), (4, 4))
 # 4 KB pages. Measured on the whole-model chain of decode GEMVs (30 layers + lm_head, weights streamed from memory):
 # 3.9-5.5 ms without, 3.6-4.1 ms with 2-8 groups ahead.
 PREFETCH_GROUPS = 4
+
+# Prefill (R >= PANEL_MIN rows): a task dequantizes its 64-row block once into a float32 panel [K, 64] and runs a
+# register-tiled GEMM on it, PANEL_TILE rows x 64 columns (24 accumulators, 4 panel loads and 6 broadcasts per
+# 24 FMAs). Tasks are (block, chunk of PANEL_CHUNK rows), so the 9 blocks of N=576 still keep 2+ threads busy; each
+# chunk's task dequantizes the block again (a few microseconds against ~50 us of FMAs at 48 rows).
+PANEL_MIN = 16
+PANEL_TILE = 6
+PANEL_CHUNK = 48
 
 # One pass: `t` rows of x (tile `bo`) times `v` 16-row vectors (pass `p` of the 64-row block `blk`). At each group,
 # the words and scales of the group PREFETCH_GROUPS ahead are prefetched (past the end of the block: the next block,
@@ -72,6 +83,28 @@ for g in range(T.int64({g})):
         for v in T.unroll({v}):
             for l in T.vectorized(16):
                 acc[bi, v * 16 + l] = acc[bi, v * 16 + l] + qs[blk, g, p * {pr} + v * 16 + l] * (part[bi, v * 16 + l] - T.float32(7) * ({xsum}))
+"""
+_PANEL = """
+wp = T.alloc_buffer((T.int64({k}), 64), "float32")
+acc = T.alloc_buffer(({t}, 64), "float32", scope="local")
+for g in range(T.int64({g})):
+    for w in range(4):
+        for j in T.unroll(8):
+            for l in T.vectorized(64):
+                wp[g * 32 + w * 8 + j, l] = (T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + w, l], T.Cast("uint32", j * 4)), T.uint32(15))) - T.float32(7)) * qs[blk, g, l]
+for bo in range({tiles}):
+    for bi in T.unroll({t}):
+        for l in T.vectorized(64):
+            acc[bi, l] = T.float32(0)
+    for kk in range(T.int64({k})):
+        for bi in T.unroll({t}):
+            for v in T.unroll(4):
+                for l in T.vectorized(16):
+                    acc[bi, v * 16 + l] = acc[bi, v * 16 + l] + x[{xrow}, kk] * wp[kk, v * 16 + l]
+    for bi in range({t}):
+        if {out} < {rows}:
+            for i in range(64):
+                y[{yidx}] = {res}acc[bi, i]
 """
 _WRITE = """
 for i in range({pr}):
@@ -114,27 +147,51 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
     return head + loops + _indent(body, 2)
 
 
-def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> str:
-    """One parallel task per 64-row block; inside it a branch on the row count R: one row (plans[0]), then
-    R <= t of each middle plan, then the last plan for the rest."""
+def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chunk: int = PANEL_CHUNK) -> str:
+    """Rows [ch * chunk, min(R, (ch + 1) * chunk)) of block `blk`: dequantize the block into a panel, then tiles of
+    `t` rows (the last tile's rows past R clamped on read, skipped on write)."""
     rows = _shapes(layout)[2]
-    code, level = "", 2
+    first = f"ch * T.int64({chunk}) + bo * {t}"
+    row, out, col = f"T.min({first} + bi, {rows} - T.int64(1))", f"{first} + bi", "blk * 64 + i"
+    tiles = f"T.min(T.int64({chunk // t}), ({rows} - ch * T.int64({chunk}) + T.int64({t - 1})) // T.int64({t}))"
+    return _PANEL.format(k=k, g=k // 32, t=t, tiles=tiles, rows=rows, out=out,
+                         xrow=_index(layout, row, "0").rsplit(",", 1)[0], yidx=_index(layout, out, col),
+                         res=f"r[{_index(layout, out, col)}] + " if residual else "")
+
+
+def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN) -> str:
+    """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
+    (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
+    over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
+    (task = chunk * blocks + block) the decode paths were 2-8 % slower (bench/gemv_batched.py, B=1 and 8).
+    `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons)."""
+    rows = _shapes(layout)[2]
+    nb = n // BLOCK
     if layout == "11":
-        code = _indent(_plan(n, k, layout, residual, *plans[0]), level)
-    else:
-        bounds = ["T.int64(1)"] + [f"T.int64({t})" for t, _ in plans[1:-1]]
-        for i, bound in enumerate(bounds):
-            code += _indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level)
-            code += _indent(_plan(n, k, layout, residual, *plans[i]), level + 1)
-            code += _indent("else:", level)
-            level += 1
-        code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
-    head = f"    for blk in T.parallel(T.int64({n // BLOCK})):\n"
-    return _source(head + code, n, k, layout, residual, BLOCK)
+        code = f"for blk in T.parallel(T.int64({nb})):\n" + _indent(_plan(n, k, layout, residual, *plans[0]), 1)
+        return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
+    branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0]))]
+    branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v)) for t, v in plans[1:-1]]
+    code, level = "", 2
+    for op, bound, nest in branches:
+        code += _indent(f"if {rows} {op} {bound}:", level) + _indent(nest, level + 1)
+        code += _indent("else:", level)
+        level += 1
+    code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
+    small = f"for blk in T.parallel(T.int64({nb})):\n" + code
+    if not panel_min:
+        return _source(_indent(small, 1), n, k, layout, residual, BLOCK)
+    chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
+    panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
+             f"    blk = task % T.int64({nb})\n    ch = task // T.int64({nb})\n"
+             + _indent(_panel(n, k, layout, residual), 1))
+    code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)
+    return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
 
 
-def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS) -> tvm.tirx.PrimFunc:
-    return _parse(blocked_source(n, k, layout, residual, plans))
+def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
+                   panel_min: int = PANEL_MIN) -> tvm.tirx.PrimFunc:
+    return _parse(blocked_source(n, k, layout, residual, plans, panel_min))
 
 
 def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
