@@ -12,6 +12,8 @@ per-repetition samples come from its JSON `samples_ts`. The machines here are sh
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
+`--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
+gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ def llama_bench(exe: str, gguf: str, threads: int, repeat: int, prompts: list[in
     return results
 
 
+def hf_prefill(python: str, gguf: str, threads: int, repeat: int, prompts: list[int], dtype: str) -> dict[str, dict]:
+    cmd = [python, str(Path(__file__).with_name("hf_prefill.py")), "--gguf", gguf, "--threads", str(threads),
+           "--repeat", str(repeat), "--dtype", dtype, "--prompt-len", *map(str, prompts)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--llama-bench", required=True)
@@ -50,6 +59,8 @@ def main() -> int:
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the two sides this many times; ratios are then medians of per-round ratios")
+    p.add_argument("--hf-python", help="a Python with torch + transformers + gguf: adds HF transformers' prefill")
+    p.add_argument("--hf-dtype", default="bfloat16")
     p.add_argument("--result-json")
     a = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
@@ -58,15 +69,17 @@ def main() -> int:
     rounds = []  # (test name -> (ours, theirs) spread dicts) per round; the two sides alternate round by round
     for _ in range(a.rounds):
         theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
+        hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
         ours = bench_latency(a.model, a.model_lib or str(Path(a.model) / "lib" / "cpu.so"), "cpu", a.prompt_len,
                              a.gen_len, a.repeat, False, 128, 1, None)
-        tests = {f"pp{run['prompt_len']}": (run["prefill_tok_s"], theirs.get(f"pp{run['prompt_len']}"))
-                 for run in ours["runs"]}
-        tests[f"tg{a.gen_len}"] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"))
+        tests = {f"pp{run['prompt_len']}": (run["prefill_tok_s"], theirs.get(f"pp{run['prompt_len']}"),
+                                             hf.get(f"pp{run['prompt_len']}")) for run in ours["runs"]}
+        tests[f"tg{a.gen_len}"] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"), None)
         rounds.append(tests)
     print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
           + (" of the per-round medians" if a.rounds > 1 else ""))
-    print(f"{'test':<8}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ratio':>24}")
+    hf_head = f"{'HF ' + a.hf_dtype + ' tok/s':>28}{'ours / HF':>24}" if a.hf_python else ""
+    print(f"{'test':<8}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
     table = []
     for name in rounds[0]:
         if any(r[name][1] is None for r in rounds):
@@ -78,12 +91,21 @@ def main() -> int:
             t = _spread([r[name][1]["median"] for r in rounds])
         ratios = [r[name][0]["median"] / r[name][1]["median"] for r in rounds]
         ratio = _spread(ratios)
-        table.append({"test": name, "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios})
+        row = {"test": name, "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios}
         fmt = lambda v, p=1: f"{v['median']:.{p}f} [{v['min']:.{p}f}-{v['max']:.{p}f}]"  # noqa: E731
-        print(f"{name:<8}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}")
+        line = f"{name:<8}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}"
+        if all(r[name][2] is not None for r in rounds) and a.hf_python:
+            h = rounds[0][name][2] if a.rounds == 1 else _spread([r[name][2]["median"] for r in rounds])
+            h = {k: h[k] for k in ("median", "min", "max")}
+            hf_ratios = [r[name][0]["median"] / r[name][2]["median"] for r in rounds]
+            row.update(hf=h, hf_ratio=_spread(hf_ratios), hf_ratios=hf_ratios)
+            line += f"{fmt(h):>28}{fmt(row['hf_ratio'], 2):>24}"
+        table.append(row)
+        print(line)
     if a.result_json:
-        Path(a.result_json).write_text(json.dumps({"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds,
-                                                   "rows": table}, indent=2))
+        meta = {"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds,
+                "hf_dtype": a.hf_dtype if a.hf_python else None}
+        Path(a.result_json).write_text(json.dumps({**meta, "rows": table}, indent=2))
     return 0
 
 
