@@ -1,6 +1,7 @@
 """Isolated decode attention over the paged KV cache: TVM's stock CPU kernel vs ours (`compiler/cpu_attention.py`)
 with and without splitting a sequence's pages among tasks, at SmolLM2-135M's shapes (9 query heads, 3 KV heads,
-head_dim 64, float32, 16-row pages); then TVM's RoPE + split kernel vs ours (results must be bit-identical).
+head_dim 64, float32, 16-row pages); then TVM's RoPE + split kernel vs ours (results must be bit-identical), and
+TVM's ragged prefill attention vs ours (one causal sequence of `--prefill` tokens).
 
     .venv/bin/python bench/attention.py [--contexts 128 1000] [--batches 1 8] [--splits 1 8 16 32] [--repeat 7]
 
@@ -10,6 +11,7 @@ layer, hot in cache unless the context is long). "split N" = SPLIT_TASKS N (1: o
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -18,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# all cores, as the engine runs (mlc_llm/serve/runner.py): TVM's own default was 1 thread on the 2-core VM
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def _time(f, args, repeat: int, number: int = 20) -> float:
@@ -58,11 +62,42 @@ def rope_table(dev, target, repeat: int) -> None:
         print(f"| {n} | {times[0]:.1f} | {times[1]:.1f} | {times[0] / times[1]:.1f} |", flush=True)
 
 
+def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
+    """TVM's ragged prefill attention (new tokens against themselves, causal) vs ours, one sequence of n tokens."""
+    import tvm
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    from mlc_llm.compiler import cpu_attention
+
+    hq, hkv, d = 9, 3, 64
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
+                                  target=target)["main"]
+    stock = build(_attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {}))
+    ours = build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"))
+    print("\n| prompt tokens | stock ragged prefill us | ours us | stock / ours |\n|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
+    for n in lengths:
+        q = t(rng.standard_normal((n, hq, d)).astype(np.float32))
+        k, v = (t(rng.standard_normal((n, hkv, d)).astype(np.float32)) for _ in range(2))
+        indptr, zeros = t(np.array([0, n], np.int32)), t(np.zeros(n, np.int32))
+        results, times = [], []
+        for f in (stock, ours):
+            out, lse = t(np.zeros((n, hq, d), np.float32)), t(np.zeros((n, hq), np.float32))
+            call = (q, indptr, k, v, indptr, zeros, t(np.zeros(1, np.int32)), out, lse, 1, 0, 1.0, 10000.0, d ** -0.5)
+            f(*call)
+            results.append(out.numpy())
+            times.append(_time(f, call, repeat, number=3))
+        np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
+        print(f"| {n} | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[128, 512], help="prompt lengths for the ragged table")
     ap.add_argument("--repeat", type=int, default=7)
     a = ap.parse_args()
 
@@ -112,6 +147,8 @@ def main() -> None:
             print(f"| {b} | {ctx} | " + " | ".join(f"{x:.1f}" for x in times) + f" | {times[0] / best:.1f} |",
                   flush=True)
     rope_table(dev, target, a.repeat)
+    if a.prefill:
+        ragged_table(dev, target, a.repeat, a.prefill)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Shapes: SmolLM2-135M's qkv, gate_up, down (+ residual) and lm_head, q4f32_1.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# all cores, as the engine runs (mlc_llm/serve/runner.py): TVM's own default was 1 thread on the 2-core VM
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 SHAPES = [(960, 576, False), (3072, 576, False), (576, 1536, True), (49152, 576, False)]
 

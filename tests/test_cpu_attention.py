@@ -95,22 +95,23 @@ def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
 
 
 @pytest.mark.parametrize("causal", [1, 0])
-def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal):
-    """Two sequences in one ragged batch, one with more KV rows than queries (the causal offset), GQA 9/3."""
+@pytest.mark.parametrize("q_lens,kv_lens", [([37, 5], [37, 21]), ([16, 0, 49, 1], [16, 0, 60, 1])])
+def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_lens, kv_lens):
+    """Sequences in one ragged batch (tiles of 16 query tokens: full, partial, an empty sequence, one token), some
+    with more KV rows than queries (the causal offset), GQA 9/3."""
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
     hq, hkv, d = 9, 3, 64
     rng = np.random.default_rng(causal)
-    q_lens, kv_lens = [37, 5], [37, 21]
     q = rng.standard_normal((sum(q_lens), hq, d)).astype(np.float32)
     k = rng.standard_normal((sum(kv_lens), hkv, d)).astype(np.float32)
     v = rng.standard_normal((sum(kv_lens), hkv, d)).astype(np.float32)
-    q_indptr = np.array([0, q_lens[0], sum(q_lens)], np.int32)
-    kv_indptr = np.array([0, kv_lens[0], sum(kv_lens)], np.int32)
+    q_indptr = np.cumsum([0] + q_lens).astype(np.int32)
+    kv_indptr = np.cumsum([0] + kv_lens).astype(np.int32)
     sm_scale = d ** -0.5
     ref_out = np.zeros(q.shape)
     ref_lse = np.zeros(q.shape[:2])
-    for b in range(2):
+    for b in range(len(q_lens)):
         for i in range(q_lens[b]):
             limit = kv_lens[b] - q_lens[b] + i + 1 if causal else kv_lens[b]
             kk = k[kv_indptr[b]:kv_indptr[b] + limit].astype(np.float64)
@@ -129,7 +130,7 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal):
                           target=tvm.target.Target.from_device(dev))
         out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
         lib["main"](t(q), t(q_indptr), t(k), t(v), t(kv_indptr), t(np.zeros(len(q), np.int32)),
-                    t(np.zeros(2, np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
+                    t(np.zeros(len(q_lens), np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
         results.append((out.numpy(), lse.numpy()))
     (out, lse), (stock_out, stock_lse) = results
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
