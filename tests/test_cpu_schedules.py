@@ -138,6 +138,38 @@ def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4, err_msg=f"rows={rows}")
 
 
+_HOST = tvm.target.Target.from_device(tvm.cpu())
+
+
+@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("layout", ["b1", "1s"])
+@pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
+def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
+    """From PANEL_MIN rows on an AMX CPU: x and w as bf16 hi + lo, three tile products. Rows: one 16-row tile, a
+    clamped tail, several chunks of AMX_CHUNK_TILES tiles. Near float32 (relative error ~2^-16 per product), and not
+    the float32 panel's result (so the tile path ran: the kernel falls back to the panel if Linux refuses AMX)."""
+    rng = np.random.default_rng(n + k + 1)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
+    wd = dequantize_q4(q, s, k).astype(np.float64)
+    libs = [tvm.compile(tvm.IRModule({"main": cpu_q4_blocked.blocked_kernel(n, k, layout, residual, amx=amx)
+                                      .with_attr("global_symbol", "main")}), target=_HOST) for amx in (True, False)]
+    dev = tvm.cpu()
+    for rows in [16, 17, 100, 16 * cpu_q4_blocked.AMX_CHUNK_TILES + 1]:
+        shape = (rows, 1) if layout == "b1" else (1, rows)
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        res = rng.standard_normal((*shape, n)).astype(np.float32)
+        expected = x.astype(np.float64) @ wd.T + (res if residual else 0)
+        args = [tvm.runtime.tensor(a, dev) for a in ([block_rows(q), block_rows(s), x] + ([res] if residual else []))]
+        outs = []
+        for lib in libs:
+            out = tvm.runtime.tensor(np.full((*shape, n), np.nan, np.float32), dev)
+            lib["main"](*args, out)
+            outs.append(out.numpy())
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(outs[0], expected, rtol=0, atol=3e-5 * scale, err_msg=f"rows={rows}")
+        assert np.any(outs[0] != outs[1]), f"rows={rows}: the AMX kernel gave the float32 panel's result"
+
+
 def test_blocked_kernel_replaces_only_the_stock_blocked_form():
     stock = cpu_q4_blocked.stock_kernel(128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(stock).attrs[cpu_gemv.KERNEL_ATTR] == "q4_blocked64"

@@ -49,6 +49,18 @@ PANEL_MIN = 16
 PANEL_TILE = 6
 PANEL_CHUNK = 48
 
+# With AMX (Sapphire Rapids and later; `has_amx`), the same rows run on the tile unit instead: x and the dequantized
+# weights are each split into two bfloat16 parts (hi = rounded, lo = the remainder, truncated), and x.w is summed as
+# x_hi.w_hi + x_lo.w_hi + x_hi.w_lo by `tdpbf16ps` with float32 accumulation: ~2^-16 relative error per product
+# (float32 FMAs: 2^-24), three tile products per 16x16x32 step. A prelude converts x once ([16-row tile, group,
+# hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row block): the block's weights are dequantized
+# into VNNI-packed hi/lo panels (two bf16 of consecutive k per 32-bit word), then each 16-row tile accumulates 4
+# tiles of 16x16 in tile registers 0-3 (x hi/lo in 4-5, w hi/lo in 6-7). Linux hands out AMX state only on request
+# (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks each call (a syscall, ~1 us, against >= 100 us of work) and
+# runs the float32 panel GEMM if refused.
+AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
+AMX_CHUNK_TILES = 16
+
 # One pass: `t` rows of x (tile `bo`) times `v` 16-row vectors (pass `p` of the 64-row block `blk`). At each group,
 # the words and scales of the group PREFETCH_GROUPS ahead are prefetched (past the end of the block: the next block,
 # which the same task or its neighbour reads next; past the end of the buffer a prefetch is only a hint, never a
@@ -106,6 +118,107 @@ for bo in range({tiles}):
             for i in range(64):
                 y[{yidx}] = {res}acc[bi, i]
 """
+# bf16 bits of a float32 (as uint32) by truncation: the upper 16 bits
+_BF16_MASK = "T.uint32(4294901760)"
+
+_AMX = """
+perm = T.alloc_buffer((1,), "int64", scope="local")
+perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
+if perm[0] == T.int64(0):
+    xa = T.alloc_buffer(({mtiles}, {g}, 2, 16, 32), "uint16")
+    for mt in T.parallel({mtiles}):
+        for g in range({g}):
+            for mi in range(16):
+                for l in T.vectorized(32):
+                    xa[mt, g, 0, mi, l] = T.Cast("uint16", T.shift_right({xr_hi}, T.uint32(16)))
+                    xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({xr_lo}, T.uint32(16)))
+    for task in T.parallel(T.int64({nb}) * {chunks}):
+        blk = task % T.int64({nb})
+        c = task // T.int64({nb})
+        cfg = T.alloc_buffer((64,), "uint8", scope="local")
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for t in range(8):
+            cfg[16 + 2 * t] = T.uint8(64)
+            cfg[48 + t] = T.uint8(16)
+        {ldtilecfg}
+        wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
+        wl = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
+        cb = T.alloc_buffer((16, 64), "float32")
+        for g in range({g}):
+            for k2 in range(16):
+                for ct in T.unroll(4):
+                    for l in T.vectorized(16):
+                        wh[g, ct, k2, l] = T.shift_right({w_hi0}, T.uint32(16)) + {w_hi1}
+                        wl[g, ct, k2, l] = T.shift_right({w_lo0}, T.uint32(16)) + {w_lo1}
+        for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
+{zero}
+            for g in range({g}):
+{step}
+{store}
+            for mi in range(16):
+                if mt * 16 + mi < {rows}:
+                    for nn in range(64):
+                        y[{yidx}] = {res}cb[mi, nn]
+        {tilerelease}
+else:
+{panel}
+"""
+
+
+def _amx(name: str, *args: str) -> str:
+    return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
+
+
+def _round_bf16(expr: str) -> str:
+    """uint32 bits of float32 `expr` rounded to the nearest bfloat16 (ties to even), in the upper 16 bits."""
+    u = f'T.reinterpret("uint32", {expr})'
+    return (f"T.bitwise_and({u} + T.uint32(32767) + T.bitwise_and(T.shift_right({u}, T.uint32(16)), T.uint32(1)), "
+            f"{_BF16_MASK})")
+
+
+def has_amx(target: tvm.target.Target) -> bool:
+    """Whether code for `target` may use AMX-BF16 tiles."""
+    if target.kind.name != "llvm":
+        return False
+    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
+    return str(target.attrs.get("mcpu", "")) in AMX_CPUS or ("+amx-bf16" in mattr and "+amx-tile" in mattr)
+
+
+def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str) -> str:
+    """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused)."""
+    rows = _shapes(layout)[2]
+    g = k // 32
+    xr = f"x[{_index(layout, f'T.min(mt * 16 + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
+    w = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
+         f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7)) * qs[blk, g, ct * 16 + l]'
+         for j in (0, 1)]
+    step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)"),
+            _amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)")]
+    for ct in range(4):  # tile ids are immediates: one statement per column tile
+        step += [_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"),
+                 _amx("tileloadd64", "T.int8(7)", f"T.address_of(wl[g, {ct}, 0, 0])", "T.int64(64)"),
+                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"),
+                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(5)", "T.int8(6)"),
+                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(7)")]
+    yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
+    mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
+    return _AMX.format(
+        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows,
+        chunks=f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))",
+        xr_hi=_round_bf16(xr), xr_lo=_round_bf16(f'{xr} - T.reinterpret("float32", {_round_bf16(xr)})'),
+        w_hi0=_round_bf16(w[0]), w_hi1=_round_bf16(w[1]),
+        w_lo0=_round_bf16(f'{w[0]} - T.reinterpret("float32", {_round_bf16(w[0])})'),
+        w_lo1=_round_bf16(f'{w[1]} - T.reinterpret("float32", {_round_bf16(w[1])})'),
+        ldtilecfg=_amx("ldtilecfg", "T.address_of(cfg[0])"), tilerelease=_amx("tilerelease"),
+        zero=_indent("\n".join(_amx("tilezero", f"T.int8({t})") for t in range(4)), 3),
+        step=_indent("\n".join(step), 4),
+        store=_indent("\n".join(_amx("tilestored64", f"T.int8({t})", f"T.address_of(cb[0, {16 * t}])",
+                                      "T.int64(256)") for t in range(4)), 3),
+        yidx=yidx, res=f"r[{yidx}] + " if residual else "", panel=_indent(panel, 1))
+
+
 _WRITE = """
 for i in range({pr}):
     y[{yidx}] = {res}acc[bi, i]
@@ -159,7 +272,8 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
                          res=f"r[{_index(layout, out, col)}] + " if residual else "")
 
 
-def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN) -> str:
+def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
+                   amx: bool = False) -> str:
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
@@ -185,15 +299,18 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
              f"    blk = task % T.int64({nb})\n    ch = task // T.int64({nb})\n"
              + _indent(_panel(n, k, layout, residual), 1))
+    if amx:
+        panel = _amx_gemm(n, k, layout, residual, panel)
     code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)
     return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
 
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
-                   panel_min: int = PANEL_MIN) -> tvm.tirx.PrimFunc:
-    return _parse(blocked_source(n, k, layout, residual, plans, panel_min))
+                   panel_min: int = PANEL_MIN, amx: bool = False) -> tvm.tirx.PrimFunc:
+    return _parse(blocked_source(n, k, layout, residual, plans, panel_min, amx))
 
 
-def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
-    """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None."""
-    return cpu_gemv.replace_stock(func, BLOCK, blocked_kernel, "q4_blocked64")
+def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False) -> Optional[tvm.tirx.PrimFunc]:
+    """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None.
+    `amx`: prefill rows on AMX tiles (`has_amx(target)`)."""
+    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx), "q4_blocked64")

@@ -71,22 +71,27 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     return sch.mod["main"]
 
 
-@tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
-def schedule_cpu_matmuls(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py`, NK q4f32 ones the batch-tiled kernel of
-    `cpu_gemv.py`; other matmuls the rfactor schedule above."""
-    updates = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
-            continue
-        try:
-            scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func) or cpu_gemv.replace_q4_matmul(func)
-                         or schedule_nt_matmul(func))
-        except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
-            logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
-            continue
-        if scheduled is not None:
-            updates[gv] = scheduled
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
+def schedule_cpu_matmuls(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py` (prefill on AMX tiles where `target`
+    has them), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule above."""
+    amx = cpu_q4_blocked.has_amx(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
+    def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
+                continue
+            try:
+                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx) or cpu_gemv.replace_q4_matmul(func)
+                             or schedule_nt_matmul(func))
+            except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
+                logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
+                continue
+            if scheduled is not None:
+                updates[gv] = scheduled
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return schedule

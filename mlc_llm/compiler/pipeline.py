@@ -24,7 +24,7 @@ def optimize_passes(target: tvm.target.Target) -> list:
         fuse_dequantize_matmul(),
         relax.transform.DeadCodeElimination(),
     ]
-    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls]
+    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls(target)]
     return passes + schedules + [mark_noalias]
 
 
