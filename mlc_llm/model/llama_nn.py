@@ -12,6 +12,24 @@ from ..quantization.layers import make_embedding, make_linear
 from .llama import LlamaConfig
 
 
+class CpuRMSNorm(nn.Module):
+    """nn.RMSNorm's parameter (`weight`) and formula with our parallel, vectorized CPU kernel (TVM's is serial)."""
+
+    def __init__(self, hidden: int, eps: float, dtype: str):
+        self.weight = nn.Parameter((hidden,), dtype)
+        self.kernel = cpu_activation.rms_norm_kernel(hidden, eps, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, h = x.shape
+        return op.tensor_ir_op(self.kernel, "rms_norm_cpu", [x, self.weight], Tensor.placeholder((b, s, h), x.dtype))
+
+
+def _rms_norm(hidden: int, eps: float, dtype: str, cpu: bool) -> nn.Module:
+    if cpu and cpu_activation.supported(hidden):
+        return CpuRMSNorm(hidden, eps, dtype)
+    return nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig, quant):
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -47,9 +65,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         dtype = quant.model_dtype
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cpu)
         self.self_attn = LlamaAttention(cfg, quant)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cpu)
         self.mlp = LlamaMLP(cfg, quant, cpu)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
@@ -61,7 +79,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, quant, cpu) for _ in range(cfg.num_hidden_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=quant.model_dtype)
+        self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, quant.model_dtype, cpu)
 
     def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
         for i, layer in enumerate(self.layers):
