@@ -170,6 +170,27 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
         assert np.any(outs[0] != outs[1]), f"rows={rows}: the AMX kernel gave the float32 panel's result"
 
 
+@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+def test_amx_kernel_falls_back_to_the_float32_panel_when_linux_refuses_amx():
+    """The AMX kernel asks Linux for the tile state at each call; refused (here: the same syscall with an invalid
+    number, which fails), it must run the float32 panel GEMM: the panel kernel's result, bit for bit."""
+    n, k, rows = 128, 64, 40
+    rng = np.random.default_rng(7)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    src = cpu_q4_blocked.blocked_source(n, k, "1s", False, amx=True)
+    assert src.count("T.int64(158)") == 1  # SYS_arch_prctl
+    funcs = [cpu_gemv._parse(src.replace("T.int64(158)", "T.int64(-1)")),
+             cpu_q4_blocked.blocked_kernel(n, k, "1s", False)]
+    x = rng.standard_normal((1, rows, k)).astype(np.float32)
+    outs = []
+    for f in funcs:
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=_HOST)
+        out = tvm.runtime.tensor(np.full((1, rows, n), np.nan, np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in (block_rows(q), block_rows(s), x)], out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_blocked_kernel_replaces_only_the_stock_blocked_form():
     stock = cpu_q4_blocked.stock_kernel(128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(stock).attrs[cpu_gemv.KERNEL_ATTR] == "q4_blocked64"

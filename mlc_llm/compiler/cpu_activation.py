@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tvm
 
-from .cpu_attention import LOG2E, _exp2
+from .cpu_attention import LOG2E, _exp2, _halve
 from .cpu_gemv import _indent, _parse
 
 _SILU_MUL = """
@@ -83,8 +83,6 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str) -> tvm.tirx.PrimFunc:
     """y = rms_norm(x) * w over the last axis of x [b, s, hidden] (hidden a multiple of 16: `supported`)."""
     if not supported(hidden):
         raise ValueError(f"hidden size {hidden} is not a multiple of 16")
-    from .cpu_attention import _halve
-
     row = _RMS_ROW.format(chunks=hidden // 16, h=hidden, eps=float(eps), dtype=dtype,
                           total="\n".join(_halve("acc[T.ramp(0, 1, 16)]", "+", "total")))
     return _parse(_RMS_NORM.format(h=hidden, dtype=dtype, row=_indent(row, 4)))

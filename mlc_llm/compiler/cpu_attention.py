@@ -234,7 +234,7 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.hand
         sacc = T.alloc_buffer(({grp}, 4, {page}), "float32", scope="local")
         s = T.alloc_buffer(({grp}, {page}), "float32", scope="local")
         ot = T.alloc_buffer(({grp}, {d}), "float32", scope="local")
-        st = T.alloc_buffer((4,), "float32", scope="local")  # chunk max, new max, rescale factor, chunk sum
+        st = T.alloc_buffer((3,), "float32", scope="local")  # [1]: new max, [2]: rescale factor of the output
         for ti in range(nq):
             for g in range({grp}):
                 for dd in T.vectorized({d}):

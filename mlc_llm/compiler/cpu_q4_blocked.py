@@ -14,8 +14,9 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
 (../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, short
 prefill) one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on
 write. From PANEL_MIN rows (prefill) a task dequantizes its block once into a float32 panel and runs a 6 x 64
-register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.45x faster than the 4-row tiles at
-128-512 rows, ~70 % of one core's FMA peak.
+register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.6x faster than the 4-row tiles at
+128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles instead (`_AMX`, 1.3-2.5x
+the panel).
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).
@@ -50,13 +51,13 @@ PANEL_TILE = 6
 PANEL_CHUNK = 48
 
 # With AMX (Sapphire Rapids and later; `has_amx`), the same rows run on the tile unit instead: x and the dequantized
-# weights are each split into two bfloat16 parts (hi = rounded, lo = the remainder, truncated), and x.w is summed as
+# weights are each split into two bfloat16 parts (hi = rounded, lo = the rounded remainder), and x.w is summed as
 # x_hi.w_hi + x_lo.w_hi + x_hi.w_lo by `tdpbf16ps` with float32 accumulation: ~2^-16 relative error per product
 # (float32 FMAs: 2^-24), three tile products per 16x16x32 step. A prelude converts x once ([16-row tile, group,
 # hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row block): the block's weights are dequantized
 # into VNNI-packed hi/lo panels (two bf16 of consecutive k per 32-bit word), then each 16-row tile accumulates 4
 # tiles of 16x16 in tile registers 0-3 (x hi/lo in 4-5, w hi/lo in 6-7). Linux hands out AMX state only on request
-# (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks each call (a syscall, ~1 us, against >= 100 us of work) and
+# (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and
 # runs the float32 panel GEMM if refused.
 AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
 AMX_CHUNK_TILES = 16
@@ -118,7 +119,7 @@ for bo in range({tiles}):
             for i in range(64):
                 y[{yidx}] = {res}acc[bi, i]
 """
-# bf16 bits of a float32 (as uint32) by truncation: the upper 16 bits
+# The upper 16 bits of a float32's bits: its bfloat16 (truncated)
 _BF16_MASK = "T.uint32(4294901760)"
 
 _AMX = """
@@ -278,7 +279,8 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
     (task = chunk * blocks + block) the decode paths were 2-8 % slower (bench/gemv_batched.py, B=1 and 8).
-    `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons)."""
+    `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
+    `panel_min` rows the AMX GEMM, with the panel GEMM as its fallback."""
     rows = _shapes(layout)[2]
     nb = n // BLOCK
     if layout == "11":
