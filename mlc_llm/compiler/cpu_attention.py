@@ -287,15 +287,16 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.hand
 QTILE = 16
 
 
-def _halve(vec: str, op: str, name: str) -> list[str]:
-    """TIR lines reducing the 16-lane vector expression `vec` to the scalar `name` by halving (16 -> 8 -> 4 -> 2 ->
-    1 lanes, vectorlow/vectorhigh), combining halves with `op` ("+" or "max")."""
+def _halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
+    """TIR lines reducing the 16-lane vector expression `vec` to a scalar by halving (16 -> 8 -> 4 -> 2 -> 1 lanes,
+    vectorlow/vectorhigh; the intermediates are `name`16, `name`8, ...), combining halves with `op` ("+" or "max");
+    the scalar is bound to `name`, or stored to `out` if given."""
     comb = (lambda a, b: f"{a} + {b}") if op == "+" else (lambda a, b: f"T.max({a}, {b})")
     lines = [f"{name}16 = {vec}"]
     for lanes, prev in ((8, 16), (4, 8), (2, 4)):
         lines.append(f"{name}{lanes} = " + comb(f"T.vectorlow(\"float32x{lanes}\", {name}{prev})",
                                                f"T.vectorhigh(\"float32x{lanes}\", {name}{prev})"))
-    lines.append(f"{name} = " + comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)"))
+    lines.append(f"{out or name} = " + comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)"))
     return lines
 
 
@@ -319,12 +320,7 @@ def _score(d: int, k_row: str) -> str:
     if d % 16 == 0:
         ramp = lambda c: f"T.ramp({16 * c}, 1, 16)"  # noqa: E731
         prods = [f"q[g, {ramp(c)}] * T.Cast(\"float32x16\", {k_row.replace('dd', ramp(c))})" for c in range(d // 16)]
-        lines = [f"v16 = {' + '.join(prods)}"]
-        for lanes, prev in ((8, 16), (4, 8), (2, 4)):
-            lines.append(f"v{lanes} = T.vectorlow(\"float32x{lanes}\", v{prev}) + "
-                         f"T.vectorhigh(\"float32x{lanes}\", v{prev})")
-        lines.append("s[g, r] = T.vectorlow(\"float32\", v2) + T.vectorhigh(\"float32\", v2)")
-        return "\n".join(lines)
+        return "\n".join(_halve(" + ".join(prods), "+", "v", out="s[g, r]"))
     terms = [f"part[{i}]" for i in range(d)]
     while len(terms) > 1:  # TVM does not reassociate a serial sum into vector adds
         terms = [f"({terms[i]} + {terms[i + len(terms) // 2]})" for i in range(len(terms) // 2)] + \
@@ -333,36 +329,31 @@ def _score(d: int, k_row: str) -> str:
             f"s[g, r] = {terms[0]}")
 
 
-def _body(template: str, write: str, hq: int, hkv: int, d: int, dtype: str, q_row: str, k_row: str, v_row: str,
-          out_row: str, lse: str, level: int) -> str:
-    """`template` with the per-task state, the page/chunk loop body and the output `write` at nesting `level`."""
+def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_decode_cpu` (no sliding window): `_DECODE` with the per-task state, the
+    page loop body (`_CHUNK`) and the output write."""
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     grp = hq // hkv
-    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, page_m1=PAGE - 1, grp=grp, log2e=repr(LOG2E),
+    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, grp=grp, log2e=repr(LOG2E),
                   ns=f"T.max(1, T.min(({SPLIT_TASKS} + B * {hkv} - 1) // (B * {hkv}), "
                      f"nnz_pages // (B * {SPLIT_MIN_PAGES})))")
-    state = _indent(_STATE.format(q_row=q_row, **common), level)
-    chunk = _indent(_CHUNK.format(v_row=v_row, score=_indent(_score(d, k_row), 3), exp2_scalar=_exp2("m[g] - st[1]"),
-                                  exp2_vec=_exp2("s[g, r] - st[1]"), **common), level + 1)
-    write = _indent(write.format(out_row=out_row, lse=lse, **common), level)
-    # decode: the K rows of the next page and the V rows of this one (a page's rows of one head are one 4 KB run,
-    # where the hardware prefetcher stops)
+    state = _indent(_STATE.format(q_row=f"Q[b, hk * {grp} + g, dd]", **common), 3)
+    chunk = _indent(_CHUNK.format(v_row="pages[page_no, 1, hk, r, dd]",
+                                  score=_indent(_score(d, "pages[page_no, 0, hk, r, dd]"), 3),
+                                  exp2_scalar=_exp2("m[g] - st[1]"), exp2_vec=_exp2("s[g, r] - st[1]"), **common), 4)
+    write = _indent(_WRITE_DECODE.format(out_row=f"output[b, hk * {grp} + g, dd]", lse=f"lse[b, hk * {grp} + g]",
+                                         **common), 3)
+    # the K rows of the next page and the V rows of this one (a page's rows of one head are one 4 KB run, where the
+    # hardware prefetcher stops)
     per_line = 64 // tvm.DataType(dtype).bits * 8
     lines = PAGE * d // per_line
     at = lambda page_no, kv: f"pages[{page_no}, {kv}, hk, c * {per_line} // {d}, c * {per_line} % {d}]"  # noqa: E731
     prefetch = _indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
                        f"        {_prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
-                       f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", level + 1)
-    return template.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
-                           exp2_merge=_exp2("part_md[bh * {ns} + sp, g, 0] - m[g]").replace("{ns}", common["ns"]), **common)
-
-
-def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """Same parameters as TVM's `_attention_decode_cpu` (no sliding window)."""
-    grp = num_q_heads // num_kv_heads
-    return _parse(_body(_DECODE, _WRITE_DECODE, num_q_heads, num_kv_heads, head_dim, dtype,
-                        q_row=f"Q[b, hk * {grp} + g, dd]", k_row="pages[page_no, 0, hk, r, dd]",
-                        v_row="pages[page_no, 1, hk, r, dd]", out_row=f"output[b, hk * {grp} + g, dd]",
-                        lse=f"lse[b, hk * {grp} + g]", level=3))
+                       f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", 4)
+    return _parse(_DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
+                                 exp2_merge=_exp2("part_md[bh * {ns} + sp, g, 0] - m[g]").replace("{ns}", common["ns"]),
+                                 **common))
 
 
 def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
