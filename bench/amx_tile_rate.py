@@ -4,7 +4,8 @@ accumulator per step), with the 10 tile loads per step (from L1: the same small 
 
     .venv/bin/python bench/amx_tile_rate.py [--iters 20000]
 
-Needs a CPU with AMX-BF16 (exits otherwise) and asks Linux for the AMX state (arch_prctl) first.
+Needs a CPU with AMX-BF16 (exits otherwise) and asks Linux for the AMX state (arch_prctl) first. Run it several
+times: on the project's VM the rate was bimodal from run to run (6-8 ns or 15-28 ns per product).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ os.environ["TVM_NUM_THREADS"] = "1"
 
 
 def _source(with_loads: bool, iters: int) -> str:
-    from mlc_llm.compiler.cpu_q4_blocked import _amx
+    from mlc_llm.compiler.cpu_gemv import _indent
+    from mlc_llm.compiler.cpu_q4_blocked import _amx, tile_config
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
                _amx("tileloadd64", "T.int8(5)", "T.address_of(a[512])", "T.int64(64)")]
@@ -45,14 +47,7 @@ def _source(with_loads: bool, iters: int) -> str:
     return f'''
 @T.prim_func(s_tir=True)
 def main(a: T.Buffer((1024,), "uint16"), b: T.Buffer((4096,), "uint16"), c: T.Buffer((16, 64), "float32")):
-    cfg = T.alloc_buffer((64,), "uint8", scope="local")
-    for i in range(64):
-        cfg[i] = T.uint8(0)
-    cfg[0] = T.uint8(1)
-    for t in range(8):
-        cfg[16 + 2 * t] = T.uint8(64)
-        cfg[48 + t] = T.uint8(16)
-    {_amx("ldtilecfg", "T.address_of(cfg[0])")}
+{_indent(tile_config(), 1)}
 {lines}
     {_amx("tilerelease")}
 '''

@@ -136,14 +136,7 @@ if perm[0] == T.int64(0):
     for task in T.parallel(T.int64({nb}) * {chunks}):
         blk = task % T.int64({nb})
         c = task // T.int64({nb})
-        cfg = T.alloc_buffer((64,), "uint8", scope="local")
-        for i in range(64):
-            cfg[i] = T.uint8(0)
-        cfg[0] = T.uint8(1)
-        for t in range(8):
-            cfg[16 + 2 * t] = T.uint8(64)
-            cfg[48 + t] = T.uint8(16)
-        {ldtilecfg}
+{tile_config}
         wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
         wl = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
         cb = T.alloc_buffer((16, 64), "float32")
@@ -170,6 +163,16 @@ else:
 
 def _amx(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
+
+
+def tile_config() -> str:
+    """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 all 16 rows x 64 bytes."""
+    return "\n".join([
+        'cfg = T.alloc_buffer((64,), "uint8", scope="local")',
+        "for i in range(64):", "    cfg[i] = T.uint8(0)",
+        "cfg[0] = T.uint8(1)",
+        "for t in range(8):", "    cfg[16 + 2 * t] = T.uint8(64)", "    cfg[48 + t] = T.uint8(16)",
+        _amx("ldtilecfg", "T.address_of(cfg[0])")])
 
 
 def _round_bf16(expr: str) -> str:
@@ -212,7 +215,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str) -> str:
         w_hi0=_round_bf16(w[0]), w_hi1=_round_bf16(w[1]),
         w_lo0=_round_bf16(f'{w[0]} - T.reinterpret("float32", {_round_bf16(w[0])})'),
         w_lo1=_round_bf16(f'{w[1]} - T.reinterpret("float32", {_round_bf16(w[1])})'),
-        ldtilecfg=_amx("ldtilecfg", "T.address_of(cfg[0])"), tilerelease=_amx("tilerelease"),
+        tile_config=_indent(tile_config(), 2), tilerelease=_amx("tilerelease"),
         zero=_indent("\n".join(_amx("tilezero", f"T.int8({t})") for t in range(4)), 3),
         step=_indent("\n".join(step), 4),
         store=_indent("\n".join(_amx("tilestored64", f"T.int8({t})", f"T.address_of(cb[0, {16 * t}])",
