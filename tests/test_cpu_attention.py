@@ -95,13 +95,15 @@ def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
 
 
 @pytest.mark.parametrize("causal", [1, 0])
-@pytest.mark.parametrize("q_lens,kv_lens", [([37, 5], [37, 21]), ([16, 0, 49, 1], [16, 0, 60, 1])])
-def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_lens, kv_lens):
+@pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d", [([37, 5], [37, 21], 9, 3, 64),
+                                                     ([16, 0, 49, 1], [16, 0, 60, 1], 9, 3, 64),
+                                                     ([70, 3], [75, 3], 4, 2, 40)])
+def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_lens, kv_lens, hq, hkv, d):
     """Sequences in one ragged batch (tiles of 16 query tokens: full, partial, an empty sequence, one token), some
-    with more KV rows than queries (the causal offset), GQA 9/3."""
+    with more KV rows than queries (the causal offset, aligned to 16 rows or not), GQA 9/3 and 4/2, head_dim 64 and 40
+    (not a multiple of 16)."""
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-    hq, hkv, d = 9, 3, 64
     rng = np.random.default_rng(causal)
     q = rng.standard_normal((sum(q_lens), hq, d)).astype(np.float32)
     k = rng.standard_normal((sum(kv_lens), hkv, d)).astype(np.float32)
@@ -117,9 +119,9 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_l
             kk = k[kv_indptr[b]:kv_indptr[b] + limit].astype(np.float64)
             vv = v[kv_indptr[b]:kv_indptr[b] + limit].astype(np.float64)
             for h in range(hq):
-                s = kk[:, h // 3] @ q[q_indptr[b] + i, h] * sm_scale * math.log2(math.e)
+                s = kk[:, h // (hq // hkv)] @ q[q_indptr[b] + i, h] * sm_scale * math.log2(math.e)
                 w = np.exp2(s - s.max())
-                ref_out[q_indptr[b] + i, h] = w @ vv[:, h // 3] / w.sum()
+                ref_out[q_indptr[b] + i, h] = w @ vv[:, h // (hq // hkv)] / w.sum()
                 ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
     dev = tvm.cpu()
     t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
