@@ -50,8 +50,9 @@ def cmd_compile(a) -> None:
     from .steps.compile import compile_model
 
     overrides = _parse_compile_overrides(a.overrides) if a.overrides else None
-    output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}.so")
-    path = compile_model(a.model, a.device, output, overrides=overrides)
+    suffix = "" if a.prefill_precision == "f32" else f"-{a.prefill_precision}"
+    output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}{suffix}.so")
+    path = compile_model(a.model, a.device, output, overrides=overrides, prefill_precision=a.prefill_precision)
     print(f"wrote {path}")
 
 
@@ -209,7 +210,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="folder with mlc-chat-config.json")
     m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:sm_XX")
     m.add_argument("--overrides", help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N"')
-    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>.so)")
+    m.add_argument("--prefill-precision", default="f32", choices=["f32", "bf16"],
+                   help="CPU with AMX: prefill GEMMs with float32-level accuracy (f32, default) or on bfloat16-rounded "
+                        "inputs (bf16: ~2x faster prefill, logits within ~0.2)")
+    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16].so)")
     m.set_defaults(func=cmd_compile)
 
     b = sub.add_parser("build", help="build a deployment's artifacts through the Snakemake pipeline")

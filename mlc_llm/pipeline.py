@@ -153,7 +153,9 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
                *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
     convert = _cmd(*mlc, "convert_weight", m.source, "--quantization", q,
                    *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
-    compile_ = _cmd(*mlc, "compile", cfg.model_dir, "--device", cfg.device.spec, "-o", cfg.model_lib)
+    precision = cfg.device.prefill_precision
+    compile_ = _cmd(*mlc, "compile", cfg.model_dir, "--device", cfg.device.spec,
+                    *_opt("--prefill-precision", precision if precision != "f32" else None), "-o", cfg.model_lib)
     # What the library depends on: model shapes (source), quantization, compile-time bounds.
     compile_inputs = " ".join(f"{k}={v}" for k, v in (
         ("source", m.source), ("quantization", q), ("context_window_size", m.context_window_size),

@@ -40,6 +40,8 @@ def test_user_overrides_win_over_the_deployment():
     (["device.arch=sm_90"], "device.arch: only meaningful for cuda"),
     (["device=cuda", "device.arch=volta"], "device.arch: 'volta' is not a CUDA arch"),
     (["quantization"], "bad override 'quantization': expected key=value"),
+    (["device.prefill_precision=fp16"], "device.prefill_precision: 'fp16' is not one of f32, bf16"),
+    (["device=cuda", "device.prefill_precision=bf16"], "device.prefill_precision: bf16 is an option of the CPU"),
 ])
 def test_bad_values_give_one_line_naming_key_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -61,3 +63,12 @@ def test_plan_shares_artifacts_and_rejects_conflicts():
     # smollm2_cuda builds the q4f16_1 folder; making smollm2_cpu build the same folder with another template clashes
     with pytest.raises(ConfigError, match="both build artifacts/SmolLM2-135M-Instruct-q4f16_1 but with different"):
         make_plan({"deployment": "smollm2_cpu", "overrides": ["quantization=q4f16_1", "conv_template=qwen2"]})
+
+
+def test_bf16_prefill_deployment_shares_the_model_folder_with_its_own_library():
+    plan = make_plan()
+    f32, bf16 = plan.lib_of("smollm2_cpu"), plan.lib_of("smollm2_cpu_bf16")
+    assert bf16.model is f32.model  # one gen_config + convert_weight for both
+    assert bf16.path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so"
+    assert "--prefill-precision bf16 -o artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so" in bf16.compile_cmd
+    assert "--prefill-precision" not in f32.compile_cmd  # the default library's command (and cache) is unchanged

@@ -170,6 +170,51 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
         assert np.any(outs[0] != outs[1]), f"rows={rows}: the AMX kernel gave the float32 panel's result"
 
 
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("layout", ["b1", "1s"])
+@pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
+def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
+    """precision="bf16": one tile product of x and w each rounded to the nearest bfloat16, summed in float32. Checked
+    against float64 on the rounded inputs (tight: only the float32 sums differ), which the float32 result misses
+    (the rounding is what the bound sees); rows below PANEL_MIN keep the float32 kernels."""
+    rng = np.random.default_rng(n + k + 2)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
+    wd = dequantize_q4(q, s, k)
+    lib = tvm.compile(tvm.IRModule({"main": cpu_q4_blocked.blocked_kernel(n, k, layout, residual, amx=True,
+                                                                          precision="bf16")
+                                    .with_attr("global_symbol", "main")}), target=_HOST)
+    dev = tvm.cpu()
+    for rows in [8, 16, 17, 16 * cpu_q4_blocked.AMX_CHUNK_TILES + 1]:
+        shape = (rows, 1) if layout == "b1" else (1, rows)
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        res = rng.standard_normal((*shape, n)).astype(np.float32)
+        exact = x.astype(np.float64) @ wd.astype(np.float64).T + (res if residual else 0)
+        rounded = _bf16(x).astype(np.float64) @ _bf16(wd).astype(np.float64).T + (res if residual else 0)
+        args = [tvm.runtime.tensor(a, dev) for a in ([block_rows(q), block_rows(s), x] + ([res] if residual else []))]
+        out = tvm.runtime.tensor(np.full((*shape, n), np.nan, np.float32), dev)
+        lib["main"](*args, out)
+        bound = 1e-5 * np.abs(exact).max()
+        if rows < cpu_q4_blocked.PANEL_MIN:
+            np.testing.assert_allclose(out.numpy(), exact, rtol=0, atol=bound, err_msg=f"rows={rows}")
+        else:
+            np.testing.assert_allclose(out.numpy(), rounded, rtol=0, atol=bound, err_msg=f"rows={rows}")
+            assert np.abs(out.numpy() - exact).max() > 10 * bound, f"rows={rows}: not rounded to bf16"
+
+
+def test_unknown_prefill_precision_is_refused():
+    with pytest.raises(ValueError, match="unknown prefill precision 'fp8'"):
+        cpu_q4_blocked.blocked_source(128, 64, "1s", False, amx=True, precision="fp8")
+    from mlc_llm.compiler.cpu_schedules import schedule_cpu_matmuls
+    with pytest.raises(ValueError, match="allowed: f32, bf16"):
+        schedule_cpu_matmuls(_HOST, "fp16")
+
+
 @pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
 def test_amx_kernel_falls_back_to_the_float32_panel_when_linux_refuses_amx():
     """The AMX kernel asks Linux for the tile state at each call; refused (here: the same syscall with an invalid

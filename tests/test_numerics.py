@@ -7,19 +7,33 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from mlc_llm import tensor_cache
+import tvm
 
-from .helpers import build_with_steps, max_logit_diff
+from mlc_llm import tensor_cache
+from mlc_llm.compiler import cpu_q4_blocked
+from mlc_llm.serve.runner import ModelRunner
+
+from .conftest import run_snakemake
+from .helpers import build_with_steps, max_logit_diff, reference_for
 from .reference import NumpyLlama
 from .tiny_hf import write_tiny_hf
 
 TOL = 1e-3
+# prefill GEMMs on bf16-rounded inputs (device.prefill_precision=bf16): 0.18 measured on LONG_TEXT (std of the
+# logits: 3.5)
+BF16_TOL = 0.5
+
+
+# 66 tokens: prefill GEMMs of >= PANEL_MIN rows (the panel / AMX kernels) and several 16-token attention tiles
+LONG_TEXT = ("The history of the city begins in the Roman era, when a small settlement grew on the banks of the river. "
+             "Over the centuries it became a center of trade, art and learning, and today it is known for its "
+             "museums, its food and its long summer evenings. Visitors often ask what to see first, and the answer is")
 
 
 def smollm_prompts(model_dir) -> list[list[int]]:
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     texts = ["The capital of France is", "def fibonacci(n):\n    return", "Once upon a time, in a land far away, "
-             "there lived a", "1 2 3 4"]
+             "there lived a", "1 2 3 4", LONG_TEXT]
     return [tok.encode(t).ids for t in texts]
 
 
@@ -28,6 +42,30 @@ def test_smollm2_logits_match_numpy(fixture, request):
     art = request.getfixturevalue(fixture)
     diff = max_logit_diff(art.dir, art.lib, smollm_prompts(art.dir), decode_steps=4)
     assert diff < TOL, f"max |Δlogit| {diff:.2e}"
+
+
+@pytest.mark.skipif(not cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu())),
+                    reason="this CPU has no AMX-BF16 tiles (the bf16 library compiles the float32 kernels)")
+def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
+    """`snakemake build_smollm2_cpu_bf16` (the same model folder, prefill GEMMs on bf16-rounded inputs): greedy
+    tokens as the float64 reference, logits within BF16_TOL of it, and not the float32 library's logits (the
+    option reached the kernels)."""
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu_bf16")
+    assert r.returncode == 0, r.stderr[-4000:]
+    lib = smollm_q4.dir / "lib" / "cpu-bf16.so"
+    tok = Tokenizer.from_file(str(smollm_q4.dir / "tokenizer.json"))
+    prompt = tok.encode(LONG_TEXT).ids
+    expected = reference_for(smollm_q4.dir).logits(prompt)[-1]
+    logits = []
+    for path in (lib, smollm_q4.lib):
+        runner = ModelRunner(smollm_q4.dir, path)
+        cache = runner.create_kv_cache(1, 256, 128)
+        runner.add_sequence(cache, 0)
+        logits.append(np.asarray(runner.batch_prefill(cache, [0], [prompt]))[0])
+    bf16, f32 = logits
+    assert int(bf16.argmax()) == int(expected.argmax())
+    assert np.abs(bf16 - expected).max() < BF16_TOL, np.abs(bf16 - expected).max()
+    assert np.abs(bf16 - f32).max() > 10 * TOL, "the bf16 library gave the float32 library's logits"
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu"])

@@ -59,6 +59,10 @@ PANEL_CHUNK = 48
 # tiles of 16x16 in tile registers 0-3 (x hi/lo in 4-5, w hi/lo in 6-7). Linux hands out AMX state only on request
 # (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and
 # runs the float32 panel GEMM if refused.
+# Prefill precisions of the AMX GEMM: "f32" (three products, the default: logits as with float32 FMAs) or "bf16"
+# (one product, x and w rounded to bfloat16 as PyTorch's bf16 matmuls do: ~3x faster tiles, ~2e-3 relative error
+# per GEMM). Without AMX every precision runs the float32 kernels.
+PRECISIONS = ("f32", "bf16")
 AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
 AMX_CHUNK_TILES = 16
 
@@ -126,26 +130,23 @@ _AMX = """
 perm = T.alloc_buffer((1,), "int64", scope="local")
 perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
 if perm[0] == T.int64(0):
-    xa = T.alloc_buffer(({mtiles}, {g}, 2, 16, 32), "uint16")
+    xa = T.alloc_buffer(({mtiles}, {g}, {parts}, 16, 32), "uint16")
     for mt in T.parallel({mtiles}):
         for g in range({g}):
             for mi in range(16):
                 for l in T.vectorized(32):
-                    xa[mt, g, 0, mi, l] = T.Cast("uint16", T.shift_right({xr_hi}, T.uint32(16)))
-                    xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({xr_lo}, T.uint32(16)))
+{x_convert}
     for task in T.parallel(T.int64({nb}) * {chunks}):
         blk = task % T.int64({nb})
         c = task // T.int64({nb})
 {tile_config}
-        wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
-        wl = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
+{w_alloc}
         cb = T.alloc_buffer((16, 64), "float32")
         for g in range({g}):
             for k2 in range(16):
                 for ct in T.unroll(4):
                     for l in T.vectorized(16):
-                        wh[g, ct, k2, l] = T.shift_right({w_hi0}, T.uint32(16)) + {w_hi1}
-                        wl[g, ct, k2, l] = T.shift_right({w_lo0}, T.uint32(16)) + {w_lo1}
+{w_convert}
         for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
 {zero}
             for g in range({g}):
@@ -190,31 +191,46 @@ def has_amx(target: tvm.target.Target) -> bool:
     return str(target.attrs.get("mcpu", "")) in AMX_CPUS or ("+amx-bf16" in mattr and "+amx-tile" in mattr)
 
 
-def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str) -> str:
-    """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused)."""
+def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32") -> str:
+    """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
+    "f32": three products (x_hi.w_hi + x_lo.w_hi + x_hi.w_lo); "bf16": one (x and w rounded to bfloat16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
+    split = precision == "f32"
     rows = _shapes(layout)[2]
     g = k // 32
     xr = f"x[{_index(layout, f'T.min(mt * 16 + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
     w = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7)) * qs[blk, g, ct * 16 + l]'
          for j in (0, 1)]
-    step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)"),
-            _amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)")]
+    lo = lambda v: f'{v} - T.reinterpret("float32", {_round_bf16(v)})'  # noqa: E731 - the remainder after rounding
+    # a 32-bit word of a VNNI panel: the bfloat16 of k (low half) and k + 1 (high half)
+    pair = lambda a, b: f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"  # noqa: E731
+    x_convert = [f'xa[mt, g, 0, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(xr)}, T.uint32(16)))']
+    w_alloc = ['wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")'.format(g=g)]
+    w_convert = [f"wh[g, ct, k2, l] = {pair(w[0], w[1])}"]
+    step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
+    if split:
+        x_convert.append(f'xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(lo(xr))}, T.uint32(16)))')
+        w_alloc.append('wl = T.alloc_buffer(({g}, 4, 16, 16), "uint32")'.format(g=g))
+        w_convert.append(f"wl[g, ct, k2, l] = {pair(lo(w[0]), lo(w[1]))}")
+        step.append(_amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)"))
     for ct in range(4):  # tile ids are immediates: one statement per column tile
-        step += [_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"),
-                 _amx("tileloadd64", "T.int8(7)", f"T.address_of(wl[g, {ct}, 0, 0])", "T.int64(64)"),
-                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"),
-                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(5)", "T.int8(6)"),
-                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(7)")]
+        step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
+        if split:
+            step += [_amx("tileloadd64", "T.int8(7)", f"T.address_of(wl[g, {ct}, 0, 0])", "T.int64(64)"),
+                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"),
+                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(5)", "T.int8(6)"),
+                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(7)")]
+        else:
+            step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
     yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
     mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
     return _AMX.format(
-        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows,
+        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows, parts=2 if split else 1,
         chunks=f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))",
-        xr_hi=_round_bf16(xr), xr_lo=_round_bf16(f'{xr} - T.reinterpret("float32", {_round_bf16(xr)})'),
-        w_hi0=_round_bf16(w[0]), w_hi1=_round_bf16(w[1]),
-        w_lo0=_round_bf16(f'{w[0]} - T.reinterpret("float32", {_round_bf16(w[0])})'),
-        w_lo1=_round_bf16(f'{w[1]} - T.reinterpret("float32", {_round_bf16(w[1])})'),
+        x_convert=_indent("\n".join(x_convert), 5), w_alloc=_indent("\n".join(w_alloc), 2),
+        w_convert=_indent("\n".join(w_convert), 6),
         tile_config=_indent(tile_config(), 2), tilerelease=_amx("tilerelease"),
         zero=_indent("\n".join(_amx("tilezero", f"T.int8({t})") for t in range(4)), 3),
         step=_indent("\n".join(step), 4),
@@ -277,13 +293,13 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
 
 
 def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
-                   amx: bool = False) -> str:
+                   amx: bool = False, precision: str = "f32") -> str:
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
     (task = chunk * blocks + block) the decode paths were 2-8 % slower (bench/gemv_batched.py, B=1 and 8).
     `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
-    `panel_min` rows the AMX GEMM, with the panel GEMM as its fallback."""
+    `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback."""
     rows = _shapes(layout)[2]
     nb = n // BLOCK
     if layout == "11":
@@ -305,17 +321,19 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
              f"    blk = task % T.int64({nb})\n    ch = task // T.int64({nb})\n"
              + _indent(_panel(n, k, layout, residual), 1))
     if amx:
-        panel = _amx_gemm(n, k, layout, residual, panel)
+        panel = _amx_gemm(n, k, layout, residual, panel, precision)
     code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)
     return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
 
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
-                   panel_min: int = PANEL_MIN, amx: bool = False) -> tvm.tirx.PrimFunc:
-    return _parse(blocked_source(n, k, layout, residual, plans, panel_min, amx))
+                   panel_min: int = PANEL_MIN, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
+    return _parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision))
 
 
-def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False) -> Optional[tvm.tirx.PrimFunc]:
+def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False,
+                              precision: str = "f32") -> Optional[tvm.tirx.PrimFunc]:
     """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None.
-    `amx`: prefill rows on AMX tiles (`has_amx(target)`)."""
-    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx), "q4_blocked64")
+    `amx`: prefill rows on AMX tiles (`has_amx(target)`) in `precision`."""
+    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx, precision=precision),
+                                  "q4_blocked64")

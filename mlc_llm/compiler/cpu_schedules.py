@@ -71,9 +71,13 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     return sch.mod["main"]
 
 
-def schedule_cpu_matmuls(target: tvm.target.Target) -> tvm.transform.Pass:
+def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f32") -> tvm.transform.Pass:
     """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py` (prefill on AMX tiles where `target`
-    has them), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule above."""
+    has them, in `prefill_precision`), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the
+    rfactor schedule above."""
+    if prefill_precision not in cpu_q4_blocked.PRECISIONS:
+        raise ValueError(f"unknown prefill precision '{prefill_precision}' "
+                         f"(allowed: {', '.join(cpu_q4_blocked.PRECISIONS)})")
     amx = cpu_q4_blocked.has_amx(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
@@ -83,7 +87,7 @@ def schedule_cpu_matmuls(target: tvm.target.Target) -> tvm.transform.Pass:
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx) or cpu_gemv.replace_q4_matmul(func)
+                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision) or cpu_gemv.replace_q4_matmul(func)
                              or schedule_nt_matmul(func))
             except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
                 logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)

@@ -12,8 +12,9 @@ from .passes import fuse_dequantize_matmul, mark_noalias
 from .target import is_gpu, matmul_rule_is_safe
 
 
-def optimize_passes(target: tvm.target.Target) -> list:
-    """Everything up to scheduled TIR (still dataflow Relax)."""
+def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32") -> list:
+    """Everything up to scheduled TIR (still dataflow Relax). `prefill_precision`: of the CPU prefill GEMMs on AMX
+    (`cpu_q4_blocked.PRECISIONS`)."""
     passes = [
         relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(w)) -> one NT matmul, no transpose kernel
         relax.transform.LegalizeOps(),
@@ -24,7 +25,7 @@ def optimize_passes(target: tvm.target.Target) -> list:
         fuse_dequantize_matmul(),
         relax.transform.DeadCodeElimination(),
     ]
-    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls(target)]
+    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls(target, prefill_precision)]
     return passes + schedules + [mark_noalias]
 
 
@@ -42,9 +43,9 @@ def lowering_passes(target: tvm.target.Target) -> list:
     return backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
 
 
-def optimize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, prefill_precision: str = "f32") -> tvm.IRModule:
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(optimize_passes(target))(mod)
+        return tvm.transform.Sequential(optimize_passes(target, prefill_precision))(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target):

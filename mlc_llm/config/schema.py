@@ -78,10 +78,16 @@ class DeviceConfig:
     name: DeviceName = MISSING
     arch: Optional[str] = None  # CUDA arch, e.g. sm_90
     num_threads: Optional[int] = None  # CPU threads for the runtime (TVM_NUM_THREADS)
+    # CPU prefill GEMMs on AMX tiles: f32 (float32-level logits) or bf16 (inputs rounded to bfloat16, ~2x faster)
+    prefill_precision: str = "f32"
 
     def check(self) -> None:
         if self.arch is not None and self.name is not DeviceName.cuda:
             raise ValueError("device.arch: only meaningful for cuda")
+        if self.prefill_precision not in ("f32", "bf16"):
+            raise ValueError(f"device.prefill_precision: '{self.prefill_precision}' is not one of f32, bf16")
+        if self.prefill_precision != "f32" and self.name is not DeviceName.cpu:
+            raise ValueError("device.prefill_precision: bf16 is an option of the CPU kernels (cuda takes f32)")
         if self.arch is not None and not (self.arch.startswith("sm_") and self.arch[3:].rstrip("a").isdigit()):
             raise ValueError(f"device.arch: '{self.arch}' is not a CUDA arch like sm_80 or sm_90")
         _positive("device.num_threads", self.num_threads)
@@ -143,4 +149,6 @@ class BuildConfig:
     @property
     def model_lib(self) -> str:
         dev = self.device.name.value + (f"-{self.device.arch}" if self.device.arch else "")
+        if self.device.prefill_precision != "f32":
+            dev += f"-{self.device.prefill_precision}"
         return f"{self.model_dir}/lib/{dev}.so"

@@ -16,7 +16,8 @@ class CompileError(Exception):
     pass
 
 
-def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params) -> dict[str, Any]:
+def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
+              prefill_precision: str = "f32") -> dict[str, Any]:
     return {
         "version": METADATA_VERSION,
         "model_type": chat["model_type"],
@@ -24,6 +25,7 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params) -> 
         "model_dtype": quant.model_dtype,
         "device": device,
         "target": str(target),
+        "prefill_precision": prefill_precision,
         "context_window_size": cfg.context_window_size,
         "prefill_chunk_size": cfg.prefill_chunk_size,
         "sliding_window_size": -1,
@@ -53,14 +55,29 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
     return bb.get()
 
 
-def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None):
-    """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels."""
+def check_prefill_precision(device: str, prefill_precision: str) -> None:
+    """`prefill_precision` is one of PRECISIONS, and other than f32 only for the CPU."""
+    from ..compiler.cpu_q4_blocked import PRECISIONS
+    from ..compiler.target import parse_device
+
+    if prefill_precision not in PRECISIONS:
+        raise CompileError(f"unknown prefill precision '{prefill_precision}' (allowed: {', '.join(PRECISIONS)})")
+    if prefill_precision != "f32" and parse_device(device)[0] != "cpu":
+        raise CompileError(f"prefill precision {prefill_precision} is an option of the CPU kernels (AMX prefill "
+                           f"GEMMs); device '{device}' takes f32 only")
+
+
+def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None,
+                     prefill_precision: str = "f32"):
+    """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels.
+    `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.target import is_gpu, make_target
     from ..model import get_architecture
     from ..quantization import get_quantization
 
+    check_prefill_precision(device, prefill_precision)
     chat = read_chat_config(model_dir)
     arch = get_architecture(chat["model_type"])
     quant = get_quantization(chat["quantization"])
@@ -71,8 +88,8 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
                            f"use q4f16_1 (or q4f32_1) for {device}")
     model = arch.build_module(cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
-    mod = _attach_metadata(mod, _metadata(chat, cfg, quant, device, target, params))
-    mod = pipeline.optimize(mod, target)
+    mod = _attach_metadata(mod, _metadata(chat, cfg, quant, device, target, params, prefill_precision))
+    mod = pipeline.optimize(mod, target, prefill_precision)
     if is_gpu(target):
         unbound = unbound_gpu_kernels(mod)
         if unbound:
@@ -82,11 +99,12 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
 
 
 def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
-                  overrides: dict[str, int] | None = None) -> Path:
-    """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only."""
+                  overrides: dict[str, int] | None = None, prefill_precision: str = "f32") -> Path:
+    """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only.
+    prefill_precision: see `optimized_module`."""
     from ..compiler import pipeline
 
-    mod, target = optimized_module(model_dir, device, overrides)
+    mod, target = optimized_module(model_dir, device, overrides, prefill_precision)
     executable = pipeline.build(mod, target)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
