@@ -12,7 +12,8 @@ per-repetition samples come from its JSON `samples_ts`. The machines here are sh
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
-`--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
+`--model-lib A B ...` benchmarks several of our libraries in the same rounds (e.g. lib/cpu.so and the bf16-prefill
+lib/cpu-bf16.so), one row each. `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
 gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main() -> int:
     p.add_argument("--llama-bench", required=True)
     p.add_argument("--gguf", required=True)
     p.add_argument("--model", required=True, help="our artifact folder (built from the same GGUF)")
-    p.add_argument("--model-lib")
+    p.add_argument("--model-lib", nargs="+", help="our libraries (default: MODEL/lib/cpu.so)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
@@ -66,38 +67,44 @@ def main() -> int:
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     from mlc_llm.bench_latency import _spread, bench_latency
 
-    rounds = []  # (test name -> (ours, theirs) spread dicts) per round; the two sides alternate round by round
+    libs = a.model_lib or [str(Path(a.model) / "lib" / "cpu.so")]
+    rounds = []  # ((test, lib) -> (ours, theirs, hf) spread dicts) per round; the sides alternate round by round
     for _ in range(a.rounds):
         theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
-        ours = bench_latency(a.model, a.model_lib or str(Path(a.model) / "lib" / "cpu.so"), "cpu", a.prompt_len,
-                             a.gen_len, a.repeat, False, 128, 1, None)
-        tests = {f"pp{run['prompt_len']}": (run["prefill_tok_s"], theirs.get(f"pp{run['prompt_len']}"),
-                                             hf.get(f"pp{run['prompt_len']}")) for run in ours["runs"]}
-        tests[f"tg{a.gen_len}"] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"), None)
+        tests = {}
+        for lib in libs:
+            ours = bench_latency(a.model, lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False, 128, 1, None)
+            label = Path(lib).name if len(libs) > 1 else ""
+            for run in ours["runs"]:
+                name = f"pp{run['prompt_len']}"
+                tests[(name, label)] = (run["prefill_tok_s"], theirs.get(name), hf.get(name))
+            tests[(f"tg{a.gen_len}", label)] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"), None)
         rounds.append(tests)
     print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
           + (" of the per-round medians" if a.rounds > 1 else ""))
     hf_head = f"{'HF ' + a.hf_dtype + ' tok/s':>28}{'ours / HF':>24}" if a.hf_python else ""
-    print(f"{'test':<8}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
+    width = max(8, *(len(f"{n} {lb}") + 1 for n, lb in rounds[0]))
+    print(f"{'test':<{width}}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
     table = []
-    for name in rounds[0]:
-        if any(r[name][1] is None for r in rounds):
+    for key in rounds[0]:  # per test, the libraries in the order given
+        if any(r[key][1] is None for r in rounds):
             continue
         if a.rounds == 1:
-            o, t = rounds[0][name]
+            o, t = rounds[0][key][:2]
         else:
-            o = _spread([r[name][0]["median"] for r in rounds])
-            t = _spread([r[name][1]["median"] for r in rounds])
-        ratios = [r[name][0]["median"] / r[name][1]["median"] for r in rounds]
+            o = _spread([r[key][0]["median"] for r in rounds])
+            t = _spread([r[key][1]["median"] for r in rounds])
+        ratios = [r[key][0]["median"] / r[key][1]["median"] for r in rounds]
         ratio = _spread(ratios)
-        row = {"test": name, "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios}
+        name, label = key
+        row = {"test": name, "lib": label or libs[0], "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios}
         fmt = lambda v, p=1: f"{v['median']:.{p}f} [{v['min']:.{p}f}-{v['max']:.{p}f}]"  # noqa: E731
-        line = f"{name:<8}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}"
-        if all(r[name][2] is not None for r in rounds) and a.hf_python:
-            h = rounds[0][name][2] if a.rounds == 1 else _spread([r[name][2]["median"] for r in rounds])
+        line = f"{(name + ' ' + label).strip():<{width}}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}"
+        if all(r[key][2] is not None for r in rounds) and a.hf_python:
+            h = rounds[0][key][2] if a.rounds == 1 else _spread([r[key][2]["median"] for r in rounds])
             h = {k: h[k] for k in ("median", "min", "max")}
-            hf_ratios = [r[name][0]["median"] / r[name][2]["median"] for r in rounds]
+            hf_ratios = [r[key][0]["median"] / r[key][2]["median"] for r in rounds]
             row.update(hf=h, hf_ratio=_spread(hf_ratios), hf_ratios=hf_ratios)
             line += f"{fmt(h):>28}{fmt(row['hf_ratio'], 2):>24}"
         table.append(row)

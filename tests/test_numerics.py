@@ -24,7 +24,7 @@ TOL = 1e-3
 BF16_TOL = 0.5
 
 
-# 66 tokens: prefill GEMMs of >= PANEL_MIN rows (the panel / AMX kernels) and several 16-token attention tiles
+# 66 tokens: one sequence over several 16-token tiles of the ragged prefill attention (the short prompts fit in one)
 LONG_TEXT = ("The history of the city begins in the Roman era, when a small settlement grew on the banks of the river. "
              "Over the centuries it became a center of trade, art and learning, and today it is known for its "
              "museums, its food and its long summer evenings. Visitors often ask what to see first, and the answer is")
