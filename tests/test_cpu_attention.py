@@ -1,5 +1,5 @@
-"""The CPU decode attention kernel (compiler/cpu_attention.py) against numpy, and against TVM's stock kernel, on paged
-KV with ragged lengths (a partial last page, an empty sequence, GQA groups)."""
+"""The CPU attention kernels (compiler/cpu_attention.py: decode, ragged and paged prefill, RoPE) against numpy and
+against TVM's stock kernels, on paged KV with ragged lengths (a partial last page, an empty sequence, GQA groups)."""
 from __future__ import annotations
 
 import math
@@ -133,6 +133,51 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_l
         out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
         lib["main"](t(q), t(q_indptr), t(k), t(v), t(kv_indptr), t(np.zeros(len(q), np.int32)),
                     t(np.zeros(len(q_lens), np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
+        results.append((out.numpy(), lse.numpy()))
+    (out, lse), (stock_out, stock_lse) = results
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d", [([5, 40, 0, 1], [37, 40, 16, 300], 9, 3, 64),
+                                                     ([20], [33], 4, 2, 40)])
+def test_paged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_lens, kv_lens, hq, hkv, d):
+    """New tokens against their sequences' KV pages (prefill with history, chunked prefill): scattered pages, a
+    partial last page, a sequence with pages but no new tokens, one token over 300 rows, more rows than tokens (the
+    causal offset, aligned to 16 rows or not)."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_cpu
+
+    rng = np.random.default_rng(causal * 7 + d)
+    _, pages, indptr, values, last = _inputs(rng, kv_lens, hq, hkv, d)
+    q = rng.standard_normal((sum(q_lens), hq, d)).astype(np.float32)
+    q_indptr = np.cumsum([0] + q_lens).astype(np.int32)
+    sm_scale = d ** -0.5
+    ref_out, ref_lse = np.zeros(q.shape), np.zeros(q.shape[:2])
+    for b, (nq, nkv) in enumerate(zip(q_lens, kv_lens)):
+        rows = [(values[indptr[b] + i // PAGE], i % PAGE) for i in range(nkv)]
+        for i in range(nq):
+            limit = nkv - nq + i + 1 if causal else nkv
+            for h in range(hq):
+                hk = h // (hq // hkv)
+                k = np.stack([pages[pg, 0, hk, r] for pg, r in rows[:limit]]).astype(np.float64)
+                v = np.stack([pages[pg, 1, hk, r] for pg, r in rows[:limit]]).astype(np.float64)
+                s = k @ q[q_indptr[b] + i, h] * sm_scale * math.log2(math.e)
+                w = np.exp2(s - s.max())
+                ref_out[q_indptr[b] + i, h] = w @ v / w.sum()
+                ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
+    results = []
+    for func in (cpu_attention.paged_prefill_kernel(hq, hkv, d, "float32"),
+                 _attention_prefill_cpu(hkv, hq, d, "float32", False, {})):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                          target=tvm.target.Target.from_device(dev))
+        out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
+        lib["main"](t(q), t(q_indptr), t(pages), t(indptr), t(values), t(last), t(np.zeros(len(q_lens), np.int32)),
+                    t(np.zeros(len(q), np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
         results.append((out.numpy(), lse.numpy()))
     (out, lse), (stock_out, stock_lse) = results
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)

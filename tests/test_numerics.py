@@ -44,6 +44,26 @@ def test_smollm2_logits_match_numpy(fixture, request):
     assert diff < TOL, f"max |Δlogit| {diff:.2e}"
 
 
+def test_prefill_after_history_matches_numpy(smollm_q4):
+    """A second prefill on sequences that already hold KV (chat turns, chunked prompts): the new tokens attend to the
+    cached pages (the paged prefill kernel) and to themselves (the ragged one), states merged. One batch: a sequence
+    with 40 tokens of history + 26 new, a fresh one, and one with 17 of history + 1 new."""
+    tok = Tokenizer.from_file(str(smollm_q4.dir / "tokenizer.json"))
+    long, short = tok.encode(LONG_TEXT).ids, smollm_prompts(smollm_q4.dir)[0]
+    history = {0: long[:40], 2: long[:17]}
+    new = {0: long[40:], 1: short, 2: long[17:18]}
+    runner = ModelRunner(smollm_q4.dir, smollm_q4.lib)
+    cache = runner.create_kv_cache(3, 256, 64)
+    for s in range(3):
+        runner.add_sequence(cache, s)
+    runner.batch_prefill(cache, list(history), list(history.values()))
+    logits = np.asarray(runner.batch_prefill(cache, list(new), list(new.values())))
+    ref = reference_for(smollm_q4.dir)
+    for row, s in zip(logits, new):
+        expected = ref.logits(history.get(s, []) + new[s])[-1]
+        assert np.abs(row - expected).max() < TOL, (s, np.abs(row - expected).max())
+
+
 @pytest.mark.skipif(not cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu())),
                     reason="this CPU has no AMX-BF16 tiles (the bf16 library compiles the float32 kernels)")
 def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):

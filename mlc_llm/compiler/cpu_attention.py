@@ -1,6 +1,7 @@
 """The project's CPU attention kernels: decode over the paged KV cache (replaces TVM's `tir_attention_decode_cpu`),
-prefill of new tokens against themselves (`tir_attention_prefill_ragged_cpu`), and RoPE + q/k/v split
-(`tir_split_rotary`).
+prefill of new tokens against themselves (`tir_attention_prefill_ragged_cpu`) and against the KV pages their
+sequences already hold (`tir_attention_prefill_cpu`: chat turns after the first, chunked prompts), and RoPE + q/k/v
+split (`tir_split_rotary`).
 
 TVM's CPU decode kernel is serial over sequences, heads and KV rows, with scalar loops over head_dim and three `exp2`
 library calls per row and head: 3.4 ms of a 13-20 ms SmolLM2 decode step at context 128, and it grows with the
@@ -18,8 +19,10 @@ It assumes RoPE is applied before the cache (`RopeMode.NORMAL`, what our models 
 The ragged prefill kernel works tiles of 16 query tokens x one KV head with one query token per vector lane: scores
 are FMAs of a query vector and a broadcast K element, the online softmax is vertical (no horizontal sums), and the
 output accumulates in 8 independent FMA chains: 1.5x the tiled kernel it replaced and ~25x TVM's at 512 tokens
-(bench/attention.py). `install()` swaps the kernels into the module being built, under the stock
-functions' names and symbols.
+(bench/attention.py). The paged prefill kernel is the same code with each 16-row chunk a KV page: TVM's is serial and
+scalar and walks every row of the cache's page capacity for each query token and head (a 100-token turn after 1,000
+tokens of history: 2.2 s of a SmolLM2 prefill, 0.14 s with ours). `install()` swaps the kernels into the module
+being built, under the stock functions' names and symbols.
 """
 from __future__ import annotations
 
@@ -182,7 +185,7 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
 # - the output [head, d, 16 tokens] is accumulated 8 d-rows at a time (8 independent FMA chains, P in registers).
 # Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
 # ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
-_RAGGED = """
+_RAGGED_SIG = """
 @T.prim_func(s_tir=True)
 def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
          var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
@@ -204,6 +207,36 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.hand
     k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
     output = T.match_buffer(var_output, (qo_len, {hq}, {d}), "{dtype}")
     lse = T.match_buffer(var_lse, (qo_len, {hq}), "float32")
+"""
+_PAGED_SIG = """
+@T.prim_func(s_tir=True)
+def main(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+         var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+         var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
+         rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+    T.func_attr({{"tirx.noalias": True}})
+    batch_size = T.int32()
+    total_len = T.int32()
+    nnz_pages = T.int32()
+    max_num_pages = T.int32()
+    q_indptr_elem_offset = T.int32()
+    page_indptr_elem_offset = T.int32()
+    page_values_elem_offset = T.int32()
+    k_rope_pos_offset_elem_offset = T.int32()
+    q_rope_position_elem_offset = T.int32()
+    length_info_elem_offset = T.int32()
+    Qb = T.match_buffer(var_q, (total_len, {hq}, {d}), "{dtype}")
+    q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+    pages = T.match_buffer(var_pages, (max_num_pages, 2, {hkv}, {page}, {d}), "{dtype}")
+    page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
+    page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+    k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+    q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
+    output = T.match_buffer(var_output, (total_len, {hq}, {d}), "{dtype}")
+    lse = T.match_buffer(var_lse, (total_len, {hq}), "float32")
+    length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+"""
+_PREFILL = """
     n_tiles = T.alloc_buffer((1,), "int32", scope="local")
     n_tiles[0] = 0
     for bb in range(batch_size):
@@ -226,9 +259,7 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.hand
         q_n = q_indptr[b + 1] - q_indptr[b]
         t0 = (tile - loc[1]) * {qt}
         nq = T.min({qt}, q_n - t0)
-        kv_start = kv_indptr[b]
-        kv_n = kv_indptr[b + 1] - kv_start
-        kv_hi = T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n)
+{kv_setup}        kv_hi = T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n)
         qt = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="local")
         ot = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="local")
         m = T.alloc_buffer(({grp}, {qt}), "float32", scope="local")
@@ -251,13 +282,13 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.hand
             if c * {page} + {page} <= kv_n:
                 for r in range({page}):
                     for dd in T.vectorized({d}):
-                        kc[r, dd] = T.Cast("float32", Kb[kv_start + c * {page} + r, hk, dd])
-                        vc[r, dd] = T.Cast("float32", Vb[kv_start + c * {page} + r, hk, dd])
+                        kc[r, dd] = T.Cast("float32", {k_full})
+                        vc[r, dd] = T.Cast("float32", {v_full})
             else:  # the last, partial chunk: rows past the sequence repeat its last row (masked)
                 for r in range({page}):
                     for dd in T.vectorized({d}):
-                        kc[r, dd] = T.Cast("float32", Kb[kv_start + T.min(c * {page} + r, kv_n - 1), hk, dd])
-                        vc[r, dd] = T.Cast("float32", Vb[kv_start + T.min(c * {page} + r, kv_n - 1), hk, dd])
+                        kc[r, dd] = T.Cast("float32", {k_part})
+                        vc[r, dd] = T.Cast("float32", {v_part})
             for g in range({grp}):
                 for r in T.unroll({page}):
                     for l in T.vectorized({qt}):
@@ -378,18 +409,41 @@ def _tree(terms: list[str], comb) -> str:
     return terms[0]
 
 
-def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """Same parameters as TVM's `_attention_prefill_ragged_cpu`. head_dim must be a multiple of 8 (`install` keeps
-    TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock kernel does."""
+def _prefill(sig: str, kv_setup: str, k_row: str, v_row: str, num_q_heads: int, num_kv_heads: int, head_dim: int,
+             dtype: str) -> tvm.tirx.PrimFunc:
+    """`_PREFILL` under the signature `sig`; `kv_setup` binds kv_n (the sequence's KV rows); `k_row(row)` /
+    `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row` of chunk c (0 <= row < 16)."""
     assert head_dim % 8 == 0
     # rows of chunk c that token t0 + l may see (lane l: the token)
     lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {PAGE}"
-    return _parse(_RAGGED.format(
+    last = f"T.min(r, kv_n - 1 - c * {PAGE})"  # the partial last chunk: rows past the end repeat its last row
+    return _parse((sig + _PREFILL).format(
         hq=num_q_heads, hkv=num_kv_heads, d=head_dim, dtype=dtype, grp=num_q_heads // num_kv_heads, page=PAGE,
-        page_m1=PAGE - 1, qt=QTILE, qt_m1=QTILE - 1, log2e=repr(LOG2E), lim=lim,
+        page_m1=PAGE - 1, qt=QTILE, qt_m1=QTILE - 1, log2e=repr(LOG2E), lim=lim, kv_setup=_indent(kv_setup, 2),
+        k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last), v_part=v_row(last),
         cmax=_tree([f"sc[{r}, l]" for r in range(PAGE)], lambda x, y: f"T.max({x}, {y})"),
         rescale=_exp2("m[g, l] - st[0, l]"), pexp=_exp2("sc[r, l] - st[0, l]"),
         psum=_tree([f"p[{r}, l]" for r in range(PAGE)], lambda x, y: f"({x} + {y})")))
+
+
+def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
+    multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
+    kernel does."""
+    return _prefill(_RAGGED_SIG, "kv_start = kv_indptr[b]\nkv_n = kv_indptr[b + 1] - kv_start",
+                    lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
+                    lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim, dtype)
+
+
+def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_prefill_cpu` without sliding window (new tokens against a sequence's KV
+    pages: the KV rows are the pages' rows, the last page holding length_info[b]); the ragged kernel's tiles with
+    each 16-row chunk a page. Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel."""
+    setup = (f"pg0 = page_indptr[b]\nnpg = page_indptr[b + 1] - pg0\n"
+             f"kv_n = T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0)")
+    return _prefill(_PAGED_SIG, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
+                    lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
+                    head_dim, dtype)
 
 
 # RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
@@ -453,7 +507,8 @@ def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
     return _parse(src)
 
 
-KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel}
+KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel,
+           "tir_attention_prefill_cpu": paged_prefill_kernel}
 
 
 def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, rope_theta: float,
@@ -463,7 +518,7 @@ def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
     RoPE scalings keep TVM's kernel)."""
     mod = bb.get()
     kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in KERNELS.items()
-               if head_dim % 8 == 0 or make is not ragged_prefill_kernel}
+               if head_dim % 8 == 0 or make is decode_kernel}
     if "rope_type" not in rope_scaling:
         kernels["tir_split_rotary"] = rope_kernel(num_q_heads, num_kv_heads, head_dim, dtype, rope_theta)
     for name, kernel in kernels.items():
