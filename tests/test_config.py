@@ -65,10 +65,11 @@ def test_plan_shares_artifacts_and_rejects_conflicts():
         make_plan({"deployment": "smollm2_cpu", "overrides": ["quantization=q4f16_1", "conv_template=qwen2"]})
 
 
-def test_bf16_prefill_deployment_shares_the_model_folder_with_its_own_library():
-    plan = make_plan()
-    f32, bf16 = plan.lib_of("smollm2_cpu"), plan.lib_of("smollm2_cpu_bf16")
-    assert bf16.model is f32.model  # one gen_config + convert_weight for both
+def test_bf16_prefill_library_shares_the_model_folder():
+    f32 = make_plan().lib_of("smollm2_cpu")
+    bf16 = make_plan({"deployment": "smollm2_cpu", "overrides": ["device.prefill_precision=bf16"]}).lib_of("smollm2_cpu")
+    assert bf16.model.dir == f32.model.dir  # the same gen_config + convert_weight commands: no conflict, no rerun
+    assert (bf16.model.gen_config_cmd, bf16.model.convert_cmd) == (f32.model.gen_config_cmd, f32.model.convert_cmd)
     assert bf16.path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so"
     assert "--prefill-precision bf16 -o artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so" in bf16.compile_cmd
     assert "--prefill-precision" not in f32.compile_cmd  # the default library's command (and cache) is unchanged

@@ -67,10 +67,11 @@ def test_prefill_after_history_matches_numpy(smollm_q4):
 @pytest.mark.skipif(not cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu())),
                     reason="this CPU has no AMX-BF16 tiles (the bf16 library compiles the float32 kernels)")
 def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
-    """`snakemake build_smollm2_cpu_bf16` (the same model folder, prefill GEMMs on bf16-rounded inputs): greedy
-    tokens as the float64 reference, logits within BF16_TOL of it, and not the float32 library's logits (the
-    option reached the kernels)."""
-    r = run_snakemake(pipeline_dir, "build_smollm2_cpu_bf16")
+    """`snakemake build_smollm2_cpu` with device.prefill_precision=bf16 (lib/cpu-bf16.so in the same model folder,
+    prefill GEMMs on bf16-rounded inputs): the float64 reference's greedy token, logits within BF16_TOL of it, and
+    not the float32 library's logits (the option reached the kernels)."""
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      "overrides=[device.prefill_precision=bf16]")
     assert r.returncode == 0, r.stderr[-4000:]
     lib = smollm_q4.dir / "lib" / "cpu-bf16.so"
     tok = Tokenizer.from_file(str(smollm_q4.dir / "tokenizer.json"))
