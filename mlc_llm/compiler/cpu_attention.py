@@ -27,6 +27,7 @@ being built, under the stock functions' names and symbols.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import tvm
 
@@ -174,8 +175,8 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
                         o[g, dd] = o[g, dd] + part_o[bh * {ns} + sp, g, dd] * w[0]
 {write}"""
 
-# Prefill of new tokens against themselves (q, k, v ragged over the batch); with `causal`, token i of a sequence sees
-# KV rows up to kv_len - qo_len + i. One task per (tile of 16 query tokens of one sequence, KV head), and a vector
+# Prefill of new tokens (the body shared by the ragged kernel, KV = the new tokens' own k and v, and the paged kernel,
+# KV = the pages a sequence holds); with `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i. One task per (tile of 16 query tokens of one sequence, KV head), and a vector
 # lane per query token: the tile's queries are transposed once ([head, d, 16 tokens]), so that for each 16-row chunk of
 # K and V (copied once per chunk, clamped rows past the sequence's end masked)
 # - the scores of one query head are 16 vectors (one per KV row, lanes = tokens), each FMA a q vector times a
@@ -409,8 +410,8 @@ def _tree(terms: list[str], comb) -> str:
     return terms[0]
 
 
-def _prefill(sig: str, kv_setup: str, k_row: str, v_row: str, num_q_heads: int, num_kv_heads: int, head_dim: int,
-             dtype: str) -> tvm.tirx.PrimFunc:
+def _prefill(sig: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
+             num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
     """`_PREFILL` under the signature `sig`; `kv_setup` binds kv_n (the sequence's KV rows); `k_row(row)` /
     `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row` of chunk c (0 <= row < 16)."""
     assert head_dim % 8 == 0

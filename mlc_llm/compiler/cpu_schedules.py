@@ -87,8 +87,8 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision) or cpu_gemv.replace_q4_matmul(func)
-                             or schedule_nt_matmul(func))
+                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
+                             or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func))
             except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
                 logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
                 continue
