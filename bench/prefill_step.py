@@ -8,7 +8,7 @@ For each round, prompt length and library: a fresh KV cache and one `batch_prefi
 through ModelRunner (round 0 is a warm-up). Prints per prompt length the median tok/s of each library, the median
 [min-max] over rounds of each library's tok/s divided by the first library's, and the largest |difference| between
 the libraries' last-token logits. `--history N`: each sequence first gets N other tokens (untimed), so the timed
-prefill attends to N cached rows too (a chat turn after the first, a chunk of a long prompt).
+prefill attends to N cached rows too (as the later chunks of a long prompt do).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_smollm2_logits_match_numpy(fixture, request):
 
 
 def test_prefill_after_history_matches_numpy(smollm_q4):
-    """A second prefill on sequences that already hold KV (chat turns, chunked prompts): the new tokens attend to the
+    """A second prefill on sequences that already hold KV (a long prompt's later chunks): the new tokens attend to the
     cached pages (the paged prefill kernel) and to themselves (the ragged one), states merged. One batch: a sequence
     with 40 tokens of history + 26 new, a fresh one, and one with 17 of history + 1 new."""
     tok = Tokenizer.from_file(str(smollm_q4.dir / "tokenizer.json"))

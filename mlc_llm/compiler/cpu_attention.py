@@ -1,7 +1,7 @@
 """The project's CPU attention kernels: decode over the paged KV cache (replaces TVM's `tir_attention_decode_cpu`),
 prefill of new tokens against themselves (`tir_attention_prefill_ragged_cpu`) and against the KV pages their
-sequences already hold (`tir_attention_prefill_cpu`: chat turns after the first, chunked prompts), and RoPE + q/k/v
-split (`tir_split_rotary`).
+sequences already hold (`tir_attention_prefill_cpu`: the second and later chunks of a prompt longer than
+prefill_chunk_size), and RoPE + q/k/v split (`tir_split_rotary`).
 
 TVM's CPU decode kernel is serial over sequences, heads and KV rows, with scalar loops over head_dim and three `exp2`
 library calls per row and head: 3.4 ms of a 13-20 ms SmolLM2 decode step at context 128, and it grows with the
@@ -20,7 +20,7 @@ The ragged prefill kernel works tiles of 16 query tokens x one KV head with one 
 are FMAs of a query vector and a broadcast K element, the online softmax is vertical (no horizontal sums), and the
 output accumulates in 8 independent FMA chains: 1.5x the tiled kernel it replaced and ~25x TVM's at 512 tokens
 (bench/attention.py). The paged prefill kernel is the same code with each 16-row chunk a KV page: TVM's is serial and
-scalar and walks every row of the cache's page capacity for each query token and head (a 100-token turn after 1,000
+scalar and walks every row of the cache's page capacity for each query token and head (100 new tokens after 1,000
 tokens of history: 2.2 s of a SmolLM2 prefill, 0.14 s with ours). `install()` swaps the kernels into the module
 being built, under the stock functions' names and symbols.
 """
