@@ -12,6 +12,8 @@ rows in parallel (serially below 4 rows, where waking the thread pool costs more
 """
 from __future__ import annotations
 
+import functools
+
 import tvm
 
 from .cpu_attention import LOG2E, _exp2, _halve
@@ -37,6 +39,8 @@ def supported(intermediate: int) -> bool:
     return intermediate % 16 == 0
 
 
+# The kernels are built once per shape (parsing the TVMScript takes ~0.1 s; a model asks for one per layer).
+@functools.lru_cache(maxsize=None)
 def silu_mul_kernel(intermediate: int, dtype: str) -> tvm.tirx.PrimFunc:
     """y[..., :I] = silu(x[..., :I]) * x[..., I:] for x [b, s, 2I] (the gate_up projection's output)."""
     if not supported(intermediate):
@@ -79,6 +83,7 @@ for c in range({chunks}):
 """
 
 
+@functools.lru_cache(maxsize=None)
 def rms_norm_kernel(hidden: int, eps: float, dtype: str) -> tvm.tirx.PrimFunc:
     """y = rms_norm(x) * w over the last axis of x [b, s, hidden] (hidden a multiple of 16: `supported`)."""
     if not supported(hidden):
