@@ -175,39 +175,13 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
                         o[g, dd] = o[g, dd] + part_o[bh * {ns} + sp, g, dd] * w[0]
 {write}"""
 
-# Prefill of new tokens (the body shared by the ragged kernel, KV = the new tokens' own k and v, and the paged kernel,
-# KV = the pages a sequence holds); with `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i. One task per (tile of 16 query tokens of one sequence, KV head), and a vector
-# lane per query token: the tile's queries are transposed once ([head, d, 16 tokens]), so that for each 16-row chunk of
-# K and V (copied once per chunk, clamped rows past the sequence's end masked)
-# - the scores of one query head are 16 vectors (one per KV row, lanes = tokens), each FMA a q vector times a
-#   broadcast K element: no horizontal sums;
-# - the online softmax is vertical: the max and the sum over the chunk's rows are trees of vector max/add, and every
-#   token's rescale factor is one lane of a vector;
-# - the output [head, d, 16 tokens] is accumulated 8 d-rows at a time (8 independent FMA chains, P in registers).
-# Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
-# ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
+# The prefill kernels' parameters: TVM's ragged (q, k, v of the new tokens) and paged (q, the KV pages) signatures,
+# then the buffers both have (_PREFILL_BUFFERS) and those of each.
 _RAGGED_SIG = """
 @T.prim_func(s_tir=True)
 def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
          var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
          causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-    T.func_attr({{"tirx.noalias": True}})
-    batch_size = T.int32()
-    qo_len = T.int32()
-    kv_len = T.int32()
-    q_indptr_elem_offset = T.int32()
-    kv_indptr_elem_offset = T.int32()
-    q_rope_position_elem_offset = T.int32()
-    k_rope_pos_offset_elem_offset = T.int32()
-    Qb = T.match_buffer(var_q, (qo_len, {hq}, {d}), "{dtype}")
-    q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-    Kb = T.match_buffer(var_k, (kv_len, {hkv}, {d}), "{dtype}")
-    Vb = T.match_buffer(var_v, (kv_len, {hkv}, {d}), "{dtype}")
-    kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
-    q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)
-    k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-    output = T.match_buffer(var_output, (qo_len, {hq}, {d}), "{dtype}")
-    lse = T.match_buffer(var_lse, (qo_len, {hq}), "float32")
 """
 _PAGED_SIG = """
 @T.prim_func(s_tir=True)
@@ -215,28 +189,51 @@ def main(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_
          var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
          var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32, rotary_mode: T.int32,
          rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+"""
+_PREFILL_BUFFERS = """
     T.func_attr({{"tirx.noalias": True}})
     batch_size = T.int32()
-    total_len = T.int32()
+    qo_len = T.int32()
+    q_indptr_elem_offset = T.int32()
+    q_rope_position_elem_offset = T.int32()
+    k_rope_pos_offset_elem_offset = T.int32()
+    Qb = T.match_buffer(var_q, (qo_len, {hq}, {d}), "{dtype}")
+    q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+    q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)
+    k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+    output = T.match_buffer(var_output, (qo_len, {hq}, {d}), "{dtype}")
+    lse = T.match_buffer(var_lse, (qo_len, {hq}), "float32")
+"""
+_RAGGED_BUFFERS = """
+    kv_len = T.int32()
+    kv_indptr_elem_offset = T.int32()
+    Kb = T.match_buffer(var_k, (kv_len, {hkv}, {d}), "{dtype}")
+    Vb = T.match_buffer(var_v, (kv_len, {hkv}, {d}), "{dtype}")
+    kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
+"""
+_PAGED_BUFFERS = """
     nnz_pages = T.int32()
     max_num_pages = T.int32()
-    q_indptr_elem_offset = T.int32()
     page_indptr_elem_offset = T.int32()
     page_values_elem_offset = T.int32()
-    k_rope_pos_offset_elem_offset = T.int32()
-    q_rope_position_elem_offset = T.int32()
     length_info_elem_offset = T.int32()
-    Qb = T.match_buffer(var_q, (total_len, {hq}, {d}), "{dtype}")
-    q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
     pages = T.match_buffer(var_pages, (max_num_pages, 2, {hkv}, {page}, {d}), "{dtype}")
     page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_elem_offset)
     page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
-    k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-    q_rope_position = T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
-    output = T.match_buffer(var_output, (total_len, {hq}, {d}), "{dtype}")
-    lse = T.match_buffer(var_lse, (total_len, {hq}), "float32")
     length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
 """
+# Prefill of new tokens (the body shared by the ragged kernel, KV = the new tokens' own k and v, and the paged kernel,
+# KV = the pages a sequence holds); with `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i. One
+# task per (tile of 16 query tokens of one sequence, KV head), and a vector lane per query token: the tile's queries
+# are transposed once ([head, d, 16 tokens]), so that for each 16-row chunk of K and V (copied once per chunk, clamped
+# rows past the sequence's end masked)
+# - the scores of one query head are 16 vectors (one per KV row, lanes = tokens), each FMA a q vector times a
+#   broadcast K element: no horizontal sums;
+# - the online softmax is vertical: the max and the sum over the chunk's rows are trees of vector max/add, and every
+#   token's rescale factor is one lane of a vector;
+# - the output [head, d, 16 tokens] is accumulated 8 d-rows at a time (8 independent FMA chains, P in registers).
+# Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
+# ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
 _PREFILL = """
     n_tiles = T.alloc_buffer((1,), "int32", scope="local")
     n_tiles[0] = 0
@@ -410,15 +407,15 @@ def _tree(terms: list[str], comb) -> str:
     return terms[0]
 
 
-def _prefill(sig: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
+def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
              num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """`_PREFILL` under the signature `sig`; `kv_setup` binds kv_n (the sequence's KV rows); `k_row(row)` /
+    """`_PREFILL` under the signature `sig` with its own `buffers`; `kv_setup` binds kv_n (the sequence's KV rows); `k_row(row)` /
     `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row` of chunk c (0 <= row < 16)."""
     assert head_dim % 8 == 0
     # rows of chunk c that token t0 + l may see (lane l: the token)
     lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {PAGE}"
     last = f"T.min(r, kv_n - 1 - c * {PAGE})"  # the partial last chunk: rows past the end repeat its last row
-    return _parse((sig + _PREFILL).format(
+    return _parse((sig + _PREFILL_BUFFERS + buffers + _PREFILL).format(
         hq=num_q_heads, hkv=num_kv_heads, d=head_dim, dtype=dtype, grp=num_q_heads // num_kv_heads, page=PAGE,
         page_m1=PAGE - 1, qt=QTILE, qt_m1=QTILE - 1, log2e=repr(LOG2E), lim=lim, kv_setup=_indent(kv_setup, 2),
         k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last), v_part=v_row(last),
@@ -431,7 +428,7 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
     """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
     multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
     kernel does."""
-    return _prefill(_RAGGED_SIG, "kv_start = kv_indptr[b]\nkv_n = kv_indptr[b + 1] - kv_start",
+    return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS, "kv_start = kv_indptr[b]\nkv_n = kv_indptr[b + 1] - kv_start",
                     lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
                     lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim, dtype)
 
@@ -442,7 +439,7 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
     each 16-row chunk a page. Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel."""
     setup = (f"pg0 = page_indptr[b]\nnpg = page_indptr[b + 1] - pg0\n"
              f"kv_n = T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0)")
-    return _prefill(_PAGED_SIG, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
+    return _prefill(_PAGED_SIG, _PAGED_BUFFERS, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
                     lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
                     head_dim, dtype)
 
