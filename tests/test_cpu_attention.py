@@ -94,6 +94,26 @@ def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
     assert np.all(y.numpy()[60:62] < 1e-37) and abs(y.numpy()[62] - 2 ** -0.5) < 1e-7
 
 
+def _check_prefill(kernels, inputs, causal, sm_scale, ref_out, ref_lse):
+    """Our prefill kernel and TVM's (`kernels`) on the same `inputs` (the arrays before output and lse): ours against
+    the float64 reference, and against the stock kernel."""
+    dev = tvm.cpu()
+    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
+    results = []
+    for func in kernels:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                          target=tvm.target.Target.from_device(dev))
+        out = t(np.full(ref_out.shape, np.nan, np.float32))
+        lse = t(np.full(ref_lse.shape, np.nan, np.float32))
+        lib["main"](*map(t, inputs), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
+        results.append((out.numpy(), lse.numpy()))
+    (out, lse), (stock_out, stock_lse) = results
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("causal", [1, 0])
 @pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d", [([37, 5], [37, 21], 9, 3, 64),
                                                      ([16, 0, 49, 1], [16, 0, 60, 1], 9, 3, 64),
@@ -123,22 +143,10 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_l
                 w = np.exp2(s - s.max())
                 ref_out[q_indptr[b] + i, h] = w @ vv[:, h // (hq // hkv)] / w.sum()
                 ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
-    dev = tvm.cpu()
-    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
-    results = []
-    for func in (cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
-                 _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})):
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                          target=tvm.target.Target.from_device(dev))
-        out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
-        lib["main"](t(q), t(q_indptr), t(k), t(v), t(kv_indptr), t(np.zeros(len(q), np.int32)),
-                    t(np.zeros(len(q_lens), np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
-        results.append((out.numpy(), lse.numpy()))
-    (out, lse), (stock_out, stock_lse) = results
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+    _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
+                    _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
+                   [q, q_indptr, k, v, kv_indptr, np.zeros(len(q), np.int32), np.zeros(len(q_lens), np.int32)],
+                   causal, sm_scale, ref_out, ref_lse)
 
 
 @pytest.mark.parametrize("causal", [0, 1])
@@ -168,22 +176,10 @@ def test_paged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_le
                 w = np.exp2(s - s.max())
                 ref_out[q_indptr[b] + i, h] = w @ v / w.sum()
                 ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
-    dev = tvm.cpu()
-    t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
-    results = []
-    for func in (cpu_attention.paged_prefill_kernel(hq, hkv, d, "float32"),
-                 _attention_prefill_cpu(hkv, hq, d, "float32", False, {})):
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                          target=tvm.target.Target.from_device(dev))
-        out, lse = t(np.full(q.shape, np.nan, np.float32)), t(np.full(q.shape[:2], np.nan, np.float32))
-        lib["main"](t(q), t(q_indptr), t(pages), t(indptr), t(values), t(last), t(np.zeros(len(q_lens), np.int32)),
-                    t(np.zeros(len(q), np.int32)), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
-        results.append((out.numpy(), lse.numpy()))
-    (out, lse), (stock_out, stock_lse) = results
-    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
+    _check_prefill((cpu_attention.paged_prefill_kernel(hq, hkv, d, "float32"),
+                    _attention_prefill_cpu(hkv, hq, d, "float32", False, {})),
+                   [q, q_indptr, pages, indptr, values, last, np.zeros(len(q_lens), np.int32),
+                    np.zeros(len(q), np.int32)], causal, sm_scale, ref_out, ref_lse)
 
 
 @pytest.mark.parametrize("rotary_dim", [64, 32])
