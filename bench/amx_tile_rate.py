@@ -23,7 +23,7 @@ os.environ["TVM_NUM_THREADS"] = "1"
 
 def _source(with_loads: bool, iters: int) -> str:
     from mlc_llm.compiler.cpu_gemv import _indent
-    from mlc_llm.compiler.cpu_q4_blocked import _amx, tile_config
+    from mlc_llm.compiler.cpu_q4_blocked import _amx, split_products, tile_config
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
                _amx("tileloadd64", "T.int8(5)", "T.address_of(a[512])", "T.int64(64)")]
@@ -32,9 +32,7 @@ def _source(with_loads: bool, iters: int) -> str:
         if with_loads:
             step += [_amx("tileloadd64", "T.int8(6)", f"T.address_of(b[{ct * 1024}])", "T.int64(64)"),
                      _amx("tileloadd64", "T.int8(7)", f"T.address_of(b[{ct * 1024 + 512}])", "T.int64(64)")]
-        step += [_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"),
-                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(5)", "T.int8(6)"),
-                 _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(7)")]
+        step += split_products(ct)
     before = [_amx("tilezero", f"T.int8({t})") for t in range(4)]
     if with_loads:
         step = x_loads + step

@@ -166,6 +166,13 @@ def _amx(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
 
 
+def split_products(ct: int) -> list[str]:
+    """TIR lines of the f32 split's three products into accumulator tile `ct`: x_hi.w_hi + x_lo.w_hi + x_hi.w_lo
+    (x hi/lo in tiles 4/5, w hi/lo in 6/7)."""
+    return [_amx("tdpbf16ps", f"T.int8({ct})", a, b)
+            for a, b in (("T.int8(4)", "T.int8(6)"), ("T.int8(5)", "T.int8(6)"), ("T.int8(4)", "T.int8(7)"))]
+
+
 def tile_config() -> str:
     """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 all 16 rows x 64 bytes."""
     return "\n".join([
@@ -219,9 +226,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
         if split:
             step += [_amx("tileloadd64", "T.int8(7)", f"T.address_of(wl[g, {ct}, 0, 0])", "T.int64(64)"),
-                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"),
-                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(5)", "T.int8(6)"),
-                     _amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(7)")]
+                     *split_products(ct)]
         else:
             step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
     yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
