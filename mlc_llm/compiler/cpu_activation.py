@@ -69,17 +69,17 @@ def main(x_h: T.handle, w: T.Buffer((T.int64({h}),), "{dtype}"), y_h: T.handle):
 """
 
 _RMS_ROW = """
-acc = T.alloc_buffer((16,), "float32", scope="local")
+acc = T.alloc_buffer((16,), "float32", scope="global")
 for l in T.vectorized(16):
     acc[l] = T.float32(0)
 for c in range({chunks}):
     for l in T.vectorized(16):
         acc[l] = acc[l] + T.Cast("float32", x[r // s, r % s, c * 16 + l]) * T.Cast("float32", x[r // s, r % s, c * 16 + l])
 {total}
-inv = T.float32(1) / T.sqrt(total / T.float32({h}) + T.float32({eps!r}))
+acc[0] = T.float32(1) / T.sqrt(acc[0] / T.float32({h}) + T.float32({eps!r}))
 for c in range({chunks}):
     for l in T.vectorized(16):
-        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", T.Cast("float32", x[r // s, r % s, c * 16 + l]) * inv * T.Cast("float32", w[c * 16 + l]))
+        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", T.Cast("float32", x[r // s, r % s, c * 16 + l]) * acc[0] * T.Cast("float32", w[c * 16 + l]))
 """
 
 
@@ -89,5 +89,5 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str) -> tvm.tirx.PrimFunc:
     if not supported(hidden):
         raise ValueError(f"hidden size {hidden} is not a multiple of 16")
     row = _RMS_ROW.format(chunks=hidden // 16, h=hidden, eps=float(eps), dtype=dtype,
-                          total="\n".join(_halve("acc[T.ramp(0, 1, 16)]", "+", "total")))
+                          total="\n".join(_halve("acc[T.ramp(0, 1, 16)]", "+", "total", out="acc[0]")))
     return _parse(_RMS_NORM.format(h=hidden, dtype=dtype, row=_indent(row, 4)))

@@ -70,13 +70,13 @@ for g in range({grp}):
 
 # Per task: the query heads of one KV head (pre-scaled to the log2 domain), their outputs and softmax state.
 _STATE = """
-q = T.alloc_buffer(({grp}, {d}), "float32", scope="local")
-o = T.alloc_buffer(({grp}, {d}), "float32", scope="local")
-s = T.alloc_buffer(({grp}, {page}), "float32", scope="local")
-part = T.alloc_buffer(({d},), "float32", scope="local")
-m = T.alloc_buffer(({grp},), "float32", scope="local")
-den = T.alloc_buffer(({grp},), "float32", scope="local")
-st = T.alloc_buffer((4,), "float32", scope="local")  # chunk max, new max, rescale factor, chunk sum
+q = T.alloc_buffer(({grp}, {d}), "float32", scope="global")
+o = T.alloc_buffer(({grp}, {d}), "float32", scope="global")
+s = T.alloc_buffer(({grp}, {page}), "float32", scope="global")
+part = T.alloc_buffer(({d},), "float32", scope="global")
+m = T.alloc_buffer(({grp},), "float32", scope="global")
+den = T.alloc_buffer(({grp},), "float32", scope="global")
+st = T.alloc_buffer((4,), "float32", scope="global")  # chunk max, new max, rescale factor, chunk sum
 for g in range({grp}):
     for dd in T.vectorized({d}):
         q[g, dd] = T.Cast("float32", {q_row}) * (sm_scale * T.float32({log2e}))
@@ -127,52 +127,53 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
     output = T.match_buffer(output_handle, (B, {hq}, {d}), "{dtype}")
     lse = T.match_buffer(lse_handle, (B, {hq}), "float32")
     length_info = T.match_buffer(var_length_info, (B,), "int32", elem_offset=length_info_elem_offset)
-    if {ns} == 1:
+    ns = T.bind({ns})
+    if ns == 1:
         for task in T.parallel(B * {hkv}):
-            b = task // {hkv}
-            hk = task % {hkv}
-            begin = page_table_indptr[b]
-            n_pages = page_table_indptr[b + 1] - begin
+            b = T.bind(task // {hkv})
+            hk = T.bind(task % {hkv})
+            begin = T.bind(page_table_indptr[b])
+            n_pages = T.bind(page_table_indptr[b + 1] - begin)
 {state}            for p in range(n_pages):
-                page_no = page_table_values[begin + p]
-                rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
+                page_no = T.bind(page_table_values[begin + p])
+                rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], {page}))
 {prefetch}{chunk}{write}
     else:
-        part_o = T.alloc_buffer((B * {hkv} * {ns}, {grp}, {d}), "float32")
-        part_md = T.alloc_buffer((B * {hkv} * {ns}, {grp}, 2), "float32")
-        for task in T.parallel(B * {hkv} * {ns}):
-            b = task // ({hkv} * {ns})
-            hk = task // {ns} % {hkv}
-            sp = task % {ns}
-            begin = page_table_indptr[b]
-            n_pages = page_table_indptr[b + 1] - begin
-{state}            for p in range(sp * n_pages // {ns}, (sp + 1) * n_pages // {ns}):
-                page_no = page_table_values[begin + p]
-                rows = T.if_then_else(p == n_pages - 1, length_info[b], {page})
+        part_o = T.alloc_buffer((B * {hkv} + {split_tasks}, {grp}, {d}), "float32")
+        part_md = T.alloc_buffer((B * {hkv} + {split_tasks}, {grp}, 2), "float32")
+        for task in T.parallel(B * {hkv} * ns):
+            b = T.bind(task // ({hkv} * ns))
+            hk = T.bind(task // ns % {hkv})
+            sp = T.bind(task % ns)
+            begin = T.bind(page_table_indptr[b])
+            n_pages = T.bind(page_table_indptr[b + 1] - begin)
+{state}            for p in range(sp * n_pages // ns, (sp + 1) * n_pages // ns):
+                page_no = T.bind(page_table_values[begin + p])
+                rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], {page}))
 {prefetch}{chunk}            for g in range({grp}):
                 for dd in T.vectorized({d}):
                     part_o[task, g, dd] = o[g, dd]
                 part_md[task, g, 0] = m[g]
                 part_md[task, g, 1] = den[g]
         for bh in T.parallel(B * {hkv}):
-            b = bh // {hkv}
-            hk = bh % {hkv}
-            o = T.alloc_buffer(({grp}, {d}), "float32", scope="local")
-            m = T.alloc_buffer(({grp},), "float32", scope="local")
-            den = T.alloc_buffer(({grp},), "float32", scope="local")
-            w = T.alloc_buffer((1,), "float32", scope="local")
+            b = T.bind(bh // {hkv})
+            hk = T.bind(bh % {hkv})
+            o = T.alloc_buffer(({grp}, {d}), "float32", scope="global")
+            m = T.alloc_buffer(({grp},), "float32", scope="global")
+            den = T.alloc_buffer(({grp},), "float32", scope="global")
+            w = T.alloc_buffer((1,), "float32", scope="global")
             for g in range({grp}):
                 m[g] = T.float32(-50000)
-                for sp in range({ns}):
-                    m[g] = T.max(m[g], part_md[bh * {ns} + sp, g, 0])
+                for sp in range(ns):
+                    m[g] = T.max(m[g], part_md[bh * ns + sp, g, 0])
                 den[g] = T.float32(0)
                 for dd in T.vectorized({d}):
                     o[g, dd] = T.float32(0)
-                for sp in range({ns}):
+                for sp in range(ns):
                     w[0] = {exp2_merge}
-                    den[g] = den[g] + part_md[bh * {ns} + sp, g, 1] * w[0]
+                    den[g] = den[g] + part_md[bh * ns + sp, g, 1] * w[0]
                     for dd in T.vectorized({d}):
-                        o[g, dd] = o[g, dd] + part_o[bh * {ns} + sp, g, dd] * w[0]
+                        o[g, dd] = o[g, dd] + part_o[bh * ns + sp, g, dd] * w[0]
 {write}"""
 
 # The prefill kernels' parameters: TVM's ragged (q, k, v of the new tokens) and paged (q, the KV pages) signatures,
@@ -235,39 +236,39 @@ _PAGED_BUFFERS = """
 # Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
 # ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
 _PREFILL = """
-    n_tiles = T.alloc_buffer((1,), "int32", scope="local")
+    n_tiles = T.alloc_buffer((1,), "int32", scope="global")
     n_tiles[0] = 0
     for bb in range(batch_size):
         n_tiles[0] = n_tiles[0] + (q_indptr[bb + 1] - q_indptr[bb] + {qt_m1}) // {qt}
     for task in T.parallel(n_tiles[0] * {hkv}):
-        pos = task // {hkv}
-        hk = task % {hkv}
-        tile = T.if_then_else(pos % 2 == 0, pos // 2, n_tiles[0] - 1 - pos // 2)
-        loc = T.alloc_buffer((3,), "int32", scope="local")  # the tile's sequence, its first tile, tiles so far
+        pos = T.bind(task // {hkv})
+        hk = T.bind(task % {hkv})
+        tile = T.bind(T.if_then_else(pos % 2 == 0, pos // 2, n_tiles[0] - 1 - pos // 2))
+        loc = T.alloc_buffer((3,), "int32", scope="global")  # the tile's sequence, its first tile, tiles so far
         loc[0] = 0
         loc[1] = 0
         loc[2] = 0
         for bb in range(batch_size):
-            nt = (q_indptr[bb + 1] - q_indptr[bb] + {qt_m1}) // {qt}
+            nt = T.bind((q_indptr[bb + 1] - q_indptr[bb] + {qt_m1}) // {qt})
             if loc[2] <= tile and tile < loc[2] + nt:
                 loc[0] = bb
                 loc[1] = loc[2]
             loc[2] = loc[2] + nt
-        b = loc[0]
-        q_n = q_indptr[b + 1] - q_indptr[b]
-        t0 = (tile - loc[1]) * {qt}
-        nq = T.min({qt}, q_n - t0)
-{kv_setup}        kv_hi = T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n)
-        qt = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="local")
-        ot = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="local")
-        m = T.alloc_buffer(({grp}, {qt}), "float32", scope="local")
-        den = T.alloc_buffer(({grp}, {qt}), "float32", scope="local")
-        kc = T.alloc_buffer(({page}, {d}), "float32", scope="local")
-        vc = T.alloc_buffer(({page}, {d}), "float32", scope="local")
-        sc = T.alloc_buffer(({page}, {qt}), "float32", scope="local")
-        p = T.alloc_buffer(({page}, {qt}), "float32", scope="local")
-        acc = T.alloc_buffer((8, {qt}), "float32", scope="local")
-        st = T.alloc_buffer((2, {qt}), "float32", scope="local")  # new max, rescale factor of the output
+        b = T.bind(loc[0])
+        q_n = T.bind(q_indptr[b + 1] - q_indptr[b])
+        t0 = T.bind((tile - loc[1]) * {qt})
+        nq = T.bind(T.min({qt}, q_n - t0))
+{kv_setup}        kv_hi = T.bind(T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n))
+        qt = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="global")
+        ot = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="global")
+        m = T.alloc_buffer(({grp}, {qt}), "float32", scope="global")
+        den = T.alloc_buffer(({grp}, {qt}), "float32", scope="global")
+        kc = T.alloc_buffer(({page}, {d}), "float32", scope="global")
+        vc = T.alloc_buffer(({page}, {d}), "float32", scope="global")
+        sc = T.alloc_buffer(({page}, {qt}), "float32", scope="global")
+        p = T.alloc_buffer(({page}, {qt}), "float32", scope="global")
+        acc = T.alloc_buffer((8, {qt}), "float32", scope="global")
+        st = T.alloc_buffer((2, {qt}), "float32", scope="global")  # new max, rescale factor of the output
         for g in range({grp}):
             for dd in range({d}):
                 for l in T.vectorized({qt}):
@@ -334,11 +335,12 @@ def _halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
     vectorlow/vectorhigh; the intermediates are `name`16, `name`8, ...), combining halves with `op` ("+" or "max");
     the scalar is bound to `name`, or stored to `out` if given."""
     comb = (lambda a, b: f"{a} + {b}") if op == "+" else (lambda a, b: f"T.max({a}, {b})")
-    lines = [f"{name}16 = {vec}"]
+    lines = [f"{name}16 = T.bind({vec})"]
     for lanes, prev in ((8, 16), (4, 8), (2, 4)):
-        lines.append(f"{name}{lanes} = " + comb(f"T.vectorlow(\"float32x{lanes}\", {name}{prev})",
-                                               f"T.vectorhigh(\"float32x{lanes}\", {name}{prev})"))
-    lines.append(f"{out or name} = " + comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)"))
+        lines.append(f"{name}{lanes} = T.bind(" + comb(f"T.vectorlow(\"float32x{lanes}\", {name}{prev})",
+                                                       f"T.vectorhigh(\"float32x{lanes}\", {name}{prev})") + ")")
+    last = comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)")
+    lines.append(f"{out} = {last}" if out else f"{name} = T.bind({last})")
     return lines
 
 
@@ -378,9 +380,9 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     page loop body (`_CHUNK`) and the output write."""
     hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     grp = hq // hkv
-    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, grp=grp, log2e=repr(LOG2E),
+    common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, grp=grp, log2e=repr(LOG2E), split_tasks=SPLIT_TASKS,
                   ns=f"T.max(1, T.min(({SPLIT_TASKS} + B * {hkv} - 1) // (B * {hkv}), "
-                     f"nnz_pages // (B * {SPLIT_MIN_PAGES})))")
+                     f"(page_table_indptr[B] - page_table_indptr[0]) // (B * {SPLIT_MIN_PAGES})))")
     state = _indent(_STATE.format(q_row=f"Q[b, hk * {grp} + g, dd]", **common), 3)
     chunk = _indent(_CHUNK.format(v_row="pages[page_no, 1, hk, r, dd]",
                                   score=_indent(_score(d, "pages[page_no, 0, hk, r, dd]"), 3),
@@ -396,7 +398,7 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
                        f"        {_prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
                        f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", 4)
     return _parse(_DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
-                                 exp2_merge=_exp2("part_md[bh * {ns} + sp, g, 0] - m[g]").replace("{ns}", common["ns"]),
+                                 exp2_merge=_exp2("part_md[bh * ns + sp, g, 0] - m[g]"),
                                  **common))
 
 
@@ -428,7 +430,7 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
     """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
     multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
     kernel does."""
-    return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS, "kv_start = kv_indptr[b]\nkv_n = kv_indptr[b + 1] - kv_start",
+    return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS, "kv_start = T.bind(kv_indptr[b])\nkv_n = T.bind(kv_indptr[b + 1] - kv_start)",
                     lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
                     lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim, dtype)
 
@@ -437,8 +439,8 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
     """Same parameters as TVM's `_attention_prefill_cpu` without sliding window (new tokens against a sequence's KV
     pages: the KV rows are the pages' rows, the last page holding length_info[b]); the ragged kernel's tiles with
     each 16-row chunk a page. Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel."""
-    setup = (f"pg0 = page_indptr[b]\nnpg = page_indptr[b + 1] - pg0\n"
-             f"kv_n = T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0)")
+    setup = (f"pg0 = T.bind(page_indptr[b])\nnpg = T.bind(page_indptr[b + 1] - pg0)\n"
+             f"kv_n = T.bind(T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0))")
     return _prefill(_PAGED_SIG, _PAGED_BUFFERS, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
                     lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
                     head_dim, dtype)
@@ -461,7 +463,7 @@ def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: 
     v = T.match_buffer(var_v, (seq_len, {hkv}, {d}), "{dtype}")
     position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
     for s in T.parallel(seq_len):
-        cs = T.alloc_buffer((2, {half}), "float32", scope="local")
+        cs = T.alloc_buffer((2, {half}), "float32", scope="global")
         for i in range({half}):
             cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))
             cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))

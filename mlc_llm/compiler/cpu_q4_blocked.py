@@ -103,7 +103,7 @@ for g in range(T.int64({g})):
 """
 _PANEL = """
 wp = T.alloc_buffer((T.int64({k}), 64), "float32")
-acc = T.alloc_buffer(({t}, 64), "float32", scope="local")
+acc = T.alloc_buffer(({t}, 64), "float32", scope="global")
 for g in range(T.int64({g})):
     for w in range(4):
         for j in T.unroll(8):
@@ -127,7 +127,7 @@ for bo in range({tiles}):
 _BF16_MASK = "T.uint32(4294901760)"
 
 _AMX = """
-perm = T.alloc_buffer((1,), "int64", scope="local")
+perm = T.alloc_buffer((1,), "int64", scope="global")
 perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
 if perm[0] == T.int64(0):
     xa = T.alloc_buffer(({mtiles}, {g}, {parts}, 16, 32), "uint16")
@@ -137,8 +137,8 @@ if perm[0] == T.int64(0):
                 for l in T.vectorized(32):
 {x_convert}
     for task in T.parallel(T.int64({nb}) * {chunks}):
-        blk = task % T.int64({nb})
-        c = task // T.int64({nb})
+        blk = T.bind(task % T.int64({nb}))
+        c = T.bind(task // T.int64({nb}))
 {tile_config}
 {w_alloc}
         cb = T.alloc_buffer((16, 64), "float32")
@@ -176,7 +176,7 @@ def split_products(ct: int) -> list[str]:
 def tile_config() -> str:
     """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 all 16 rows x 64 bytes."""
     return "\n".join([
-        'cfg = T.alloc_buffer((64,), "uint8", scope="local")',
+        'cfg = T.alloc_buffer((64,), "uint8", scope="global")',
         "for i in range(64):", "    cfg[i] = T.uint8(0)",
         "cfg[0] = T.uint8(1)",
         "for t in range(8):", "    cfg[16 + 2 * t] = T.uint8(64)", "    cfg[48 + t] = T.uint8(16)",
@@ -275,11 +275,11 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
     if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
         write = f"if bo * {t} + bi < {rows}:\n" + _indent(write, 1)
     body += f"for bi in range({t}):\n" + _indent(write, 1)
-    head = (f"acc = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"local\")\n"
-            f"part = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"local\")\n"
-            f"wv = T.alloc_buffer(({pr},), \"float32\", scope=\"local\")\n"
-            f"xs = T.alloc_buffer(({t}, 32), \"float32\", scope=\"local\")\n"
-            f"xsum = T.alloc_buffer(({t}, 16), \"float32\", scope=\"local\")\n")
+    head = (f"acc = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"global\")\n"
+            f"part = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"global\")\n"
+            f"wv = T.alloc_buffer(({pr},), \"float32\", scope=\"global\")\n"
+            f"xs = T.alloc_buffer(({t}, 32), \"float32\", scope=\"global\")\n"
+            f"xsum = T.alloc_buffer(({t}, 16), \"float32\", scope=\"global\")\n")
     loops = f"for bo in range(({rows} + T.int64({t - 1})) // T.int64({t})):\n" if t > 1 else "for bo in range(1):\n"
     loops += f"    for p in range({BLOCK // pr}):\n"
     return head + loops + _indent(body, 2)
@@ -323,7 +323,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
         return _source(_indent(small, 1), n, k, layout, residual, BLOCK)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
     panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
-             f"    blk = task % T.int64({nb})\n    ch = task // T.int64({nb})\n"
+             f"    blk = T.bind(task % T.int64({nb}))\n    ch = T.bind(task // T.int64({nb}))\n"
              + _indent(_panel(n, k, layout, residual), 1))
     if amx:
         panel = _amx_gemm(n, k, layout, residual, panel, precision)
