@@ -43,27 +43,25 @@ EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633,
 LOG2E = math.log2(math.e)
 
 _CHUNK = """
-for g in range({grp}):
-    for r in range({page}):
+for r in range({page}):
+    for g in T.unroll({grp}):
         if r < rows:
 {score}
         else:
             s[g, r] = T.float32(-1e30)
-    st[0] = s[g, 0]
-    for r in range(1, {page}):
-        st[0] = T.max(st[0], s[g, r])
+for g in range({grp}):
+{page_max}
     st[1] = T.max(m[g], st[0])
     st[2] = {exp2_scalar}
     for r in T.vectorized({page}):
         s[g, r] = {exp2_vec}
-    st[3] = T.float32(0)
-    for r in range({page}):
-        st[3] = st[3] + s[g, r]
+{page_sum}
     den[g] = den[g] * st[2] + st[3]
     m[g] = st[1]
     for dd in T.vectorized({d}):
         o[g, dd] = o[g, dd] * st[2]
-    for r in range(rows):
+for r in range(rows):
+    for g in T.unroll({grp}):
         for dd in T.vectorized({d}):
             o[g, dd] = o[g, dd] + s[g, r] * T.Cast("float32", {v_row})
 """
@@ -386,6 +384,10 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     state = _indent(_STATE.format(q_row=f"Q[b, hk * {grp} + g, dd]", **common), 3)
     chunk = _indent(_CHUNK.format(v_row="pages[page_no, 1, hk, r, dd]",
                                   score=_indent(_score(d, "pages[page_no, 0, hk, r, dd]"), 3),
+                                  page_max=_indent("\n".join(_halve(f"s[g, T.ramp(0, 1, {PAGE})]", "max", "pm",
+                                                                   out="st[0]")), 1),
+                                  page_sum=_indent("\n".join(_halve(f"s[g, T.ramp(0, 1, {PAGE})]", "+", "ps",
+                                                                   out="st[3]")), 1),
                                   exp2_scalar=_exp2("m[g] - st[1]"), exp2_vec=_exp2("s[g, r] - st[1]"), **common), 4)
     write = _indent(_WRITE_DECODE.format(out_row=f"output[b, hk * {grp} + g, dd]", lse=f"lse[b, hk * {grp} + g]",
                                          **common), 3)
