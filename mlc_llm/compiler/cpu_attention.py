@@ -8,9 +8,10 @@ library calls per row and head: 3.4 ms of a 13-20 ms SmolLM2 decode step at cont
 context. This kernel
 - runs (sequence, KV head) pairs in parallel; the query heads that share a KV head (GQA) are done together, so each
   K/V row is read once for all of them;
-- works a page (16 rows) at a time: scores of the page (dot products vectorized over head_dim), one max and one
-  rescale of the output per page and head (online softmax per page, not per row), weights by a vectorized polynomial
-  `exp2` (relative error < 2e-7; TVM lowers `T.exp2` to a libm call per lane), then the weighted V rows;
+- works a page (16 rows) at a time: scores of the page (dot products vectorized over head_dim; each K row read once
+  for the query heads of its KV head), the page's max and sum as vector halving trees, one rescale of the output per
+  page and head (online softmax per page, not per row), weights by a vectorized polynomial `exp2` (relative error
+  < 2e-7; TVM lowers `T.exp2` to a libm call per lane), then the weighted V rows (each read once for those heads);
 - keeps the stock kernel's inputs and outputs exactly: same parameters, the output normalized by the softmax sum, and
   `lse` = max + log2(sum) in the log2 domain (scores scaled by sm_scale * log2(e)), used when the runtime merges
   attention states; a sequence with no KV gives 0 and lse -5e4 as the stock kernel does.
