@@ -43,6 +43,9 @@ SPLIT_MIN_PAGES = 8
 EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
 LOG2E = math.log2(math.e)
 
+# One page of one task: the scores of every row for the task's query heads (each K row read once, the heads'
+# dot products independent), then per head the page max/sum (vector halving) and the rescale, then the weighted V rows
+# (each V row read once for all heads).
 _CHUNK = """
 for r in range({page}):
     for g in T.unroll({grp}):
@@ -138,6 +141,7 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
                 rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], {page}))
 {prefetch}{chunk}{write}
     else:
+        # B * hkv * ns <= B * hkv + split_tasks - 1 (ns <= ceil(split_tasks / (B * hkv)))
         part_o = T.alloc_buffer((B * {hkv} + {split_tasks}, {grp}, {d}), "float32")
         part_md = T.alloc_buffer((B * {hkv} + {split_tasks}, {grp}, 2), "float32")
         for task in T.parallel(B * {hkv} * ns):
@@ -433,7 +437,8 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
     """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
     multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
     kernel does."""
-    return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS, "kv_start = T.bind(kv_indptr[b])\nkv_n = T.bind(kv_indptr[b + 1] - kv_start)",
+    return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS,
+                    "kv_start = T.bind(kv_indptr[b])\nkv_n = T.bind(kv_indptr[b + 1] - kv_start)",
                     lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
                     lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim, dtype)
 
