@@ -4,9 +4,10 @@
 
 Variants of `cpu_q4_blocked.blocked_source(..., amx=True, precision=P)` (only timing: most give wrong results):
 - "const fill": the weight panels are filled with a constant instead of dequantized int4 (the dequantize's cost);
-- "1 product": f32 only: the x_lo.w_hi and x_hi.w_lo products and their tile loads removed (the cost of the split);
+- "1 product": f32 only: the x_lo.q products and x_lo's tile loads removed (the cost of the split of x);
+- "no group step": f32 only: the per-group tile stores and scaled adds removed (their cost);
 - "operands in L1": every step loads the same x and weight tiles (the cost of streaming them from L2);
-- "no tile ops": no tile loads and no tile products (dequantize, x conversion, output stores only).
+- "no tile ops": no tile instructions (the dequantize, x conversion, per-group scaled adds, output stores).
 Rounds interleave the variants; medians of 5 calls per round. Needs a CPU with AMX-BF16 (2 threads by default).
 """
 from __future__ import annotations
@@ -35,20 +36,20 @@ def _lines(src: str, keep, replace=None) -> str:
 def variants(src: str, precision: str) -> dict[str, str]:
     def fill(line):
         s = line.strip()
-        for buf, value in (("wh", "T.uint32(1065369472)"), ("wl", "T.uint32(0)")):  # bf16 pair (1.0, 1.0) / 0
-            if s.startswith(f"{buf}[g, ct, k2, l] ="):
-                return f"{buf}[g, ct, k2, l] = {value}"
+        if s.startswith("wh[g, ct, k2, l] ="):
+            return "wh[g, ct, k2, l] = T.uint32(1065369472)"  # the bf16 pair (1.0, 1.0)
         return None
 
     def no_tiles(line):
-        return "T.evaluate(0)" if ("tdpbf16ps" in line or "tileloadd" in line) else None
+        return "T.evaluate(0)" if any(op in line for op in ("tdpbf16ps", "tileloadd", "tilestored", "tilezero")) else None
 
     out = {"kernel": src, "const fill": _lines(src, lambda _: True, fill)}
     if precision == "f32":
-        out["1 product"] = _lines(src, lambda s: not ("T.int8(5), T.int8(6)" in s or "T.int8(4), T.int8(7)" in s
-                                                       or ("tileloadd" in s and ("T.int8(7)" in s or "T.int8(5)" in s))))
-    out["operands in L1"] = (src.replace("T.address_of(wh[g, ", "T.address_of(wh[0, ")
-                             .replace("T.address_of(wl[g, ", "T.address_of(wl[0, "))
+        out["1 product"] = _lines(src, lambda s: not ("T.int8(5), T.int8(6)" in s
+                                                       or ("tileloadd" in s and "T.int8(5)" in s)))
+        out["no group step"] = _lines(src, lambda s: not ("tilestored" in s and "cg[" in s)).replace(
+            "cb[mi, l] = cb[mi, l] + qs[blk, g, l] * cg[mi, l]", "cb[mi, l] = cb[mi, l]")
+    out["operands in L1"] = src.replace("T.address_of(wh[g, ", "T.address_of(wh[0, ")
     out["operands in L1"] = out["operands in L1"].replace("T.address_of(xa[mt, g, ", "T.address_of(xa[0, 0, ")
     out["no tile ops"] = _lines(src, lambda _: True, no_tiles)
     return out

@@ -1,6 +1,7 @@
 """Raw AMX-BF16 tile rate on this CPU, one thread: how long one `tdpbf16ps` (16x16x32 bf16 -> f32) takes in the
-pattern of our prefill GEMM (`compiler/cpu_q4_blocked.py`: 4 accumulator tiles, x hi/lo, w hi/lo, 3 products per
-accumulator per step), with the 10 tile loads per step (from L1: the same small buffers) and without them.
+pattern of our first f32 prefill GEMM (`compiler/cpu_q4_blocked.py` before 2026-12-02's integer-weight kernel: 4
+accumulator tiles, x hi/lo, w hi/lo, 3 products per accumulator per step), with the 10 tile loads per step (from L1:
+the same small buffers) and without them.
 
     .venv/bin/python bench/amx_tile_rate.py [--iters 20000] [--fma 32]
 
@@ -27,7 +28,7 @@ def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = Tru
     """The loop of 12 products (+ 10 tile loads); `fma_rounds` > 0 adds 12 x that many float32 vector FMAs (12
     independent accumulators) to each iteration; `tiles=False` leaves only the FMAs."""
     from mlc_llm.compiler.cpu_gemv import _indent
-    from mlc_llm.compiler.cpu_q4_blocked import _amx, split_products, tile_config
+    from mlc_llm.compiler.cpu_q4_blocked import _amx, tile_config
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
                _amx("tileloadd64", "T.int8(5)", "T.address_of(a[512])", "T.int64(64)")]
@@ -36,7 +37,8 @@ def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = Tru
         if with_loads:
             step += [_amx("tileloadd64", "T.int8(6)", f"T.address_of(b[{ct * 1024}])", "T.int64(64)"),
                      _amx("tileloadd64", "T.int8(7)", f"T.address_of(b[{ct * 1024 + 512}])", "T.int64(64)")]
-        step += split_products(ct)
+        step += [_amx("tdpbf16ps", f"T.int8({ct})", a, b)  # x_hi.w_hi + x_lo.w_hi + x_hi.w_lo
+                 for a, b in (("T.int8(4)", "T.int8(6)"), ("T.int8(5)", "T.int8(6)"), ("T.int8(4)", "T.int8(7)"))]
     before = [_amx("tilezero", f"T.int8({t})") for t in range(4)]
     if with_loads:
         step = x_loads + step

@@ -141,13 +141,21 @@ def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
 _HOST = tvm.target.Target.from_device(tvm.cpu())
 
 
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
 @pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
 @pytest.mark.parametrize("layout", ["b1", "1s"])
 @pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
 def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
-    """From PANEL_MIN rows on an AMX CPU: x and w as bf16 hi + lo, three tile products. Rows: one 16-row tile, a
-    clamped tail, several chunks of AMX_CHUNK_TILES tiles. Near float32 (relative error ~2^-16 per product), and not
-    the float32 panel's result (so the tile path ran: the kernel falls back to the panel if Linux refuses AMX)."""
+    """From PANEL_MIN rows on an AMX CPU: x as bf16 hi + lo times the integer weights, two tile products per group,
+    scaled per group in float32. Rows: one 16-row tile, a clamped tail, several chunks of AMX_CHUNK_TILES tiles.
+    Checked against float64 on x cut to its two bfloat16 parts (tight: only float32 sums differ; the weights are
+    exact), and near float32 on the exact x; not the float32 panel's result (so the tile path ran: the kernel falls
+    back to the panel if Linux refuses AMX)."""
     rng = np.random.default_rng(n + k + 1)
     q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
     wd = dequantize_q4(q, s, k).astype(np.float64)
@@ -159,6 +167,9 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
         x = rng.standard_normal((*shape, k)).astype(np.float32)
         res = rng.standard_normal((*shape, n)).astype(np.float32)
         expected = x.astype(np.float64) @ wd.T + (res if residual else 0)
+        x_hi = _bf16(x)
+        x16 = x_hi.astype(np.float64) + _bf16(x - x_hi)
+        split = x16 @ wd.T + (res if residual else 0)
         args = [tvm.runtime.tensor(a, dev) for a in ([block_rows(q), block_rows(s), x] + ([res] if residual else []))]
         outs = []
         for lib in libs:
@@ -166,14 +177,9 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
             lib["main"](*args, out)
             outs.append(out.numpy())
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(outs[0], expected, rtol=0, atol=3e-5 * scale, err_msg=f"rows={rows}")
+        np.testing.assert_allclose(outs[0], split, rtol=0, atol=1e-6 * scale, err_msg=f"rows={rows}")
+        np.testing.assert_allclose(outs[0], expected, rtol=0, atol=1e-5 * scale, err_msg=f"rows={rows}")
         assert np.any(outs[0] != outs[1]), f"rows={rows}: the AMX kernel gave the float32 panel's result"
-
-
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
 
 
 @pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")

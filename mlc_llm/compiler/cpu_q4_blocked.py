@@ -50,18 +50,23 @@ PANEL_MIN = 16
 PANEL_TILE = 6
 PANEL_CHUNK = 48
 
-# With AMX (Sapphire Rapids and later; `has_amx`), the same rows run on the tile unit instead: x and the dequantized
-# weights are each split into two bfloat16 parts (hi = rounded, lo = the rounded remainder), and x.w is summed as
-# x_hi.w_hi + x_lo.w_hi + x_hi.w_lo by `tdpbf16ps` with float32 accumulation: ~2^-16 relative error per product
-# (float32 FMAs: 2^-24), three tile products per 16x16x32 step. A prelude converts x once ([16-row tile, group,
-# hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row block): the block's weights are dequantized
-# into VNNI-packed hi/lo panels (two bf16 of consecutive k per 32-bit word), then each 16-row tile accumulates 4
-# tiles of 16x16 in tile registers 0-3 (x hi/lo in 4-5, w hi/lo in 6-7). Linux hands out AMX state only on request
-# (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and
-# runs the float32 panel GEMM if refused.
-# Prefill precisions of the AMX GEMM: "f32" (three products, the default: logits as with float32 FMAs) or "bf16"
-# (one product, x and w rounded to bfloat16 as PyTorch's bf16 matmuls do: ~3x faster tiles, ~2e-3 relative error
-# per GEMM). Without AMX every precision runs the float32 kernels.
+# With AMX (Sapphire Rapids and later; `has_amx`), the same rows run on the tile unit instead. A weight is
+# (q - 7) * scale with q - 7 an integer in -7..8, exact in bfloat16, and a tile product (`tdpbf16ps`, 16x16x32, float32
+# accumulation) spans exactly one group of 32 K-values, whose 64 rows share a scale each. So per group: x, split into
+# two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits), times the integer weights in
+# two products x_hi.q + x_lo.q on freshly zeroed accumulator tiles, stored, and added to the float32 output tile times
+# the group's scales (vector FMAs). Error: x's rounding past 16 bits (2^-17 relative) and float32 sums, against float32
+# FMAs' 2^-24 per operation. (The first AMX kernel split the dequantized weights too, x_hi.w_hi + x_lo.w_hi +
+# x_hi.w_lo, with no per-group step: three products instead of two, a hi and a lo weight panel, and twice the error;
+# this one is 1.2-1.75x faster on the three layer shapes at 512 rows, bench/amx_ablation.py's history in
+# docs/BENCHMARKS.md.) A prelude converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of
+# AMX_CHUNK_TILES row tiles, 64-row block): the block's integer weights are unpacked into a VNNI panel (two bf16 of
+# consecutive k per 32-bit word), then for each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers
+# 0-3; x hi/lo in 4-5, weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the
+# kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32 panel GEMM if refused.
+# Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
+# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: ~1.4-1.7x
+# faster, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
 PRECISIONS = ("f32", "bf16")
 AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
 AMX_CHUNK_TILES = 16
@@ -140,8 +145,9 @@ if perm[0] == T.int64(0):
         blk = T.bind(task % T.int64({nb}))
         c = T.bind(task // T.int64({nb}))
 {tile_config}
-{w_alloc}
+        wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
         cb = T.alloc_buffer((16, 64), "float32")
+{cg_alloc}
         for g in range({g}):
             for k2 in range(16):
                 for ct in T.unroll(4):
@@ -164,13 +170,6 @@ else:
 
 def _amx(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
-
-
-def split_products(ct: int) -> list[str]:
-    """TIR lines of the f32 split's three products into accumulator tile `ct`: x_hi.w_hi + x_lo.w_hi + x_hi.w_lo
-    (x hi/lo in tiles 4/5, w hi/lo in 6/7)."""
-    return [_amx("tdpbf16ps", f"T.int8({ct})", a, b)
-            for a, b in (("T.int8(4)", "T.int8(6)"), ("T.int8(5)", "T.int8(6)"), ("T.int8(4)", "T.int8(7)"))]
 
 
 def tile_config() -> str:
@@ -200,47 +199,50 @@ def has_amx(target: tvm.target.Target) -> bool:
 
 def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32") -> str:
     """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
-    "f32": three products (x_hi.w_hi + x_lo.w_hi + x_hi.w_lo); "bf16": one (x and w rounded to bfloat16)."""
+    "f32": two products per group on the integer weights (x_hi.q + x_lo.q), times the group's scales in float32;
+    "bf16": one product of x and w rounded to bfloat16."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
-    split = precision == "f32"
+    f32 = precision == "f32"
     rows = _shapes(layout)[2]
     g = k // 32
     xr = f"x[{_index(layout, f'T.min(mt * 16 + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
-    w = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
-         f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7)) * qs[blk, g, ct * 16 + l]'
-         for j in (0, 1)]
-    lo = lambda v: f'{v} - T.reinterpret("float32", {_round_bf16(v)})'  # noqa: E731 - the remainder after rounding
-    # a 32-bit word of a VNNI panel: the bfloat16 of k (low half) and k + 1 (high half)
-    pair = lambda a, b: f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"  # noqa: E731
+    q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
+         f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
     x_convert = [f'xa[mt, g, 0, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(xr)}, T.uint32(16)))']
-    w_alloc = ['wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")'.format(g=g)]
-    w_convert = [f"wh[g, ct, k2, l] = {pair(w[0], w[1])}"]
     step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
-    if split:
-        x_convert.append(f'xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(lo(xr))}, T.uint32(16)))')
-        w_alloc.append('wl = T.alloc_buffer(({g}, 4, 16, 16), "uint32")'.format(g=g))
-        w_convert.append(f"wl[g, ct, k2, l] = {pair(lo(w[0]), lo(w[1]))}")
+    if f32:
+        # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
+        # bfloat16 holds exactly: the upper halves of their float32 bits
+        w_convert = (f'wh[g, ct, k2, l] = T.shift_right(T.reinterpret("uint32", {q[0]}), T.uint32(16)) + '
+                     f'T.reinterpret("uint32", {q[1]})')
+        lo = f'{xr} - T.reinterpret("float32", {_round_bf16(xr)})'  # x's remainder after rounding to bfloat16
+        x_convert.append(f'xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(lo)}, T.uint32(16)))')
+        step = [_amx("tilezero", f"T.int8({t})") for t in range(4)] + step
         step.append(_amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)"))
+    else:
+        w = [f"{v} * qs[blk, g, ct * 16 + l]" for v in q]
+        w_convert = f"wh[g, ct, k2, l] = T.shift_right({_round_bf16(w[0])}, T.uint32(16)) + {_round_bf16(w[1])}"
     for ct in range(4):  # tile ids are immediates: one statement per column tile
         step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
-        if split:
-            step += [_amx("tileloadd64", "T.int8(7)", f"T.address_of(wl[g, {ct}, 0, 0])", "T.int64(64)"),
-                     *split_products(ct)]
-        else:
-            step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
+        step += [_amx("tdpbf16ps", f"T.int8({ct})", f"T.int8({xt})", "T.int8(6)") for xt in ((4, 5) if f32 else (4,))]
+    store = [_amx("tilestored64", f"T.int8({t})", f"T.address_of({'cg' if f32 else 'cb'}[0, {16 * t}])",
+                  "T.int64(256)") for t in range(4)]
+    if f32:  # the group's sums times its 64 scales, added to cb
+        step += store + ["for mi in range(16):", "    for l in T.vectorized(64):",
+                         "        cb[mi, l] = cb[mi, l] + qs[blk, g, l] * cg[mi, l]"]
+        zero, store = ["for mi in range(16):", "    for l in T.vectorized(64):", "        cb[mi, l] = T.float32(0)"], []
+    else:
+        zero = [_amx("tilezero", f"T.int8({t})") for t in range(4)]
     yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
     mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
     return _AMX.format(
-        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows, parts=2 if split else 1,
+        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows, parts=2 if f32 else 1,
         chunks=f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))",
-        x_convert=_indent("\n".join(x_convert), 5), w_alloc=_indent("\n".join(w_alloc), 2),
-        w_convert=_indent("\n".join(w_convert), 6),
+        x_convert=_indent("\n".join(x_convert), 5), w_convert=_indent(w_convert, 6),
+        cg_alloc=_indent('cg = T.alloc_buffer((16, 64), "float32")' if f32 else "", 2),
         tile_config=_indent(tile_config(), 2), tilerelease=_amx("tilerelease"),
-        zero=_indent("\n".join(_amx("tilezero", f"T.int8({t})") for t in range(4)), 3),
-        step=_indent("\n".join(step), 4),
-        store=_indent("\n".join(_amx("tilestored64", f"T.int8({t})", f"T.address_of(cb[0, {16 * t}])",
-                                      "T.int64(256)") for t in range(4)), 3),
+        zero=_indent("\n".join(zero), 3), step=_indent("\n".join(step), 4), store=_indent("\n".join(store), 3),
         yidx=yidx, res=f"r[{yidx}] + " if residual else "", panel=_indent(panel, 1))
 
 
