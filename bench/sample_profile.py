@@ -1,10 +1,11 @@
 """Where a decode step's time goes, by sampling (no instrumentation): `perf record` on a process that decodes in a loop
 at a fixed context, samples attributed to the model library's kernels (its symbol table: each parallel task's code
 follows its kernel's `*_compute_` function) and to the other shared objects (the TVM runtime, the kernel's
-`sched_yield` of an idle pool thread, Python).
+`sched_yield` of an idle pool thread, Python). `--prefill N` samples prefills instead: the child prefills the same N
+random tokens into a fresh sequence again and again (one `batch_prefill` each, then the sequence is removed).
 
     .venv/bin/python bench/sample_profile.py artifacts/SmolLM2-135M-Instruct-q4f32_cpu \
-        [--model-lib LIB] [--context 128] [--steps 64] [--seconds 8] [--batch 1]
+        [--model-lib LIB] [--context 128] [--steps 64] [--seconds 8] [--batch 1] [--prefill N]
 
 The child process prefills `--context` random tokens per sequence once, then decodes `--steps` greedy steps and pops
 them from the KV cache, again and again (the context stays within [context, context + steps], no prefill is
@@ -55,6 +56,25 @@ while True:
         f.write(f"{{time.perf_counter()}} {{done}}")
     os.replace({progress!r} + ".tmp", {progress!r})
 """
+_PREFILL_CHILD = """
+import os, random, sys, time
+sys.path.insert(0, {root!r})
+from mlc_llm.serve.runner import ModelRunner
+r = ModelRunner({model!r}, {lib!r}, "cpu")
+rng = random.Random(0)
+prompt = [rng.randrange({vocab}) for _ in range({tokens})]
+cache = r.create_kv_cache(1, {tokens} + 8, {tokens})
+print("ready", flush=True)
+done = 0
+while True:
+    r.add_sequence(cache, 0)
+    r.batch_prefill(cache, [0], [prompt])
+    r.remove_sequence(cache, 0)
+    done += 1
+    with open({progress!r} + ".tmp", "w") as f:
+        f.write(f"{{time.perf_counter()}} {{done}}")
+    os.replace({progress!r} + ".tmp", {progress!r})
+"""
 
 
 def _symbols(lib: str) -> tuple[list[int], list[str]]:
@@ -74,6 +94,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before perf attaches (load + first rounds)")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--prefill", type=int, metavar="N", help="sample prefills of N tokens instead of decode steps")
     a = ap.parse_args()
     if not shutil.which("perf"):
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
@@ -83,12 +104,16 @@ def main() -> int:
     vocab = json.loads((Path(a.model) / "mlc-chat-config.json").read_text())["vocab_size"]
     with tempfile.TemporaryDirectory() as tmp:
         data, progress = os.path.join(tmp, "perf.data"), os.path.join(tmp, "progress")
-        code = _CHILD.format(root=str(ROOT), model=a.model, lib=lib, vocab=vocab, context=a.context, steps=a.steps,
-                             batch=a.batch, progress=progress)
+        if a.prefill:
+            code = _PREFILL_CHILD.format(root=str(ROOT), model=a.model, lib=lib, vocab=vocab, tokens=a.prefill,
+                                         progress=progress)
+        else:
+            code = _CHILD.format(root=str(ROOT), model=a.model, lib=lib, vocab=vocab, context=a.context,
+                                 steps=a.steps, batch=a.batch, progress=progress)
         child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         try:
             if child.stdout.readline().strip() != "ready":
-                sys.exit("the decode loop did not start")
+                sys.exit("the decode / prefill loop did not start")
             time.sleep(a.warmup)
             before = Path(progress).read_text().split()
             subprocess.run(["perf", "record", "-g", "-F", "4000", "-p", str(child.pid), "-o", data, "--", "sleep",
@@ -114,11 +139,13 @@ def main() -> int:
             counts[f"[{os.path.basename(dso)}]"] += 1
     total = sum(counts.values())
     step_ms = (float(after[0]) - float(before[0])) / (int(after[1]) - int(before[1])) * 1e3
-    print(f"{lib}: decode at context {a.context}..{a.context + a.steps}, batch {a.batch}: {step_ms:.2f} ms per step "
+    what = (f"prefill of {a.prefill} tokens" if a.prefill else
+            f"decode at context {a.context}..{a.context + a.steps}, batch {a.batch}")
+    print(f"{lib}: {what}: {step_ms:.2f} ms per {'prefill' if a.prefill else 'step'} "
           f"while sampled; {total} samples ({a.seconds:.0f} s x 4 kHz x threads); "
           f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}")
     threads = total / (a.seconds * 4000)  # samples per second of wall time / the sampling rate
-    print(f"  share   thread-ms per step   (sampled threads: {threads:.1f})")
+    print(f"  share   thread-ms per {'prefill' if a.prefill else 'step'}   (sampled threads: {threads:.1f})")
     for name, n in counts.most_common(a.top):
         print(f"  {100 * n / total:5.1f} %  {n / total * step_ms * threads:6.2f}  {name}")
     return 0

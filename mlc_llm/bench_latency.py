@@ -6,7 +6,8 @@ tokens after the first / the time they took. Each setting runs `--repeat` times;
 decode speed is also given as achieved GB/s of weight reads (every weight is read once per decoded token at batch 1).
 
 `--profile` times every call the Relax VM makes during one decode step (kernels and VM builtins) through the VM's
-instrument hook, at a given context length and batch size: where the time of a token goes.
+instrument hook, at a given context length and batch size: where the time of a token goes. `--profile-prefill N`
+does the same for one prefill of N tokens (at most the model's prefill_chunk_size: one chunk).
 """
 from __future__ import annotations
 
@@ -61,19 +62,10 @@ def measure(engine, prompt_lens: list[int], gen_len: int, repeat: int, seed: int
     return runs
 
 
-def profile_decode(runner, context: int, batch: int = 1) -> dict[str, Any]:
-    """Time every VM call of one batch_decode step (after a warm-up step) at `context` tokens per sequence."""
+def _time_vm_calls(runner, call) -> tuple[float, list[dict[str, Any]]]:
+    """Run `call()` with the VM's instrument hook timing every kernel / builtin it calls: (wall s, rows by time)."""
     import tvm_ffi
 
-    cache = runner.create_kv_cache(batch, batch * (context + 8), min(context, 2048))
-    rng = random.Random(0)
-    for s in range(batch):
-        runner.add_sequence(cache, s)
-        prompt = [rng.randrange(256, runner.vocab_size) for _ in range(context)]
-        for start in range(0, context, 2048):
-            runner.batch_prefill(cache, [s], [prompt[start:start + 2048]])
-    seqs = list(range(batch))
-    runner.batch_decode(cache, seqs, [7] * batch)  # warm-up
     stats: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     started: dict[str, float] = {}
 
@@ -89,20 +81,58 @@ def profile_decode(runner, context: int, batch: int = 1) -> dict[str, Any]:
     runner.vm.set_instrument(tvm_ffi.convert(instrument))
     try:
         t = time.perf_counter()
-        runner.batch_decode(cache, seqs, [8] * batch)
+        call()
         wall = time.perf_counter() - t
     finally:
         runner.vm.set_instrument(None)
-    rows = sorted(({"name": k, "calls": n, "ms": s * 1e3} for k, (n, s) in stats.items()), key=lambda r: -r["ms"])
-    return {"context": context, "batch": batch, "wall_ms": wall * 1e3, "calls": rows}
+    return wall, sorted(({"name": k, "calls": n, "ms": s * 1e3} for k, (n, s) in stats.items()), key=lambda r: -r["ms"])
+
+
+def profile_decode(runner, context: int, batch: int = 1) -> dict[str, Any]:
+    """Time every VM call of one batch_decode step (after a warm-up step) at `context` tokens per sequence."""
+    cache = runner.create_kv_cache(batch, batch * (context + 8), min(context, 2048))
+    rng = random.Random(0)
+    for s in range(batch):
+        runner.add_sequence(cache, s)
+        prompt = [rng.randrange(256, runner.vocab_size) for _ in range(context)]
+        for start in range(0, context, 2048):
+            runner.batch_prefill(cache, [s], [prompt[start:start + 2048]])
+    seqs = list(range(batch))
+    runner.batch_decode(cache, seqs, [7] * batch)  # warm-up
+    wall, rows = _time_vm_calls(runner, lambda: runner.batch_decode(cache, seqs, [8] * batch))
+    return {"what": f"one decode step, batch {batch}, context {context}", "context": context, "batch": batch,
+            "wall_ms": wall * 1e3, "calls": rows}
+
+
+def _check_prefill_profile(runner, tokens: int) -> None:
+    chunk = int(runner.metadata["prefill_chunk_size"])
+    if tokens > chunk:
+        raise ValueError(f"--profile-prefill {tokens}: the model library prefills at most {chunk} tokens at once "
+                         "(prefill_chunk_size); profile a length up to that")
+
+
+def profile_prefill(runner, tokens: int) -> dict[str, Any]:
+    """Time every VM call of one batch_prefill of `tokens` random token ids into a fresh KV cache (after a warm-up
+    prefill of the same length)."""
+    _check_prefill_profile(runner, tokens)
+    rng = random.Random(0)
+    prompt = [rng.randrange(256, runner.vocab_size) for _ in range(tokens)]
+
+    def prefill():
+        cache = runner.create_kv_cache(1, tokens + 8, tokens)
+        runner.add_sequence(cache, 0)
+        return lambda: runner.batch_prefill(cache, [0], [prompt])
+
+    prefill()()  # warm-up
+    wall, rows = _time_vm_calls(runner, prefill())
+    return {"what": f"one prefill of {tokens} tokens", "tokens": tokens, "wall_ms": wall * 1e3, "calls": rows}
 
 
 def print_profile(p: dict[str, Any], top: int = 15) -> None:
     total = sum(r["ms"] for r in p["calls"])
     builtins = sum(r["ms"] for r in p["calls"] if r["name"].startswith("vm.builtin.") and "attention" not in r["name"])
-    print(f"one decode step, batch {p['batch']}, context {p['context']}: {p['wall_ms']:.2f} ms wall "
-          f"(kernels incl. KV-cache attention {total - builtins:.2f} ms, other VM builtins {builtins:.2f} ms, the rest "
-          "is Python + VM dispatch)")
+    print(f"{p['what']}: {p['wall_ms']:.2f} ms wall (kernels incl. KV-cache attention {total - builtins:.2f} ms, other "
+          f"VM builtins {builtins:.2f} ms, the rest is Python + VM dispatch)")
     print(f"{'ms':>10} {'share':>6} {'calls':>6}  name")
     for r in p["calls"][:top]:
         print(f"{r['ms']:10.3f} {100 * r['ms'] / p['wall_ms']:5.1f}% {r['calls']:6d}  {r['name']}")
@@ -110,12 +140,14 @@ def print_profile(p: dict[str, Any], top: int = 15) -> None:
 
 def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens: list[int], gen_len: int,
                   repeat: int, profile: bool, profile_context: int, profile_batch: int,
-                  result_json: Optional[str]) -> dict[str, Any]:
+                  result_json: Optional[str], profile_prefill_tokens: int = 0) -> dict[str, Any]:
     from .serve.engine import MLCEngine
 
     longest = max(prompt_lens) + gen_len + 16
     overrides = f"max_num_sequence={max(1, profile_batch)};max_total_seq_length={max(longest, 1024)}"
     with MLCEngine(model, model_lib=model_lib, device=device, mode="local", overrides=overrides) as engine:
+        if profile_prefill_tokens:
+            _check_prefill_profile(engine.runner, profile_prefill_tokens)  # before minutes of measuring
         nbytes = weight_bytes(engine.model_dir)
         result: dict[str, Any] = {"model": str(engine.model_dir), "device": engine.device,
                                   "threads": os.environ.get("TVM_NUM_THREADS"), "weight_bytes": nbytes,
@@ -146,6 +178,9 @@ def bench_latency(model: str, model_lib: Optional[str], device: str, prompt_lens
         if profile:
             result["profile"] = profile_decode(engine.runner, profile_context, profile_batch)
             print_profile(result["profile"])
+        if profile_prefill_tokens:
+            result["prefill_profile"] = profile_prefill(engine.runner, profile_prefill_tokens)
+            print_profile(result["prefill_profile"])
     if result_json:
         Path(result_json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

@@ -203,7 +203,7 @@ def test_bench_latency_with_profile(smollm_q4, tmp_path):
     out = tmp_path / "latency.json"
     r = run_cli("bench", "latency", str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu",
                 "--prompt-len", "4", "--gen-len", "3", "--repeat", "2", "--profile", "--profile-context", "8",
-                "--result-json", str(out), timeout=300)
+                "--profile-prefill", "40", "--result-json", str(out), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     [run] = res["runs"]
@@ -213,3 +213,15 @@ def test_bench_latency_with_profile(smollm_q4, tmp_path):
     assert any("NT_matmul" in n for n in names) and any("attention" in n for n in names)
     assert sum(c["ms"] for c in prof["calls"]) <= prof["wall_ms"] * 1.05
     assert "one decode step" in r.stdout and "pp4:" in r.stdout
+    pre = res["prefill_profile"]
+    calls = {c["name"]: c["calls"] for c in pre["calls"]}
+    assert pre["tokens"] == 40 and any("NT_matmul" in n and k == 30 for n, k in calls.items())  # once per layer
+    assert any("attention" in n for n in calls) and sum(c["ms"] for c in pre["calls"]) <= pre["wall_ms"] * 1.05
+    assert "one prefill of 40 tokens" in r.stdout
+
+
+def test_bench_latency_refuses_a_prefill_profile_longer_than_a_chunk(smollm_q4):
+    r = run_cli("bench", "latency", str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu",
+                "--prompt-len", "4", "--gen-len", "2", "--repeat", "1", "--profile-prefill", "5000", timeout=300)
+    assert r.returncode != 0
+    assert "--profile-prefill 5000: the model library prefills at most 2048 tokens at once" in r.stderr

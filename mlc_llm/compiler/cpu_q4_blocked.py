@@ -15,8 +15,8 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
 prefill) one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on
 write. From PANEL_MIN rows (prefill) a task dequantizes its block once into a float32 panel and runs a 6 x 64
 register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.6x faster than the 4-row tiles at
-128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles instead (`_AMX`, 1.3-2.5x
-the panel).
+128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles instead (`_AMX`, x in two
+bfloat16 parts times the integer weights, scaled per group).
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).
@@ -65,8 +65,8 @@ PANEL_CHUNK = 48
 # 0-3; x hi/lo in 4-5, weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the
 # kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32 panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
-# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: ~1.4-1.7x
-# faster, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
+# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
+# faster kernels, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
 PRECISIONS = ("f32", "bf16")
 AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
 AMX_CHUNK_TILES = 16
@@ -154,10 +154,7 @@ if perm[0] == T.int64(0):
                     for l in T.vectorized(16):
 {w_convert}
         for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
-{zero}
-            for g in range({g}):
-{step}
-{store}
+{groups}
             for mi in range(16):
                 if mt * 16 + mi < {rows}:
                     for nn in range(64):
@@ -228,12 +225,15 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         step += [_amx("tdpbf16ps", f"T.int8({ct})", f"T.int8({xt})", "T.int8(6)") for xt in ((4, 5) if f32 else (4,))]
     store = [_amx("tilestored64", f"T.int8({t})", f"T.address_of({'cg' if f32 else 'cb'}[0, {16 * t}])",
                   "T.int64(256)") for t in range(4)]
-    if f32:  # the group's sums times its 64 scales, added to cb
-        step += store + ["for mi in range(16):", "    for l in T.vectorized(64):",
-                         "        cb[mi, l] = cb[mi, l] + qs[blk, g, l] * cg[mi, l]"]
-        zero, store = ["for mi in range(16):", "    for l in T.vectorized(64):", "        cb[mi, l] = T.float32(0)"], []
+    if f32:  # the group's sums times its 64 scales into cb: set by the first group (no zeroing pass), then added
+        def group(acc: str) -> list[str]:
+            scaled = ["for mi in range(16):", "    for l in T.vectorized(64):",
+                      f"        cb[mi, l] = {acc}qs[blk, g, l] * cg[mi, l]"]
+            return _indent("\n".join(step + store + scaled), 1).rstrip("\n").split("\n")
+        groups = ["for g in range(1):", *group(""), f"for g in range(1, {g}):", *group("cb[mi, l] + ")]
     else:
-        zero = [_amx("tilezero", f"T.int8({t})") for t in range(4)]
+        groups = ([_amx("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
+                  + _indent("\n".join(step), 1).rstrip("\n").split("\n") + store)
     yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
     mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
     return _AMX.format(
@@ -242,7 +242,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         x_convert=_indent("\n".join(x_convert), 5), w_convert=_indent(w_convert, 6),
         cg_alloc=_indent('cg = T.alloc_buffer((16, 64), "float32")' if f32 else "", 2),
         tile_config=_indent(tile_config(), 2), tilerelease=_amx("tilerelease"),
-        zero=_indent("\n".join(zero), 3), step=_indent("\n".join(step), 4), store=_indent("\n".join(store), 3),
+        groups=_indent("\n".join(groups), 3),
         yidx=yidx, res=f"r[{yidx}] + " if residual else "", panel=_indent(panel, 1))
 
 
