@@ -58,10 +58,10 @@ PANEL_CHUNK = 48
 # the group's scales (vector FMAs). Error: x's rounding past 16 bits (2^-17 relative) and float32 sums, against float32
 # FMAs' 2^-24 per operation. (The first AMX kernel split the dequantized weights too, x_hi.w_hi + x_lo.w_hi +
 # x_hi.w_lo, with no per-group step: three products instead of two, a hi and a lo weight panel, and twice the error;
-# this one is 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.) A prelude converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of
-# AMX_CHUNK_TILES row tiles, 64-row block): the block's integer weights are unpacked into a VNNI panel (two bf16 of
-# consecutive k per 32-bit word), then for each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers
-# 0-3; x hi/lo in 4-5, weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the
+# this one is 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.) A prelude
+# converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row block):
+# the block's integer weights are unpacked into a VNNI panel (two bf16 of consecutive k per 32-bit word), then for
+# each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers 0-3; x hi/lo in 4-5, weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the
 # kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32 panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
 # of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
