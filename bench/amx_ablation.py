@@ -41,7 +41,8 @@ def variants(src: str, precision: str) -> dict[str, str]:
         return None
 
     def no_tiles(line):
-        return "T.evaluate(0)" if any(op in line for op in ("tdpbf16ps", "tileloadd", "tilestored", "tilezero")) else None
+        tile_ops = ("tdpbf16ps", "tileloadd", "tilestored", "tilezero")
+        return "T.evaluate(0)" if any(op in line for op in tile_ops) else None
 
     out = {"kernel": src, "const fill": _lines(src, lambda _: True, fill)}
     if precision == "f32":
