@@ -30,13 +30,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_CHILD = """
+# The child processes: load the library, then loop, reporting (time, units done) to the progress file after each round
+_HEAD = """
 import os, random, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np
 from mlc_llm.serve.runner import ModelRunner
 r = ModelRunner({model!r}, {lib!r}, "cpu")
 rng = random.Random(0)
+"""
+_REPORT = """
+    with open({progress!r} + ".tmp", "w") as f:
+        f.write(f"{{time.perf_counter()}} {{done}}")
+    os.replace({progress!r} + ".tmp", {progress!r})
+"""
+_CHILD = _HEAD + """
 prompts = [[rng.randrange({vocab}) for _ in range({context})] for _ in range({batch})]
 ids = list(range({batch}))
 cache = r.create_kv_cache({batch}, {context} + {steps} + 8, 2048)
@@ -51,17 +59,8 @@ while True:
         toks = [int(t) for t in np.argmax(r.batch_decode(cache, ids, toks), axis=-1)]
     for i in ids:
         r.popn(cache, i, {steps})
-    done += {steps}
-    with open({progress!r} + ".tmp", "w") as f:
-        f.write(f"{{time.perf_counter()}} {{done}}")
-    os.replace({progress!r} + ".tmp", {progress!r})
-"""
-_PREFILL_CHILD = """
-import os, random, sys, time
-sys.path.insert(0, {root!r})
-from mlc_llm.serve.runner import ModelRunner
-r = ModelRunner({model!r}, {lib!r}, "cpu")
-rng = random.Random(0)
+    done += {steps}""" + _REPORT
+_PREFILL_CHILD = _HEAD + """
 prompt = [rng.randrange({vocab}) for _ in range({tokens})]
 cache = r.create_kv_cache(1, {tokens} + 8, {tokens})
 print("ready", flush=True)
@@ -70,11 +69,7 @@ while True:
     r.add_sequence(cache, 0)
     r.batch_prefill(cache, [0], [prompt])
     r.remove_sequence(cache, 0)
-    done += 1
-    with open({progress!r} + ".tmp", "w") as f:
-        f.write(f"{{time.perf_counter()}} {{done}}")
-    os.replace({progress!r} + ".tmp", {progress!r})
-"""
+    done += 1""" + _REPORT
 
 
 def _symbols(lib: str) -> tuple[list[int], list[str]]:
