@@ -17,6 +17,7 @@ AMX = cpu_q4_blocked.has_amx(TARGET)
 KERNELS = {
     "decode attention": lambda: cpu_attention.decode_kernel(9, 3, 64, "float32"),
     "ragged prefill attention": lambda: cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32"),
+    "ragged prefill attention, AMX": lambda: cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32", amx=AMX),
     "paged prefill attention": lambda: cpu_attention.paged_prefill_kernel(9, 3, 64, "float32"),
     "rope": lambda: cpu_attention.rope_kernel(9, 3, 64, "float32", 10000.0),
     "blocked q4 (+ residual)": lambda: cpu_q4_blocked.blocked_kernel(576, 1536, "1s", True, amx=AMX),

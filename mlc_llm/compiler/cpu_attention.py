@@ -20,10 +20,12 @@ It assumes RoPE is applied before the cache (`RopeMode.NORMAL`, what our models 
 The ragged prefill kernel works tiles of 16 query tokens x one KV head with one query token per vector lane: scores
 are FMAs of a query vector and a broadcast K element, the online softmax is vertical (no horizontal sums), and the
 output accumulates in 8 independent FMA chains: 1.5x the tiled kernel it replaced and ~25x TVM's at 512 tokens
-(bench/attention.py). The paged prefill kernel is the same code with each 16-row chunk a KV page: TVM's is serial and
-scalar and walks every row of the cache's page capacity for each query token and head (100 new tokens after 1,000
-tokens of history: 2.2 s of a SmolLM2 prefill, 0.14 s with ours). `install()` swaps the kernels into the module
-being built, under the stock functions' names and symbols.
+(bench/attention.py); on CPUs with AMX-BF16 it runs on tiles instead (`_PREFILL_AMX`: operands in two bfloat16
+parts, ~1.4x the vector kernel at 512 tokens, outputs within ~2e-5 of float64). The paged prefill kernel is the
+same code with each 16-row chunk a KV page: TVM's is serial and scalar and walks every row of the cache's page
+capacity for each query token and head (100 new tokens after 1,000 tokens of history: 2.2 s of a SmolLM2 prefill,
+0.14 s with ours). `install()` swaps the kernels into the module being built, under the stock functions' names
+and symbols.
 """
 from __future__ import annotations
 
@@ -238,7 +240,7 @@ _PAGED_BUFFERS = """
 # - the output [head, d, 16 tokens] is accumulated 8 d-rows at a time (8 independent FMA chains, P in registers).
 # Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
 # ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
-_PREFILL = """
+_TASKS = """
     n_tiles = T.alloc_buffer((1,), "int32", scope="global")
     n_tiles[0] = 0
     for bb in range(batch_size):
@@ -262,6 +264,8 @@ _PREFILL = """
         t0 = T.bind((tile - loc[1]) * {qt})
         nq = T.bind(T.min({qt}, q_n - t0))
 {kv_setup}        kv_hi = T.bind(T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n))
+"""
+_PREFILL_VEC = """
         qt = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="global")
         ot = T.alloc_buffer(({grp}, {d}, {qt}), "float32", scope="global")
         m = T.alloc_buffer(({grp}, {qt}), "float32", scope="global")
@@ -299,19 +303,7 @@ _PREFILL = """
                     for r in T.unroll({page}):
                         for l in T.vectorized({qt}):
                             sc[r, l] = sc[r, l] + qt[g, dd, l] * kc[r, dd]
-                for r in T.unroll({page}):
-                    for l in T.vectorized({qt}):
-                        sc[r, l] = T.Select(r < {lim}, sc[r, l], T.float32(-1e30))
-                for l in T.vectorized({qt}):
-                    st[0, l] = T.max(m[g, l], {cmax})
-                    st[1, l] = {rescale}
-                for r in T.unroll({page}):
-                    for l in T.vectorized({qt}):
-                        p[r, l] = T.Select(r < {lim}, {pexp}, T.float32(0))
-                for l in T.vectorized({qt}):
-                    den[g, l] = den[g, l] * st[1, l] + {psum}
-                    m[g, l] = st[0, l]
-                for d8 in range({d} // 8):
+{softmax}                for d8 in range({d} // 8):
                     for j in T.unroll(8):
                         for l in T.vectorized({qt}):
                             acc[j, l] = ot[g, d8 * 8 + j, l] * st[1, l]
@@ -322,12 +314,95 @@ _PREFILL = """
                     for j in T.unroll(8):
                         for l in T.vectorized({qt}):
                             ot[g, d8 * 8 + j, l] = acc[j, l]
-        for g in range({grp}):
-            for l in range(nq):
-                for dd in range({d}):
-                    output[q_indptr[b] + t0 + l, hk * {grp} + g, dd] = T.Cast("{dtype}", ot[g, dd, l] / den[g, l])
-                lse[q_indptr[b] + t0 + l, hk * {grp} + g] = m[g, l] + T.log2(den[g, l])
+{write}"""
+# The online softmax of one chunk of `rows` KV rows for query head g: the scores sc[r, l] (rows past what token l may
+# see masked), the new max and the output's rescale factor (st), the weights p[r, l], the sum and max.
+_SOFTMAX = """
+for r in T.unroll({rows}):
+    for l in T.vectorized({qt}):
+        sc[r, l] = T.Select(r < {lim}, sc[r, l], T.float32(-1e30))
+for l in T.vectorized({qt}):
+    st[0, l] = T.max(m[g, l], {cmax})
+    st[1, l] = {rescale}
+for r in T.unroll({rows}):
+    for l in T.vectorized({qt}):
+        p[r, l] = T.Select(r < {lim}, {pexp}, T.float32(0))
+for l in T.vectorized({qt}):
+    den[g, l] = den[g, l] * st[1, l] + {psum}
+    m[g, l] = st[0, l]
 """
+_WRITE_PREFILL = """
+for g in range({grp}):
+    for l in range(nq):
+        for dd in range({d}):
+            output[q_indptr[b] + t0 + l, hk * {grp} + g, dd] = T.Cast("{dtype}", ot[g, dd, l] / den[g, l])
+        lse[q_indptr[b] + t0 + l, hk * {grp} + g] = m[g, l] + T.log2(den[g, l])
+"""
+
+# The ragged prefill kernel on AMX tiles (CPUs with AMX-BF16, `cpu_q4_blocked.has_amx`). Every float32 operand is
+# split into two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits) and a product of two
+# split operands is three tile products, hi.hi + hi.lo + lo.hi (float32 accumulation; lo.lo, ~2^-18 of it, is left
+# out). A prelude converts K and V once for all tasks: K rows as they are (kx: the A operand of the scores), V
+# transposed (vx: rows = head_dim, the A operand of the output), both padded past the last row. Per task (16 query
+# tokens x one KV head) the query heads' q, pre-scaled, is converted once into the B operand layout (qx: pairs of
+# consecutive d of a token in one 32-bit word), and per chunk of AMX_CHUNK KV rows and query head:
+# - scores transposed, S^T = K . q^T: two 16-row tiles stored as sc[row, token], the vector kernel's layout, so the
+#   online softmax is the same vertical code;
+# - the weights p[row, token] converted to B operand words (two consecutive rows of a token per word, hi and lo);
+# - the output transposed, O^T = V^T . P^T, into head_dim / 16 tiles stored as ob[d, token], added to the rescaled
+#   output accumulator ot[d, token] (the vector kernel's layout; the same final write).
+# Tile registers: scores 0-1, outputs 0-3 (head_dim 64 at a time), q or p hi/lo 4-5, K or V^T hi/lo 6-7.
+_AMX_PRELUDE = """
+    kx = T.alloc_buffer(({hkv}, 2, {rows_pad}, {d}), "uint16")
+    vx = T.alloc_buffer(({hkv}, 2, {d}, {rows_pad}), "uint16")
+    if kv_len > 0:
+        for row in T.parallel({rows_pad}):
+            for hk in range({hkv}):
+                for dd in T.vectorized({d}):
+                    kx[hk, 0, row, dd] = {k_hi}
+                    kx[hk, 1, row, dd] = {k_lo}
+        for hd in T.parallel({hkv} * {d}):
+            for rc in range({rows_pad} // 16):
+                for l in T.vectorized(16):
+                    vx[hd // {d}, 0, hd % {d}, rc * 16 + l] = {v_hi}
+                    vx[hd // {d}, 1, hd % {d}, rc * 16 + l] = {v_lo}
+"""
+_PREFILL_AMX = """
+{tile_config}
+        qx = T.alloc_buffer(({grp}, 2, {d} // 32, 16, {qt}), "uint32")
+        ot = T.alloc_buffer(({grp}, {d}, {qt}), "float32")
+        m = T.alloc_buffer(({grp}, {qt}), "float32", scope="global")
+        den = T.alloc_buffer(({grp}, {qt}), "float32", scope="global")
+        sc = T.alloc_buffer(({ch}, {qt}), "float32")
+        p = T.alloc_buffer(({ch}, {qt}), "float32")
+        pb = T.alloc_buffer((2, {ch} // 2, {qt}), "uint32")
+        ob = T.alloc_buffer(({d}, {qt}), "float32")
+        st = T.alloc_buffer((2, {qt}), "float32", scope="global")  # new max, rescale factor of the output
+        for g in range({grp}):
+            for dp in range({d} // 2):
+                for l in T.vectorized({qt}):
+                    qx[g, 0, dp // 16, dp % 16, l] = {q_hi}
+                    qx[g, 1, dp // 16, dp % 16, l] = {q_lo}
+            for dd in range({d}):
+                for l in T.vectorized({qt}):
+                    ot[g, dd, l] = T.float32(0)
+            for l in T.vectorized({qt}):
+                m[g, l] = T.float32(-50000)
+                den[g, l] = T.float32(1)
+        for c in range((kv_hi + {ch_m1}) // {ch}):
+            for g in range({grp}):
+{scores}
+{softmax}
+                for i in range({ch} // 2):
+                    for l in T.vectorized({qt}):
+                        pb[0, i, l] = {p_hi}
+                        pb[1, i, l] = {p_lo}
+{pv}
+{write}
+        {tilerelease}
+"""
+# KV rows per chunk of the AMX kernel: one tile product's K for the output (32 rows of P^T)
+AMX_CHUNK = 32
 
 # Query tokens per task of the ragged prefill kernel: one per lane of a float32 vector.
 QTILE = 16
@@ -416,31 +491,112 @@ def _tree(terms: list[str], comb) -> str:
     return terms[0]
 
 
+def _softmax_text(rows: int) -> str:
+    """`_SOFTMAX` for chunks of `rows` KV rows (chunk c, lane l = query token t0 + l)."""
+    lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {rows}"
+    return _SOFTMAX.format(rows=rows, qt=QTILE, lim=lim,
+                           cmax=_tree([f"sc[{r}, l]" for r in range(rows)], lambda x, y: f"T.max({x}, {y})"),
+                           rescale=_exp2("m[g, l] - st[0, l]"), pexp=_exp2("sc[r, l] - st[0, l]"),
+                           psum=_tree([f"p[{r}, l]" for r in range(rows)], lambda x, y: f"({x} + {y})"))
+
+
+def _bf16_parts(x: str, y: str = "", tiny: bool = False) -> tuple[str, str]:
+    """TIR text of the hi and lo bfloat16 parts of float32 `x` (uint16), or with `y` of a word holding x's part in
+    its low half and y's in its high half (uint32: a VNNI pair). `tiny`: values that may be below 2^-100 (softmax
+    weights: the kernel's exp2 gives 2^-125 for scores 125 below the max) get no lo part, whose float32 would be a
+    denormal (a ~100-cycle microcode assist per vector operation on Intel CPUs)."""
+    from .cpu_q4_blocked import _round_bf16
+
+    def lo(v: str) -> str:
+        rest = f'{v} - T.reinterpret("float32", {_round_bf16(v)})'
+        return f"T.Select({v} > T.float32(1e-30), {rest}, T.float32(0))" if tiny else rest
+    if not y:
+        return tuple(f'T.Cast("uint16", T.shift_right({_round_bf16(v)}, T.uint32(16)))' for v in (x, lo(x)))
+    return tuple(f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"
+                 for a, b in ((x, y), (lo(x), lo(y))))
+
+
+def _amx_text(d: int, grp: int) -> dict:
+    """The AMX kernel's prelude and per-chunk tile code (see _PREFILL_AMX)."""
+    from .cpu_q4_blocked import _amx, tile_config
+
+    rows_pad = f"((kv_len + {AMX_CHUNK + 15}) // 16 * 16)"
+    row0 = f"kv_start + c * {AMX_CHUNK}"
+    qel = lambda dd: (f'T.Cast("float32", Qb[q_indptr[b] + T.min(t0 + l, q_n - 1), hk * {grp} + g, {dd}]) '  # noqa
+                      f'* (sm_scale * T.float32({LOG2E!r}))')
+    load = lambda t, addr, stride: _amx("tileloadd64", f"T.int8({t})", f"T.address_of({addr})", stride)  # noqa: E731
+    dp = lambda c, a, b: _amx("tdpbf16ps", f"T.int8({c})", f"T.int8({a})", f"T.int8({b})")  # noqa: E731
+    scores = [_amx("tilezero", "T.int8(0)"), _amx("tilezero", "T.int8(1)"), f"for dh in range({d // 32}):"]
+    step = [load(4, "qx[g, 0, dh, 0, 0]", "T.int64(64)"), load(5, "qx[g, 1, dh, 0, 0]", "T.int64(64)")]
+    for rt in range(2):  # S^T rows rt*16.. += K hi/lo . q hi/lo
+        step += [load(6 + part, f"kx[hk, {part}, {row0} + {16 * rt}, dh * 32]", f"T.int64({2 * d})")
+                 for part in range(2)]
+        step += [dp(rt, 6, 4), dp(rt, 6, 5), dp(rt, 7, 4)]
+    scores += ["    " + line for line in step]
+    scores += [_amx("tilestored64", f"T.int8({rt})", f"T.address_of(sc[{16 * rt}, 0])", "T.int64(64)")
+               for rt in range(2)]
+    pv = [load(4, "pb[0, 0, 0]", "T.int64(64)"), load(5, "pb[1, 0, 0]", "T.int64(64)")]
+    vstride = f"T.Cast(\"int64\", {rows_pad}) * T.int64(2)"
+    for base in range(0, d // 16, 4):  # O^T rows (head_dim) 64 at a time, tiles 0-3
+        pv += [_amx("tilezero", f"T.int8({t})") for t in range(4)]
+        for t in range(4):
+            pv += [load(6 + part, f"vx[hk, {part}, {16 * (base + t)}, {row0}]", vstride) for part in range(2)]
+            pv += [dp(t, 6, 4), dp(t, 6, 5), dp(t, 7, 4)]
+        pv += [_amx("tilestored64", f"T.int8({t})", f"T.address_of(ob[{16 * (base + t)}, 0])", "T.int64(64)")
+               for t in range(4)]
+    pv += [f"for dd in range({d}):", f"    for l in T.vectorized({QTILE}):",
+           "        ot[g, dd, l] = ot[g, dd, l] * st[1, l] + ob[dd, l]"]
+    k_hi, k_lo = _bf16_parts("Kb[T.min(row, kv_len - 1), hk, dd]")
+    v_hi, v_lo = _bf16_parts(f"Vb[T.min(rc * 16 + l, kv_len - 1), hd // {d}, hd % {d}]")
+    q_hi, q_lo = _bf16_parts(qel("dp * 2"), qel("dp * 2 + 1"))
+    p_hi, p_lo = _bf16_parts("p[i * 2, l]", "p[i * 2 + 1, l]", tiny=True)
+    return dict(rows_pad=rows_pad, k_hi=k_hi, k_lo=k_lo, v_hi=v_hi, v_lo=v_lo, q_hi=q_hi, q_lo=q_lo, p_hi=p_hi,
+                p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=_indent(tile_config(), 2),
+                tilerelease=_amx("tilerelease"), scores=_indent("\n".join(scores), 4), pv=_indent("\n".join(pv), 4),
+                softmax=_indent(_softmax_text(AMX_CHUNK), 4))
+
+
 def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
-             num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """`_PREFILL` under the signature `sig` with its own `buffers`; `kv_setup` binds kv_n (the sequence's KV rows); `k_row(row)` /
-    `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row` of chunk c (0 <= row < 16)."""
+             num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False) -> str:
+    """`_TASKS` + `_PREFILL_VEC` under the signature `sig` with its own `buffers`; `kv_setup` binds kv_n (the
+    sequence's KV rows); `k_row(row)` / `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row`
+    of chunk c (0 <= row < 16). `amx` (the ragged kernel only): `_AMX_PRELUDE` + `_TASKS` + `_PREFILL_AMX`, with the
+    vector kernel where Linux refuses the AMX state."""
     assert head_dim % 8 == 0
-    # rows of chunk c that token t0 + l may see (lane l: the token)
-    lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {PAGE}"
+    grp = num_q_heads // num_kv_heads
     last = f"T.min(r, kv_n - 1 - c * {PAGE})"  # the partial last chunk: rows past the end repeat its last row
-    return _parse((sig + _PREFILL_BUFFERS + buffers + _PREFILL).format(
-        hq=num_q_heads, hkv=num_kv_heads, d=head_dim, dtype=dtype, grp=num_q_heads // num_kv_heads, page=PAGE,
-        page_m1=PAGE - 1, qt=QTILE, qt_m1=QTILE - 1, log2e=repr(LOG2E), lim=lim, kv_setup=_indent(kv_setup, 2),
-        k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last), v_part=v_row(last),
-        cmax=_tree([f"sc[{r}, l]" for r in range(PAGE)], lambda x, y: f"T.max({x}, {y})"),
-        rescale=_exp2("m[g, l] - st[0, l]"), pexp=_exp2("sc[r, l] - st[0, l]"),
-        psum=_tree([f"p[{r}, l]" for r in range(PAGE)], lambda x, y: f"({x} + {y})")))
+    common = dict(hq=num_q_heads, hkv=num_kv_heads, d=head_dim, dtype=dtype, grp=grp, qt=QTILE, qt_m1=QTILE - 1,
+                  kv_setup=_indent(kv_setup, 2),
+                  write=_indent(_WRITE_PREFILL.format(grp=grp, d=head_dim, dtype=dtype), 2))
+    vec = (_TASKS + _PREFILL_VEC).format(
+        page=PAGE, page_m1=PAGE - 1, log2e=repr(LOG2E), k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last),
+        v_part=v_row(last), softmax=_indent(_softmax_text(PAGE), 4), **common)
+    head = (sig + _PREFILL_BUFFERS + buffers).format(page=PAGE, **common)
+    if not amx:
+        return head + vec
+    text = _amx_text(head_dim, grp)
+    fast = (_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common)
+    perm = ('    perm = T.alloc_buffer((1,), "int64", scope="global")\n'
+            '    perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))\n')
+    return head + perm + "    if perm[0] == T.int64(0):\n" + _indent(fast, 1) + "    else:\n" + _indent(vec, 1)
 
 
-def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
-    multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
-    kernel does."""
+def ragged_prefill_source(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False) -> str:
+    """TVMScript of `ragged_prefill_kernel`."""
     return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS,
                     "kv_start = T.bind(kv_indptr[b])\nkv_n = T.bind(kv_indptr[b + 1] - kv_start)",
                     lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
-                    lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim, dtype)
+                    lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim,
+                    dtype, amx and head_dim % 64 == 0 and dtype == "float32")
+
+
+def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
+                          amx: bool = False) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
+    multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
+    kernel does. `amx`: on AMX tiles (`_PREFILL_AMX`; float32 with head_dim a multiple of 64, else the vector
+    kernel)."""
+    return _parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx))
 
 
 def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -449,9 +605,10 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
     each 16-row chunk a page. Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel."""
     setup = (f"pg0 = T.bind(page_indptr[b])\nnpg = T.bind(page_indptr[b + 1] - pg0)\n"
              f"kv_n = T.bind(T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0))")
-    return _prefill(_PAGED_SIG, _PAGED_BUFFERS, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
-                    lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
-                    head_dim, dtype)
+    return _parse(_prefill(_PAGED_SIG, _PAGED_BUFFERS, setup,
+                           lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
+                           lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
+                           head_dim, dtype))
 
 
 # RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
@@ -520,13 +677,16 @@ KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_rag
 
 
 def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, rope_theta: float,
-            rope_scaling: dict) -> None:
+            rope_scaling: dict, amx: bool = False) -> None:
     """Replace TVM's CPU kernels that TIRPagedKVCache just added to the module being built with ours (same name and
     symbol, same parameters): decode and ragged-prefill attention, and RoPE + split for the default RoPE (other
     RoPE scalings keep TVM's kernel)."""
     mod = bb.get()
     kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in KERNELS.items()
                if head_dim % 8 == 0 or make is decode_kernel}
+    if head_dim % 8 == 0:
+        kernels["tir_attention_prefill_ragged_cpu"] = ragged_prefill_kernel(num_q_heads, num_kv_heads, head_dim,
+                                                                            dtype, amx)
     if "rope_type" not in rope_scaling:
         kernels["tir_split_rotary"] = rope_kernel(num_q_heads, num_kv_heads, head_dim, dtype, rope_theta)
     for name, kernel in kernels.items():

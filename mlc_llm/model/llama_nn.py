@@ -7,7 +7,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from ..compiler import cpu_activation, cpu_attention
+from ..compiler import cpu_activation, cpu_attention, cpu_q4_blocked
 from ..quantization.layers import make_embedding, make_linear
 from .llama import LlamaConfig
 
@@ -138,7 +138,8 @@ class LlamaForCausalLM(nn.Module):
         )
         if self.target.kind.name == "llvm":  # our CPU attention and RoPE kernels instead of TVM's serial ones
             cpu_attention.install(rx.BlockBuilder.current(), c.num_attention_heads, c.num_key_value_heads,
-                                  c.head_dim, self.dtype, c.rope_theta, dict(c.rope_scaling))
+                                  c.head_dim, self.dtype, c.rope_theta, dict(c.rope_scaling),
+                                  amx=cpu_q4_blocked.has_amx(self.target))
         return cache
 
     def get_default_spec(self):
