@@ -1,7 +1,8 @@
 """Isolated decode attention over the paged KV cache: TVM's stock CPU kernel vs ours (`compiler/cpu_attention.py`)
 with and without splitting a sequence's pages among tasks, at SmolLM2-135M's shapes (9 query heads, 3 KV heads,
 head_dim 64, float32, 16-row pages); then TVM's RoPE + split kernel vs ours (results must be bit-identical), and
-TVM's ragged prefill attention vs ours (one causal sequence of `--prefill` tokens).
+TVM's ragged prefill attention vs ours, the vector kernel and on CPUs with AMX-BF16 the AMX one (one causal sequence of
+`--prefill` tokens).
 
     .venv/bin/python bench/attention.py [--contexts 128 1000] [--batches 1 8] [--splits 1 8 16 32] [--repeat 7]
 
@@ -63,18 +64,23 @@ def rope_table(dev, target, repeat: int) -> None:
 
 
 def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
-    """TVM's ragged prefill attention (new tokens against themselves, causal) vs ours, one sequence of n tokens."""
+    """TVM's ragged prefill attention (new tokens against themselves, causal) vs ours (vector kernel, and the AMX
+    kernel where the CPU has AMX-BF16), one sequence of n tokens; each checked against the stock kernel first."""
     import tvm
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-    from mlc_llm.compiler import cpu_attention
+    from mlc_llm.compiler import cpu_attention, cpu_q4_blocked
 
     hq, hkv, d = 9, 3, 64
     build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
                                   target=target)["main"]
-    stock = build(_attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {}))
-    ours = build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"))
-    print("\n| prompt tokens | stock ragged prefill us | ours us | stock / ours |\n|---|---|---|---|")
+    kernels = {"stock ragged prefill": build(_attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
+               "ours": build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"))}
+    if cpu_q4_blocked.has_amx(target):
+        kernels["ours, AMX"] = build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True))
+    names = list(kernels)
+    print("\n| prompt tokens | " + " | ".join(f"{n} us" for n in names) + " | "
+          + " | ".join(f"stock / {n}" for n in names[1:]) + " |\n" + "|---" * (2 * len(names)) + "|")
     rng = np.random.default_rng(0)
     t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
     for n in lengths:
@@ -82,14 +88,16 @@ def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
         k, v = (t(rng.standard_normal((n, hkv, d)).astype(np.float32)) for _ in range(2))
         indptr, zeros = t(np.array([0, n], np.int32)), t(np.zeros(n, np.int32))
         results, times = [], []
-        for f in (stock, ours):
+        for f in kernels.values():
             out, lse = t(np.zeros((n, hq, d), np.float32)), t(np.zeros((n, hq), np.float32))
             call = (q, indptr, k, v, indptr, zeros, t(np.zeros(1, np.int32)), out, lse, 1, 0, 1.0, 10000.0, d ** -0.5)
             f(*call)
             results.append(out.numpy())
             times.append(_time(f, call, repeat, number=3))
-        np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-5)
-        print(f"| {n} | {times[0]:.0f} | {times[1]:.0f} | {times[0] / times[1]:.1f} |", flush=True)
+        for r in results[1:]:  # the AMX kernel's operands have 16 significant bits: ~2e-5 from float64
+            np.testing.assert_allclose(r, results[0], rtol=1e-4, atol=5e-5)
+        print(f"| {n} | " + " | ".join(f"{x:.0f}" for x in times) + " | "
+              + " | ".join(f"{times[0] / x:.1f}" for x in times[1:]) + " |", flush=True)
 
 
 def main() -> None:

@@ -163,21 +163,28 @@ _HAS_AMX = cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu()))
 @pytest.mark.parametrize("causal", [1, 0])
 @pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d", [([37, 5], [37, 21], 9, 3, 64),
                                                      ([16, 0, 49, 1], [16, 0, 60, 1], 9, 3, 64),
-                                                     ([70, 3], [75, 3], 4, 2, 128)])
+                                                     ([70, 3], [75, 3], 4, 2, 128),
+                                                     ([200], [200], 9, 3, 64)])
 def test_ragged_prefill_attention_on_amx_tiles(causal, q_lens, kv_lens, hq, hkv, d):
     """The AMX kernel (operands in two bfloat16 parts, 16 significant bits): the same batches, head_dim 64 and 128
     (two passes of output tiles), within 5e-5 of the float64 reference (the float32 vector kernel: ~1e-6; bfloat16
-    operands: ~1e-2), and not the vector kernel's result (the tiles ran)."""
+    operands: ~1e-2), and not the vector kernel's result (the tiles ran). The tiles are forced (amx_min_rows=0);
+    with the default threshold the short batches take the vector kernel, the 200-token sequence the tiles."""
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
     inputs, sm_scale, ref_out, ref_lse = _ragged_case(causal, q_lens, kv_lens, hq, hkv, d)
-    out = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True),
+    out = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True, amx_min_rows=0),
                           _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
                          inputs, causal, sm_scale, ref_out, ref_lse, tol=5e-5)
     vec = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
                           _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
                          inputs, causal, sm_scale, ref_out, ref_lse)
     assert np.abs(out - vec).max() > 1e-7
+    default = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True),
+                              _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
+                             inputs, causal, sm_scale, ref_out, ref_lse, tol=5e-5)
+    long = sum(kv_lens) >= cpu_attention.AMX_MIN_ROWS * len(kv_lens)
+    np.testing.assert_array_equal(default, out if long else vec)
 
 
 @pytest.mark.skipif(not _HAS_AMX, reason="this CPU has no AMX-BF16 tiles")
@@ -185,7 +192,7 @@ def test_amx_attention_falls_back_to_the_vector_kernel_when_linux_refuses_amx():
     """Refused the tile state (the request syscall made to fail), the AMX kernel must give the vector kernel's
     result bit for bit."""
     inputs, sm_scale, _, _ = _ragged_case(1, [37, 5], [37, 21], 9, 3, 64)
-    src = cpu_attention.ragged_prefill_source(9, 3, 64, "float32", amx=True)
+    src = cpu_attention.ragged_prefill_source(9, 3, 64, "float32", amx=True, amx_min_rows=0)
     assert src.count("T.int64(158)") == 1  # SYS_arch_prctl
     outs = []
     for func in (cpu_attention._parse(src.replace("T.int64(158)", "T.int64(-1)")),

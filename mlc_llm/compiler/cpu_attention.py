@@ -403,6 +403,10 @@ _PREFILL_AMX = """
 """
 # KV rows per chunk of the AMX kernel: one tile product's K for the output (32 rows of P^T)
 AMX_CHUNK = 32
+# The AMX kernel runs from this many new KV rows per sequence (on average over the batch): below, its conversions
+# and half-masked 32-row chunks cost more than it saves (bench/attention.py, one sequence: 0.8x the vector kernel at
+# 64 tokens, ~1.0x at 128, 1.1x at 192, 1.4-1.5x at 512).
+AMX_MIN_ROWS = 192
 
 # Query tokens per task of the ragged prefill kernel: one per lane of a float32 vector.
 QTILE = 16
@@ -557,11 +561,11 @@ def _amx_text(d: int, grp: int) -> dict:
 
 
 def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
-             num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False) -> str:
+             num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False, amx_min_rows: int = AMX_MIN_ROWS) -> str:
     """`_TASKS` + `_PREFILL_VEC` under the signature `sig` with its own `buffers`; `kv_setup` binds kv_n (the
     sequence's KV rows); `k_row(row)` / `v_row(row)`: TIR text of the K / V element (head hk, column dd) at row `row`
-    of chunk c (0 <= row < 16). `amx` (the ragged kernel only): `_AMX_PRELUDE` + `_TASKS` + `_PREFILL_AMX`, with the
-    vector kernel where Linux refuses the AMX state."""
+    of chunk c (0 <= row < 16). `amx` (the ragged kernel only): `_AMX_PRELUDE` + `_TASKS` + `_PREFILL_AMX` from
+    `amx_min_rows` new KV rows per sequence, with the vector kernel below that and where Linux refuses the AMX state."""
     assert head_dim % 8 == 0
     grp = num_q_heads // num_kv_heads
     last = f"T.min(r, kv_n - 1 - c * {PAGE})"  # the partial last chunk: rows past the end repeat its last row
@@ -578,25 +582,27 @@ def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str],
     fast = (_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common)
     perm = ('    perm = T.alloc_buffer((1,), "int64", scope="global")\n'
             '    perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))\n')
-    return head + perm + "    if perm[0] == T.int64(0):\n" + _indent(fast, 1) + "    else:\n" + _indent(vec, 1)
+    return (head + perm + f"    if perm[0] == T.int64(0) and kv_len >= {amx_min_rows} * batch_size:\n"
+            + _indent(fast, 1) + "    else:\n" + _indent(vec, 1))
 
 
-def ragged_prefill_source(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False) -> str:
+def ragged_prefill_source(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False,
+                          amx_min_rows: int = AMX_MIN_ROWS) -> str:
     """TVMScript of `ragged_prefill_kernel`."""
     return _prefill(_RAGGED_SIG, _RAGGED_BUFFERS,
                     "kv_start = T.bind(kv_indptr[b])\nkv_n = T.bind(kv_indptr[b + 1] - kv_start)",
                     lambda row: f"Kb[kv_start + c * {PAGE} + {row}, hk, dd]",
                     lambda row: f"Vb[kv_start + c * {PAGE} + {row}, hk, dd]", num_q_heads, num_kv_heads, head_dim,
-                    dtype, amx and head_dim % 64 == 0 and dtype == "float32")
+                    dtype, amx and head_dim % 64 == 0 and dtype == "float32", amx_min_rows)
 
 
-def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
-                          amx: bool = False) -> tvm.tirx.PrimFunc:
+def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False,
+                          amx_min_rows: int = AMX_MIN_ROWS) -> tvm.tirx.PrimFunc:
     """Same parameters as TVM's `_attention_prefill_ragged_cpu` (new tokens against themselves). head_dim must be a
     multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
     kernel does. `amx`: on AMX tiles (`_PREFILL_AMX`; float32 with head_dim a multiple of 64, else the vector
-    kernel)."""
-    return _parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx))
+    kernel) from `amx_min_rows` new KV rows per sequence on average."""
+    return _parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx, amx_min_rows))
 
 
 def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
@@ -613,8 +619,9 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
 
 # RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
 # TVM's kernel is serial and evaluates pow, cos and sin for every (token, head, dim): 12 us per decode token, 1.5 ms
-# for 128 prompt tokens, per layer. Here tokens run in parallel and each token's rotary_dim / 2 angles are evaluated
-# once (the same f32 formula: pos * scale / theta^(2i / rotary_dim)), then applied to every q and k head.
+# for 128 prompt tokens, per layer. Here the rotary_dim / 2 powers theta^(2i / rotary_dim) are evaluated once per call,
+# tokens run in parallel, and each token's angles are evaluated once (the same f32 formula: pos * scale / power), then
+# applied to every q and k head.
 _ROPE = """
 @T.prim_func(s_tir=True)
 def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle,
@@ -627,11 +634,14 @@ def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: 
     k = T.match_buffer(var_k, (seq_len, {hkv}, {d}), "{dtype}")
     v = T.match_buffer(var_v, (seq_len, {hkv}, {d}), "{dtype}")
     position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+    freq = T.alloc_buffer(({half},), "float32", scope="global")
+    for i in range({half}):
+        freq[i] = T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot}))
     for s in T.parallel(seq_len):
         cs = T.alloc_buffer((2, {half}), "float32", scope="global")
         for i in range({half}):
-            cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))
-            cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32({scale}) / T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot})))
+            cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32({scale}) / freq[i])
+            cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32({scale}) / freq[i])
         for h in range({hq} + {hkv}):
             if apply_rope > 0:
                 for i in T.vectorized({half}):
