@@ -29,6 +29,7 @@ and symbols.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -689,14 +690,12 @@ KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_rag
 def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, rope_theta: float,
             rope_scaling: dict, amx: bool = False) -> None:
     """Replace TVM's CPU kernels that TIRPagedKVCache just added to the module being built with ours (same name and
-    symbol, same parameters): decode and ragged-prefill attention, and RoPE + split for the default RoPE (other
-    RoPE scalings keep TVM's kernel)."""
+    symbol, same parameters): decode and ragged-prefill attention (`amx`: on AMX tiles, see `ragged_prefill_kernel`),
+    and RoPE + split for the default RoPE (other RoPE scalings keep TVM's kernel)."""
     mod = bb.get()
-    kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in KERNELS.items()
+    makers = dict(KERNELS, tir_attention_prefill_ragged_cpu=functools.partial(ragged_prefill_kernel, amx=amx))
+    kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in makers.items()
                if head_dim % 8 == 0 or make is decode_kernel}
-    if head_dim % 8 == 0:
-        kernels["tir_attention_prefill_ragged_cpu"] = ragged_prefill_kernel(num_q_heads, num_kv_heads, head_dim,
-                                                                            dtype, amx)
     if "rope_type" not in rope_scaling:
         kernels["tir_split_rotary"] = rope_kernel(num_q_heads, num_kv_heads, head_dim, dtype, rope_theta)
     for name, kernel in kernels.items():
