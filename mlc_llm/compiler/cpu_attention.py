@@ -36,6 +36,7 @@ from typing import Callable
 import tvm
 
 from .cpu_gemv import _indent, _parse, _prefetch
+from .cpu_q4_blocked import AMX_REQUEST, _amx, bf16_parts, tile_config
 
 PAGE = 16
 # Decode tasks aimed at: a batch of B sequences splits each (sequence, KV head)'s pages among
@@ -505,26 +506,8 @@ def _softmax_text(rows: int) -> str:
                            psum=_tree([f"p[{r}, l]" for r in range(rows)], lambda x, y: f"({x} + {y})"))
 
 
-def _bf16_parts(x: str, y: str = "", tiny: bool = False) -> tuple[str, str]:
-    """TIR text of the hi and lo bfloat16 parts of float32 `x` (uint16), or with `y` of a word holding x's part in
-    its low half and y's in its high half (uint32: a VNNI pair). `tiny`: values that may be below 2^-100 (softmax
-    weights: the kernel's exp2 gives 2^-125 for scores 125 below the max) get no lo part, whose float32 would be a
-    denormal (a ~100-cycle microcode assist per vector operation on Intel CPUs)."""
-    from .cpu_q4_blocked import _round_bf16
-
-    def lo(v: str) -> str:
-        rest = f'{v} - T.reinterpret("float32", {_round_bf16(v)})'
-        return f"T.Select({v} > T.float32(1e-30), {rest}, T.float32(0))" if tiny else rest
-    if not y:
-        return tuple(f'T.Cast("uint16", T.shift_right({_round_bf16(v)}, T.uint32(16)))' for v in (x, lo(x)))
-    return tuple(f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"
-                 for a, b in ((x, y), (lo(x), lo(y))))
-
-
 def _amx_text(d: int, grp: int) -> dict:
     """The AMX kernel's prelude and per-chunk tile code (see _PREFILL_AMX)."""
-    from .cpu_q4_blocked import _amx, tile_config
-
     rows_pad = f"((kv_len + {AMX_CHUNK + 15}) // 16 * 16)"
     row0 = f"kv_start + c * {AMX_CHUNK}"
     qel = lambda dd: (f'T.Cast("float32", Qb[q_indptr[b] + T.min(t0 + l, q_n - 1), hk * {grp} + g, {dd}]) '  # noqa
@@ -551,10 +534,10 @@ def _amx_text(d: int, grp: int) -> dict:
                for t in range(4)]
     pv += [f"for dd in range({d}):", f"    for l in T.vectorized({QTILE}):",
            "        ot[g, dd, l] = ot[g, dd, l] * st[1, l] + ob[dd, l]"]
-    k_hi, k_lo = _bf16_parts("Kb[T.min(row, kv_len - 1), hk, dd]")
-    v_hi, v_lo = _bf16_parts(f"Vb[T.min(rc * 16 + l, kv_len - 1), hd // {d}, hd % {d}]")
-    q_hi, q_lo = _bf16_parts(qel("dp * 2"), qel("dp * 2 + 1"))
-    p_hi, p_lo = _bf16_parts("p[i * 2, l]", "p[i * 2 + 1, l]", tiny=True)
+    k_hi, k_lo = bf16_parts("Kb[T.min(row, kv_len - 1), hk, dd]")
+    v_hi, v_lo = bf16_parts(f"Vb[T.min(rc * 16 + l, kv_len - 1), hd // {d}, hd % {d}]")
+    q_hi, q_lo = bf16_parts(qel("dp * 2"), qel("dp * 2 + 1"))
+    p_hi, p_lo = bf16_parts("p[i * 2, l]", "p[i * 2 + 1, l]", tiny=True)
     return dict(rows_pad=rows_pad, k_hi=k_hi, k_lo=k_lo, v_hi=v_hi, v_lo=v_lo, q_hi=q_hi, q_lo=q_lo, p_hi=p_hi,
                 p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=_indent(tile_config(), 2),
                 tilerelease=_amx("tilerelease"), scores=_indent("\n".join(scores), 4), pv=_indent("\n".join(pv), 4),
@@ -581,10 +564,8 @@ def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str],
         return head + vec
     text = _amx_text(head_dim, grp)
     fast = (_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common)
-    perm = ('    perm = T.alloc_buffer((1,), "int64", scope="global")\n'
-            '    perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))\n')
-    return (head + perm + f"    if perm[0] == T.int64(0) and kv_len >= {amx_min_rows} * batch_size:\n"
-            + _indent(fast, 1) + "    else:\n" + _indent(vec, 1))
+    branch = f"    if perm[0] == T.int64(0) and kv_len >= {amx_min_rows} * batch_size:\n"
+    return head + _indent(AMX_REQUEST, 1) + branch + _indent(fast, 1) + "    else:\n" + _indent(vec, 1)
 
 
 def ragged_prefill_source(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False,

@@ -131,10 +131,13 @@ for bo in range({tiles}):
 # The upper 16 bits of a float32's bits: its bfloat16 (truncated)
 _BF16_MASK = "T.uint32(4294901760)"
 
-_AMX = """
+# Linux hands out the AMX tile state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), 0 when
+# granted. Our AMX kernels make it at each call and take their non-AMX path when refused.
+AMX_REQUEST = """
 perm = T.alloc_buffer((1,), "int64", scope="global")
 perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
-if perm[0] == T.int64(0):
+"""
+_AMX = AMX_REQUEST + """if perm[0] == T.int64(0):
     xa = T.alloc_buffer(({mtiles}, {g}, {parts}, 16, 32), "uint16")
     for mt in T.parallel({mtiles}):
         for g in range({g}):
@@ -186,6 +189,21 @@ def _round_bf16(expr: str) -> str:
             f"{_BF16_MASK})")
 
 
+def bf16_parts(x: str, y: str = "", tiny: bool = False) -> tuple[str, str]:
+    """TIR text of the hi and lo bfloat16 parts of float32 `x` (uint16; hi = rounded, lo = the rounded remainder:
+    16 significant bits together), or with `y` of a word holding x's part in its low half and y's in its high half
+    (uint32: a VNNI pair). `tiny`: values that may be below 2^-100 (softmax weights: the attention kernels' exp2 gives
+    2^-125 for scores 125 below the max) get no lo part, whose float32 would be a denormal (a ~100-cycle microcode
+    assist per vector operation on Intel CPUs)."""
+    def lo(v: str) -> str:
+        rest = f'{v} - T.reinterpret("float32", {_round_bf16(v)})'
+        return f"T.Select({v} > T.float32(1e-30), {rest}, T.float32(0))" if tiny else rest
+    if not y:
+        return tuple(f'T.Cast("uint16", T.shift_right({_round_bf16(v)}, T.uint32(16)))' for v in (x, lo(x)))
+    return tuple(f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"
+                 for a, b in ((x, y), (lo(x), lo(y))))
+
+
 def has_amx(target: tvm.target.Target) -> bool:
     """Whether code for `target` may use AMX-BF16 tiles."""
     if target.kind.name != "llvm":
@@ -206,20 +224,20 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     xr = f"x[{_index(layout, f'T.min(mt * 16 + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
     q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
-    x_convert = [f'xa[mt, g, 0, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(xr)}, T.uint32(16)))']
+    x_hi, x_lo = bf16_parts(xr)
+    x_convert = [f"xa[mt, g, 0, mi, l] = {x_hi}"]
     step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
     if f32:
         # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
         # bfloat16 holds exactly: the upper halves of their float32 bits
         w_convert = (f'wh[g, ct, k2, l] = T.shift_right(T.reinterpret("uint32", {q[0]}), T.uint32(16)) + '
                      f'T.reinterpret("uint32", {q[1]})')
-        lo = f'{xr} - T.reinterpret("float32", {_round_bf16(xr)})'  # x's remainder after rounding to bfloat16
-        x_convert.append(f'xa[mt, g, 1, mi, l] = T.Cast("uint16", T.shift_right({_round_bf16(lo)}, T.uint32(16)))')
+        x_convert.append(f"xa[mt, g, 1, mi, l] = {x_lo}")
         step = [_amx("tilezero", f"T.int8({t})") for t in range(4)] + step
         step.append(_amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)"))
     else:
         w = [f"{v} * qs[blk, g, ct * 16 + l]" for v in q]
-        w_convert = f"wh[g, ct, k2, l] = T.shift_right({_round_bf16(w[0])}, T.uint32(16)) + {_round_bf16(w[1])}"
+        w_convert = f"wh[g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
     for ct in range(4):  # tile ids are immediates: one statement per column tile
         step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
         step += [_amx("tdpbf16ps", f"T.int8({ct})", f"T.int8({xt})", "T.int8(6)") for xt in ((4, 5) if f32 else (4,))]
