@@ -94,25 +94,27 @@ def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
     assert np.all(y.numpy()[60:62] < 1e-37) and abs(y.numpy()[62] - 2 ** -0.5) < 1e-7
 
 
-def _check_prefill(kernels, inputs, causal, sm_scale, ref_out, ref_lse, tol=1e-5):
-    """Our prefill kernel and TVM's (`kernels`) on the same `inputs` (the arrays before output and lse): ours against
-    the float64 reference, and against the stock kernel (outputs within `tol`, lse within 10 `tol`)."""
+def _run_prefill(func, inputs, causal, sm_scale):
+    """A prefill kernel compiled for this CPU, run on `inputs` (the arrays before output and lse; q first):
+    (output, lse)."""
     dev = tvm.cpu()
     t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
-    results = []
-    for func in kernels:
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                          target=tvm.target.Target.from_device(dev))
-        out = t(np.full(ref_out.shape, np.nan, np.float32))
-        lse = t(np.full(ref_lse.shape, np.nan, np.float32))
-        lib["main"](*map(t, inputs), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
-        results.append((out.numpy(), lse.numpy()))
-    (out, lse), (stock_out, stock_lse) = results
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target.from_device(dev))
+    out = t(np.full(inputs[0].shape, np.nan, np.float32))
+    lse = t(np.full(inputs[0].shape[:2], np.nan, np.float32))
+    lib["main"](*map(t, inputs), out, lse, causal, 0, 1.0, 10000.0, sm_scale)
+    return out.numpy(), lse.numpy()
+
+
+def _check_prefill(ours, stock, ref_out, ref_lse, tol=1e-5):
+    """Our kernel's (output, lse) against the float64 reference and against TVM's kernel's (outputs within `tol`,
+    lse within 10 `tol`)."""
+    (out, lse), (stock_out, stock_lse) = ours, stock
     np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
     np.testing.assert_allclose(lse, ref_lse, rtol=tol, atol=10 * tol)
     np.testing.assert_allclose(out, stock_out, rtol=tol, atol=tol)
     np.testing.assert_allclose(lse, stock_lse, rtol=tol, atol=10 * tol)
-    return out
 
 
 def _ragged_case(causal, q_lens, kv_lens, hq, hkv, d):
@@ -151,9 +153,10 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_l
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
     inputs, sm_scale, ref_out, ref_lse = _ragged_case(causal, q_lens, kv_lens, hq, hkv, d)
-    _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
-                    _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
-                   inputs, causal, sm_scale, ref_out, ref_lse)
+    ours, stock = (_run_prefill(f, inputs, causal, sm_scale)
+                   for f in (cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
+                             _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})))
+    _check_prefill(ours, stock, ref_out, ref_lse)
 
 
 _HAS_AMX = cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu()))
@@ -173,18 +176,16 @@ def test_ragged_prefill_attention_on_amx_tiles(causal, q_lens, kv_lens, hq, hkv,
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
     inputs, sm_scale, ref_out, ref_lse = _ragged_case(causal, q_lens, kv_lens, hq, hkv, d)
-    out = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True, amx_min_rows=0),
-                          _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
-                         inputs, causal, sm_scale, ref_out, ref_lse, tol=5e-5)
-    vec = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"),
-                          _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
-                         inputs, causal, sm_scale, ref_out, ref_lse)
-    assert np.abs(out - vec).max() > 1e-7
-    default = _check_prefill((cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True),
-                              _attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
-                             inputs, causal, sm_scale, ref_out, ref_lse, tol=5e-5)
+    stock = _run_prefill(_attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {}), inputs, causal, sm_scale)
+    tiles, vec, default = (_run_prefill(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", **kw), inputs,
+                                        causal, sm_scale)
+                           for kw in (dict(amx=True, amx_min_rows=0), {}, dict(amx=True)))
+    _check_prefill(tiles, stock, ref_out, ref_lse, tol=5e-5)
+    _check_prefill(vec, stock, ref_out, ref_lse)
+    assert np.abs(tiles[0] - vec[0]).max() > 1e-7
+    _check_prefill(default, stock, ref_out, ref_lse, tol=5e-5)
     long = sum(kv_lens) >= cpu_attention.AMX_MIN_ROWS * len(kv_lens)
-    np.testing.assert_array_equal(default, out if long else vec)
+    np.testing.assert_array_equal(default[0], (tiles if long else vec)[0])
 
 
 @pytest.mark.skipif(not _HAS_AMX, reason="this CPU has no AMX-BF16 tiles")
@@ -194,17 +195,11 @@ def test_amx_attention_falls_back_to_the_vector_kernel_when_linux_refuses_amx():
     inputs, sm_scale, _, _ = _ragged_case(1, [37, 5], [37, 21], 9, 3, 64)
     src = cpu_attention.ragged_prefill_source(9, 3, 64, "float32", amx=True, amx_min_rows=0)
     assert src.count("T.int64(158)") == 1  # SYS_arch_prctl
-    outs = []
-    for func in (cpu_attention._parse(src.replace("T.int64(158)", "T.int64(-1)")),
-                 cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32")):
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                          target=tvm.target.Target.from_device(tvm.cpu()))
-        out = tvm.runtime.tensor(np.full(inputs[0].shape, np.nan, np.float32))
-        lse = tvm.runtime.tensor(np.full(inputs[0].shape[:2], np.nan, np.float32))
-        lib["main"](*map(tvm.runtime.tensor, inputs), out, lse, 1, 0, 1.0, 10000.0, sm_scale)
-        outs.append((out.numpy(), lse.numpy()))
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    refused, vec = (_run_prefill(f, inputs, 1, sm_scale)
+                    for f in (cpu_attention._parse(src.replace("T.int64(158)", "T.int64(-1)")),
+                              cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32")))
+    np.testing.assert_array_equal(refused[0], vec[0])
+    np.testing.assert_array_equal(refused[1], vec[1])
 
 
 @pytest.mark.parametrize("causal", [0, 1])
@@ -234,10 +229,11 @@ def test_paged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_le
                 w = np.exp2(s - s.max())
                 ref_out[q_indptr[b] + i, h] = w @ v / w.sum()
                 ref_lse[q_indptr[b] + i, h] = s.max() + math.log2(w.sum())
-    _check_prefill((cpu_attention.paged_prefill_kernel(hq, hkv, d, "float32"),
-                    _attention_prefill_cpu(hkv, hq, d, "float32", False, {})),
-                   [q, q_indptr, pages, indptr, values, last, np.zeros(len(q_lens), np.int32),
-                    np.zeros(len(q), np.int32)], causal, sm_scale, ref_out, ref_lse)
+    inputs = [q, q_indptr, pages, indptr, values, last, np.zeros(len(q_lens), np.int32), np.zeros(len(q), np.int32)]
+    ours, stock = (_run_prefill(f, inputs, causal, sm_scale)
+                   for f in (cpu_attention.paged_prefill_kernel(hq, hkv, d, "float32"),
+                             _attention_prefill_cpu(hkv, hq, d, "float32", False, {})))
+    _check_prefill(ours, stock, ref_out, ref_lse)
 
 
 @pytest.mark.parametrize("rotary_dim", [64, 32])
