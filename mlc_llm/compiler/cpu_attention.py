@@ -35,6 +35,7 @@ from typing import Callable
 
 import tvm
 
+from . import cpu_tasks
 from .cpu_gemv import _indent, _parse, _prefetch
 from .cpu_q4_blocked import AMX_REQUEST, _amx, bf16_parts, tile_config
 
@@ -559,11 +560,14 @@ def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str],
     vec = (_TASKS + _PREFILL_VEC).format(
         page=PAGE, page_m1=PAGE - 1, log2e=repr(LOG2E), k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last),
         v_part=v_row(last), softmax=_indent(_softmax_text(PAGE), 4), **common)
+    cap = f"((qo_len + {QTILE - 1}) // {QTILE} + batch_size) * {num_kv_heads}"  # >= the tasks (tiles x KV heads)
+    vec = cpu_tasks.steal_parallel(vec, name="_vec", dtype="int32", capacity=cap)
     head = (sig + _PREFILL_BUFFERS + buffers).format(page=PAGE, **common)
     if not amx:
         return head + vec
     text = _amx_text(head_dim, grp)
-    fast = (_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common)
+    fast = cpu_tasks.steal_parallel((_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common), name="_amx",
+                                    dtype="int32", capacity=cap)
     branch = f"    if perm[0] == T.int64(0) and kv_len >= {amx_min_rows} * batch_size:\n"
     return head + _indent(AMX_REQUEST, 1) + branch + _indent(fast, 1) + "    else:\n" + _indent(vec, 1)
 

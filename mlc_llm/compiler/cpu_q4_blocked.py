@@ -28,7 +28,7 @@ from typing import Optional
 
 import tvm
 
-from . import cpu_gemv
+from . import cpu_gemv, cpu_tasks
 from .cpu_gemv import _indent, _index, _parse, _prefetch, _shapes, _source
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
@@ -144,27 +144,31 @@ _AMX = AMX_REQUEST + """if perm[0] == T.int64(0):
             for mi in range(16):
                 for l in T.vectorized(32):
 {x_convert}
-    for task in T.parallel(T.int64({nb}) * {chunks}):
-        blk = T.bind(task % T.int64({nb}))
-        c = T.bind(task // T.int64({nb}))
-{tile_config}
-        wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
-        cb = T.alloc_buffer((16, 64), "float32")
-{cg_alloc}
-        for g in range({g}):
-            for k2 in range(16):
-                for ct in T.unroll(4):
-                    for l in T.vectorized(16):
-{w_convert}
-        for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
-{groups}
-            for mi in range(16):
-                if mt * 16 + mi < {rows}:
-                    for nn in range(64):
-                        y[{yidx}] = {res}cb[mi, nn]
-        {tilerelease}
+{tasks}
 else:
 {panel}
+"""
+# One task of the AMX GEMM (claimed at run time: cpu_tasks.claim_loop): block `blk`, chunk `c` of row tiles
+_AMX_SETUP = """
+{tile_config}
+wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
+cb = T.alloc_buffer((16, 64), "float32")
+{cg_alloc}
+"""
+_AMX_TASK = """
+blk = T.bind(task % T.int64({nb}))
+c = T.bind(task // T.int64({nb}))
+for g in range({g}):
+    for k2 in range(16):
+        for ct in T.unroll(4):
+            for l in T.vectorized(16):
+{w_convert}
+for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
+{groups}
+    for mi in range(16):
+        if mt * 16 + mi < {rows}:
+            for nn in range(64):
+                y[{yidx}] = {res}cb[mi, nn]
 """
 
 
@@ -254,14 +258,16 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
                   + _indent("\n".join(step), 1).rstrip("\n").split("\n") + store)
     yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
     mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
+    chunks = f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))"
+    task = _AMX_TASK.format(nb=n // BLOCK, g=g, w_convert=_indent(w_convert, 4), cht=AMX_CHUNK_TILES,
+                            mtiles=mtiles, groups=_indent("\n".join(groups), 1), rows=rows, yidx=yidx,
+                            res=f"r[{yidx}] + " if residual else "")
+    setup = _AMX_SETUP.format(tile_config=tile_config(), g=g,
+                              cg_alloc='cg = T.alloc_buffer((16, 64), "float32")' if f32 else "")
+    tasks = cpu_tasks.steal_loop(f"T.int64({n // BLOCK}) * {chunks}", task, setup, _amx("tilerelease"))
     return _AMX.format(
-        mtiles=mtiles, g=g, nb=n // BLOCK, cht=AMX_CHUNK_TILES, rows=rows, parts=2 if f32 else 1,
-        chunks=f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))",
-        x_convert=_indent("\n".join(x_convert), 5), w_convert=_indent(w_convert, 6),
-        cg_alloc=_indent('cg = T.alloc_buffer((16, 64), "float32")' if f32 else "", 2),
-        tile_config=_indent(tile_config(), 2), tilerelease=_amx("tilerelease"),
-        groups=_indent("\n".join(groups), 3),
-        yidx=yidx, res=f"r[{yidx}] + " if residual else "", panel=_indent(panel, 1))
+        mtiles=mtiles, g=g, parts=2 if f32 else 1, x_convert=_indent("\n".join(x_convert), 5),
+        tasks=_indent(tasks, 1), panel=_indent(panel, 1))
 
 
 _WRITE = """

@@ -1,0 +1,103 @@
+"""Parallel loops whose tasks are claimed at run time from a shared counter (dynamic scheduling) instead of TVM's
+static split.
+
+TVM's thread pool runs a `T.parallel(n)` loop as one contiguous range of iterations per thread, fixed in advance.
+On a shared machine the two threads of one kernel often do not run at the same speed (a sampled 512-token prefill on
+the 2-core VM: the pool's worker spent 10-24 % more time than the main thread in every kernel, and the main thread
+then waited 13 % of the time), and a kernel lasts as long as its slowest thread. Here each iteration of the parallel
+loop claims task after task with an atomic fetch-and-add on a counter the kernel resets before the loop, until the
+tasks run out: a thread that runs faster takes more tasks. The tasks' code and results do not depend on which
+thread runs them, so outputs are bit-identical to the static split.
+
+TVM 0.27's LLVM backend has no atomic builtin for CPUs (`tirx.atomic_add`: "CPU backend does not support atomic add
+yet"), so the fetch-and-add is an LLVM IR function imported with TVM's `pragma_import_llvm` attribute (the backend
+links it into the module and inlines it: one `lock xadd`).
+"""
+from __future__ import annotations
+
+from .cpu_gemv import _indent
+
+FETCH_ADD = "mlc_atomic_fetch_add_i32"
+LOAD = "mlc_atomic_load_i32"
+_IR = f"""define i32 @{FETCH_ADD}(ptr %p, i32 %v) {{
+  %old = atomicrmw add ptr %p, i32 %v monotonic, align 4
+  ret i32 %old
+}}
+define i32 @{LOAD}(ptr %p) {{
+  %v = load atomic i32, ptr %p monotonic, align 4
+  ret i32 %v
+}}
+"""
+
+
+def _fetch_add(elem: str, v: int = 1) -> str:
+    return f'T.call_extern("int32", "{FETCH_ADD}", T.address_of({elem}), {v})'
+
+
+def _load(elem: str) -> str:
+    return f'T.call_extern("int32", "{LOAD}", T.address_of({elem}))'
+
+
+def steal_loop(ntasks: str, body: str, setup: str = "", teardown: str = "", task: str = "task",
+               name: str = "", dtype: str = "int64", capacity: str = "") -> str:
+    """TIR text of a parallel loop over tasks 0 .. `ntasks` - 1 with work stealing. Each task has a flag, claimed by
+    the first fetch-and-add on it. A thread's first iteration i runs tasks i, i+1, ... in order while it can claim
+    them (its own range of TVM's static split: what it wrote in the kernels before stays in its core's caches), then
+    scans all tasks from the last one down and runs those still unclaimed (the slower threads' ranges, from their
+    far end); an iteration that completes its scan marks the loop done, and the iterations left skip. `body` runs
+    once per task with `task` bound to its index; `setup` / `teardown` once per iteration that has work (per-thread
+    state: tile configuration, scratch buffers). `name` suffixes the loop's variables (two loops in one kernel);
+    `dtype`: the type of `ntasks` and `task`. `capacity`: the flags' buffer size if `ntasks` reads a buffer (TVM
+    hoists allocations to the kernel's start: their size may only use parameters and shape variables), an upper
+    bound of ntasks."""
+    flags, done, it, q, n = f"flags{name}", f"done{name}", f"it{name}", f"q{name}", f"ntasks{name}"
+    one, zero, q0, q1 = f"T.{dtype}(1)", f"T.{dtype}(0)", f"{q}_at", f"{q}_up"
+    # q[0]: the task to try (bound as q0); q[1]: 0 going up from the iteration's own task, 1 scanning down (bound
+    # as q1); q[2]: 1 if this iteration claimed task q0
+    claim = (f"if {q1} == {zero}:\n"
+             f"    {q}[2] = T.Cast(\"{dtype}\", {_fetch_add(f'{flags}[{q0}]')} == 0)\n"
+             f"elif {_load(f'{flags}[{q0}]')} == 0:\n"
+             f"    {q}[2] = T.Cast(\"{dtype}\", {_fetch_add(f'{flags}[{q0}]')} == 0)\n"
+             f"else:\n    {q}[2] = {zero}\n")
+    step = (f"if {q}[2] == {one}:\n" + _indent(f"{task} = T.bind({q0})\n" + body.strip("\n"), 1) + "\n"
+            f"if {q1} == {zero} and {q}[2] == {one} and {q0} + {one} < {n}:\n"
+            f"    {q}[0] = {q0} + {one}\n"
+            f"elif {q1} == {zero}:\n"
+            f"    {q}[0] = {n} - {one}\n"
+            f"    {q}[1] = {one}\n"
+            f"else:\n    {q}[0] = {q0} - {one}\n")
+    loop = (f"{q}[0] = {it}\n{q}[1] = {zero}\n"
+            f"while {q}[0] >= {zero}:\n"
+            f"    {q0} = T.bind({q}[0])\n    {q1} = T.bind({q}[1])\n" + _indent(claim + step, 1)
+            + f"T.evaluate({_fetch_add(f'{done}[0]')})\n")
+    inner = (setup.strip("\n") + "\n" if setup.strip() else "") + loop
+    if teardown.strip():
+        inner += teardown.strip("\n") + "\n"
+    return (f"{n} = T.bind({ntasks})\n"
+            f'{flags} = T.alloc_buffer(({capacity or ntasks},), "int32", scope="global")\n'
+            f"for i in range({n}):\n    {flags}[i] = 0\n"
+            f'{done} = T.alloc_buffer((1,), "int32", scope="global")\n'
+            f"{done}[0] = 0\n"
+            f'with T.attr(0, "pragma_import_llvm", {_IR!r}):\n'
+            f"    for {it} in T.parallel({n}):\n"
+            f'        {q} = T.alloc_buffer((3,), "{dtype}", scope="global")\n'
+            f"        if {_load(f'{done}[0]')} == 0:\n" + _indent(inner, 3))
+
+
+def steal_parallel(text: str, var: str = "task", name: str = "", dtype: str = "int64", capacity: str = "") -> str:
+    """`text` (TVMScript) with its loop `for <var> in T.parallel(<n>):` turned into a `steal_loop` over the same
+    tasks and body (its only occurrence; the body's allocations stay per task)."""
+    lines = text.split("\n")
+    head = f"for {var} in T.parallel("
+    at = [i for i, line in enumerate(lines) if line.lstrip().startswith(head)]
+    if len(at) != 1:
+        raise ValueError(f"expected one `{head}...` loop, found {len(at)}")
+    i = at[0]
+    pad = len(lines[i]) - len(lines[i].lstrip())
+    ntasks = lines[i].strip()[len(head):-2]
+    end = i + 1
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > pad):
+        end += 1
+    body = "\n".join(line[pad + 4:] for line in lines[i + 1:end])
+    loop = _indent(steal_loop(ntasks, body, task=var, name=name, dtype=dtype, capacity=capacity), pad // 4).rstrip("\n")
+    return "\n".join(lines[:i] + [loop] + lines[end:])

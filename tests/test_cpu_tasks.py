@@ -1,0 +1,67 @@
+"""Work-stealing parallel loops (compiler/cpu_tasks.py): every task runs exactly once, whatever the task count, and
+a thread held up by a slow task has its remaining tasks taken by the others."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))  # as mlc_llm.serve.runner (TVM's default: 1 here)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tvm  # noqa: E402
+
+from mlc_llm.compiler import cpu_tasks  # noqa: E402
+from mlc_llm.compiler.cpu_gemv import _indent, _parse  # noqa: E402
+
+# Each task counts its runs atomically and records the parallel iteration that ran it; task `slow` first spins on a
+# chain of dependent float operations (tens of milliseconds; not foldable without fast-math).
+_BODY = f"""
+T.evaluate(T.call_extern("int32", "{cpu_tasks.FETCH_ADD}", T.address_of(runs[task]), 1))
+owner[task] = T.Cast("int32", it)
+if task == T.Cast("int64", slow):
+    acc = T.alloc_buffer((1,), "float32", scope="global")
+    acc[0] = spin[0]
+    for i in range(20000000):
+        acc[0] = acc[0] * T.float32(1.0000001) + T.float32(1e-9)
+    spin[0] = acc[0]
+"""
+_KERNEL = """
+@T.prim_func
+def main(var_runs: T.handle, var_owner: T.handle, spin: T.Buffer((1,), "float32"), slow: T.int32):
+    n = T.int64()
+    runs = T.match_buffer(var_runs, (n,), "int32")
+    owner = T.match_buffer(var_owner, (n,), "int32")
+{loop}"""
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    src = _KERNEL.format(loop=_indent(cpu_tasks.steal_loop("n", _BODY), 1))
+    return tvm.compile(tvm.IRModule({"main": _parse(src)}), target=tvm.target.Target.from_device(tvm.cpu()))["main"]
+
+
+def _run(kernel, n: int, slow: int = -1):
+    dev = tvm.cpu()
+    runs = tvm.runtime.tensor(np.zeros(n, np.int32), dev)
+    owner = tvm.runtime.tensor(np.full(n, -1, np.int32), dev)
+    kernel(runs, owner, tvm.runtime.tensor(np.ones(1, np.float32), dev), slow)
+    return runs.numpy(), owner.numpy()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 17, 100, 1000])
+def test_every_task_runs_once(kernel, n):
+    for _ in range(20):  # races, if any, would not show on every call
+        runs, owner = _run(kernel, n)
+        np.testing.assert_array_equal(runs, np.ones(n, np.int32))
+        assert (owner >= 0).all() and (owner < max(n, 1)).all()
+
+
+def test_a_held_up_thread_loses_its_tasks(kernel):
+    n = 64
+    runs, owner = _run(kernel, n, slow=0)
+    np.testing.assert_array_equal(runs, np.ones(n, np.int32))
+    assert owner[0] == 0  # the first iteration claims task 0 first
+    if (owner[1:] == 0).all():
+        pytest.skip("one thread in TVM's pool: nothing to steal")
+    # TVM's static split would leave tasks 1 .. n/threads - 1 to the held-up thread; the others take them all
+    assert (owner[1:] != 0).all(), owner
