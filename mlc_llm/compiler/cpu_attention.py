@@ -242,7 +242,8 @@ _PAGED_BUFFERS = """
 #   token's rescale factor is one lane of a vector;
 # - the output [head, d, 16 tokens] is accumulated 8 d-rows at a time (8 independent FMA chains, P in registers).
 # Tiles are numbered over the sequences (a prelude counts them) and handed out first, last, second, second to last,
-# ...: TVM splits a parallel loop into contiguous ranges, and with `causal` a later tile has more rows to read.
+# ...: each thread first runs its own contiguous range of them (TVM's split), and with `causal` a later tile has more
+# rows to read; then it takes the tasks left in the other threads' ranges (work stealing, cpu_tasks.steal_loop).
 _TASKS = """
     n_tiles = T.alloc_buffer((1,), "int32", scope="global")
     n_tiles[0] = 0

@@ -59,9 +59,11 @@ PANEL_CHUNK = 48
 # FMAs' 2^-24 per operation. (The first AMX kernel split the dequantized weights too, x_hi.w_hi + x_lo.w_hi +
 # x_hi.w_lo, with no per-group step: three products instead of two, a hi and a lo weight panel, and twice the error;
 # this one is 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.) A prelude
-# converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row block):
-# the block's integer weights are unpacked into a VNNI panel (two bf16 of consecutive k per 32-bit word), then for
-# each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers 0-3; x hi/lo in 4-5, weights in 6). Linux
+# converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row
+# block), run with work stealing (cpu_tasks.steal_loop; chunks of 8 tiles: 0.95x at 512 rows, each block's weights
+# unpacked twice as often): the block's integer weights are unpacked into a VNNI panel (two bf16 of consecutive k per
+# 32-bit word), then for each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers 0-3; x hi/lo in 4-5,
+# weights in 6). Linux
 # hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall,
 # against >= 100 us of work) and runs the float32 panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
