@@ -9,12 +9,17 @@ transformers dequantizes the GGUF's int4 weights to `--dtype` at load, so this i
 bf16 / fp32 (what "HF transformers prefills this model at ..." means). Prefill = one forward over a random token-id
 prompt with a fresh KV cache, logits of the last position only (as our engine and llama.cpp compute them). Prints
 one JSON object: {"pp128": {"median", "min", "max", "samples"}, ...} on the last line.
+
+`--serve`: for bench/prefill_vs_hf.py, which interleaves single prefills of both sides: after loading, prints
+"ready", then for each line N read from stdin runs one prefill of N tokens (the same ids for the same N) and prints
+its seconds; stops at end of input.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--serve", action="store_true", help="one prefill per line N on stdin (see the docstring)")
     a = p.parse_args()
 
     import torch
@@ -40,6 +46,18 @@ def main() -> int:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     out = {}
+    if a.serve:
+        prompts: dict[int, "torch.Tensor"] = {}
+        print("ready", flush=True)
+        with torch.inference_mode():
+            for line in sys.stdin:
+                n = int(line)
+                ids = prompts.setdefault(n, torch.randint(0, vocab, (1, n), generator=gen))
+                t0 = time.perf_counter()
+                logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+                float(logits[0, -1, 0])
+                print(time.perf_counter() - t0, flush=True)
+        return 0
     with torch.inference_mode():
         for n in a.prompt_len:
             ids = torch.randint(0, vocab, (1, n), generator=gen)
