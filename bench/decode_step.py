@@ -6,7 +6,8 @@ within minutes, so variants are compared round by round, never run after one ano
 
 For each round, context and library: a fresh KV cache, a prefill of `context` random token ids, then `steps` greedy
 batch-1 `batch_decode` calls through ModelRunner (no engine thread, no sampling beyond argmax); the round's value is the
-median step. Prints the median [min-max] over rounds per library and context, the first greedy tokens of each library
+median step. Prints the median [min-max] over rounds per library and context (and for the other libraries the
+median [min-max] over rounds of the first library's step / theirs), the first greedy tokens of each library
 (they must agree), and per library the median over rounds of step(first context) / step(last context).
 """
 from __future__ import annotations
@@ -56,7 +57,11 @@ def main() -> None:
         cells = []
         for ctx in a.contexts:
             v = [t * 1e3 for t in steps[(lib, ctx)]]
-            cells.append(f"ctx {ctx}: {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]")
+            cell = f"ctx {ctx}: {statistics.median(v):.2f} ms [{min(v):.2f}-{max(v):.2f}]"
+            if lib != a.libs[0]:  # speed relative to the first library, round by round
+                r = [x / y for x, y in zip(steps[(a.libs[0], ctx)], steps[(lib, ctx)])]
+                cell += f" ({statistics.median(r):.3f}x the first [{min(r):.2f}-{max(r):.2f}])"
+            cells.append(cell)
         line = f"{lib}: " + "; ".join(cells)
         if len(a.contexts) > 1:
             lo, hi = steps[(lib, a.contexts[0])], steps[(lib, a.contexts[-1])]

@@ -487,9 +487,10 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     prefetch = _indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
                        f"        {_prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
                        f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", 4)
-    return _parse(_DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
-                                 exp2_merge=_exp2("part_md[bh * ns + sp, g, 0] - m[g]"),
-                                 **common))
+    text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
+                          exp2_merge=_exp2("part_md[bh * ns + sp, g, 0] - m[g]"), **common)
+    # tasks of both branches: at most B * hkv + SPLIT_TASKS - 1 (see _DECODE)
+    return _parse(cpu_tasks.steal_parallel(text, name="_dec", dtype="int32", capacity=f"B * {hkv} + {SPLIT_TASKS}"))
 
 
 def _tree(terms: list[str], comb) -> str:

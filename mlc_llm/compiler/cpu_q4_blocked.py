@@ -346,7 +346,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
         code += _indent("else:", level)
         level += 1
     code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
-    small = f"for blk in T.parallel(T.int64({nb})):\n" + code
+    small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
     if not panel_min:
         return _source(_indent(small, 1), n, k, layout, residual, BLOCK)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"

@@ -16,6 +16,8 @@ attribute (the backend links them into the module and inlines them: a `lock xadd
 """
 from __future__ import annotations
 
+import textwrap
+
 from .cpu_gemv import _indent
 
 FETCH_ADD = "mlc_atomic_fetch_add_i32"
@@ -86,19 +88,22 @@ def steal_loop(ntasks: str, body: str, setup: str = "", teardown: str = "", task
 
 
 def steal_parallel(text: str, var: str = "task", name: str = "", dtype: str = "int64", capacity: str = "") -> str:
-    """`text` (TVMScript) with its loop `for <var> in T.parallel(<n>):` turned into a `steal_loop` over the same
-    tasks and body (its only occurrence; the body's allocations stay per task)."""
-    lines = text.split("\n")
+    """`text` (TVMScript) with each loop `for <var> in T.parallel(<n>):` turned into a `steal_loop` over the same
+    tasks and body (the body's allocations stay per task); the k-th such loop's variables are suffixed `name` + k
+    from the second one on."""
     head = f"for {var} in T.parallel("
+    lines = text.split("\n")
     at = [i for i, line in enumerate(lines) if line.lstrip().startswith(head)]
-    if len(at) != 1:
-        raise ValueError(f"expected one `{head}...` loop, found {len(at)}")
-    i = at[0]
-    pad = len(lines[i]) - len(lines[i].lstrip())
-    ntasks = lines[i].strip()[len(head):-2]
-    end = i + 1
-    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > pad):
-        end += 1
-    body = "\n".join(line[pad + 4:] for line in lines[i + 1:end])
-    loop = _indent(steal_loop(ntasks, body, task=var, name=name, dtype=dtype, capacity=capacity), pad // 4).rstrip("\n")
-    return "\n".join(lines[:i] + [loop] + lines[end:])
+    if not at:
+        raise ValueError(f"no `{head}...` loop in the kernel text")
+    for k in range(len(at)):
+        i = next(i for i, line in enumerate(lines) if line.lstrip().startswith(head))
+        pad = len(lines[i]) - len(lines[i].lstrip())
+        ntasks = lines[i].strip()[len(head):-2]
+        end = i + 1
+        while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > pad):
+            end += 1
+        body = textwrap.dedent("\n".join(lines[i + 1:end]))
+        loop = steal_loop(ntasks, body, task=var, name=name + (str(k) if k else ""), dtype=dtype, capacity=capacity)
+        lines = lines[:i] + _indent(loop, pad // 4).rstrip("\n").split("\n") + lines[end:]
+    return "\n".join(lines)
