@@ -11,7 +11,8 @@ The child process prefills `--context` random tokens per sequence once, then dec
 them from the KV cache, again and again (the context stays within [context, context + steps], no prefill is
 sampled); perf attaches after a warm-up and records
 `--seconds` at 4 kHz. Shares are of all samples of both threads (idle spinning included: `[kernel]` is mostly the
-pool's `sched_yield`). `--batch N` decodes N sequences per step. Needs `perf` (linux-perf) and perf_event_paranoid
+pool's `sched_yield`). `--per-thread`: each thread's samples per kernel too, and the slowest thread's over the
+fastest's (how unevenly a kernel's work ran). `--batch N` decodes N sequences per step. Needs `perf` (linux-perf) and perf_event_paranoid
 <= 2 for a process of the same user. The instrumented per-kernel profile is `mlc_llm bench latency --profile`
 (it adds a synchronization per kernel: shares there are of a slower step).
 """
@@ -90,6 +91,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=10.0, help="seconds before perf attaches (load + first rounds)")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--prefill", type=int, metavar="N", help="sample prefills of N tokens instead of decode steps")
+    ap.add_argument("--per-thread", action="store_true",
+                    help="also each thread's samples per kernel (a kernel lasts as long as its slowest thread)")
     a = ap.parse_args()
     if not shutil.which("perf"):
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
@@ -117,21 +120,28 @@ def main() -> int:
         finally:
             child.kill()
             child.wait()
-        script = subprocess.run(["perf", "script", "-i", data, "-F", "ip,dso", "--max-stack=1"], capture_output=True,
-                                text=True, check=True).stdout
+        script = subprocess.run(["perf", "script", "-i", data, "-F", "tid,ip,dso", "--max-stack=1"],
+                                capture_output=True, text=True, check=True).stdout
     addrs, names = _symbols(lib)
     base = os.path.basename(lib)
     counts: collections.Counter[str] = collections.Counter()
-    for line in script.splitlines():
+    per_thread: collections.Counter[tuple[int, str]] = collections.Counter()
+    tid = 0
+    for line in script.splitlines():  # a sample: "TID" then its (leaf) frame "IP (DSO)" on the next line
         parts = line.split()
+        if len(parts) == 1 and parts[0].isdigit():
+            tid = int(parts[0])
+            continue
         if len(parts) < 2:
             continue
         dso = parts[1].strip("()")
         if os.path.basename(dso) == base:
             i = bisect.bisect_right(addrs, int(parts[0], 16)) - 1
-            counts[names[i] if i >= 0 else "?"] += 1
+            name = names[i] if i >= 0 else "?"
         else:
-            counts[f"[{os.path.basename(dso)}]"] += 1
+            name = f"[{os.path.basename(dso)}]"
+        counts[name] += 1
+        per_thread[(tid, name)] += 1
     total = sum(counts.values())
     step_ms = (float(after[0]) - float(before[0])) / (int(after[1]) - int(before[1])) * 1e3
     what = (f"prefill of {a.prefill} tokens" if a.prefill else
@@ -140,9 +150,18 @@ def main() -> int:
           f"while sampled; {total} samples ({a.seconds:.0f} s x 4 kHz x threads); "
           f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')}")
     threads = total / (a.seconds * 4000)  # samples per second of wall time / the sampling rate
-    print(f"  share   thread-ms per {'prefill' if a.prefill else 'step'}   (sampled threads: {threads:.1f})")
+    tids = sorted({t for t, _ in per_thread}, key=lambda t: (t != child.pid, t))  # the main thread's tid is the pid
+    head = f"  share   thread-ms per {'prefill' if a.prefill else 'step'}   (sampled threads: {threads:.1f})"
+    if a.per_thread and len(tids) > 1:
+        head += (f"; samples per thread (tids {', '.join(map(str, tids))}, the main thread first), "
+                 f"the most / the fewest")
+    print(head)
     for name, n in counts.most_common(a.top):
-        print(f"  {100 * n / total:5.1f} %  {n / total * step_ms * threads:6.2f}  {name}")
+        line = f"  {100 * n / total:5.1f} %  {n / total * step_ms * threads:6.2f}  {name}"
+        if a.per_thread and len(tids) > 1:
+            by = [per_thread[(t, name)] for t in tids]
+            line += f"   {' / '.join(map(str, by))}   {max(by) / max(min(by), 1):.2f}"
+        print(line)
     return 0
 
 
