@@ -63,9 +63,8 @@ PANEL_CHUNK = 48
 # block), run with work stealing (cpu_tasks.steal_loop; chunks of 8 tiles: 0.95x at 512 rows, each block's weights
 # unpacked twice as often): the block's integer weights are unpacked into a VNNI panel (two bf16 of consecutive k per
 # 32-bit word), then for each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers 0-3; x hi/lo in 4-5,
-# weights in 6). Linux
-# hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall,
-# against >= 100 us of work) and runs the float32 panel GEMM if refused.
+# weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each
+# call (one syscall, against >= 100 us of work) and runs the float32 panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
 # of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
 # faster kernels, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
@@ -150,7 +149,8 @@ _AMX = AMX_REQUEST + """if perm[0] == T.int64(0):
 else:
 {panel}
 """
-# One task of the AMX GEMM (claimed at run time: cpu_tasks.claim_loop): block `blk`, chunk `c` of row tiles
+# One task of the AMX GEMM (run by cpu_tasks.steal_loop; the setup once per thread): block `blk`, chunk `c` of row
+# tiles
 _AMX_SETUP = """
 {tile_config}
 wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
