@@ -45,6 +45,14 @@ def main() -> int:
     model.eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
+
+    def prefill(ids) -> float:
+        """Seconds of one forward with a fresh cache, last position's logits only."""
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+        float(logits[0, -1, 0])  # the result is really there
+        return time.perf_counter() - t0
+
     out = {}
     if a.serve:
         prompts: dict[int, "torch.Tensor"] = {}
@@ -52,23 +60,14 @@ def main() -> int:
         with torch.inference_mode():
             for line in sys.stdin:
                 n = int(line)
-                ids = prompts.setdefault(n, torch.randint(0, vocab, (1, n), generator=gen))
-                t0 = time.perf_counter()
-                logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
-                float(logits[0, -1, 0])
-                print(time.perf_counter() - t0, flush=True)
+                if n not in prompts:
+                    prompts[n] = torch.randint(0, vocab, (1, n), generator=gen)
+                print(prefill(prompts[n]), flush=True)
         return 0
     with torch.inference_mode():
         for n in a.prompt_len:
             ids = torch.randint(0, vocab, (1, n), generator=gen)
-            samples = []
-            for i in range(a.warmup + a.repeat):
-                t0 = time.perf_counter()
-                logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
-                float(logits[0, -1, 0])  # the result is really there
-                dt = time.perf_counter() - t0
-                if i >= a.warmup:
-                    samples.append(n / dt)
+            samples = [n / prefill(ids) for _ in range(a.warmup + a.repeat)][a.warmup:]
             out[f"pp{n}"] = {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
                              "samples": samples}
             print(f"pp{n}: {out[f'pp{n}']['median']:.1f} tok/s [{min(samples):.1f}-{max(samples):.1f}]", flush=True)

@@ -11,9 +11,9 @@ The child process prefills `--context` random tokens per sequence once, then dec
 them from the KV cache, again and again (the context stays within [context, context + steps], no prefill is
 sampled); perf attaches after a warm-up and records
 `--seconds` at 4 kHz. Shares are of all samples of both threads (idle spinning included: `[kernel]` is mostly the
-pool's `sched_yield`). `--per-thread`: each thread's samples per kernel too, and the slowest thread's over the
-fastest's (how unevenly a kernel's work ran). `--batch N` decodes N sequences per step. Needs `perf` (linux-perf) and perf_event_paranoid
-<= 2 for a process of the same user. The instrumented per-kernel profile is `mlc_llm bench latency --profile`
+pool's `sched_yield`). `--per-thread`: each thread's samples per kernel too, and the most over the fewest (how
+unevenly a kernel's work ran). `--batch N` decodes N sequences per step. Needs `perf` (linux-perf) and
+perf_event_paranoid <= 2 for a process of the same user. The instrumented per-kernel profile is `mlc_llm bench latency --profile`
 (it adds a synchronization per kernel: shares there are of a slower step).
 """
 from __future__ import annotations
