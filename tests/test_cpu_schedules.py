@@ -152,7 +152,7 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
 def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
     """From PANEL_MIN rows on an AMX CPU: x as bf16 hi + lo times the integer weights, two tile products per group,
-    scaled per group in float32. Rows: one 16-row tile, a clamped tail, several chunks of AMX_CHUNK_TILES tiles.
+    scaled per group in float32. Rows: one tile, clamped tails, several chunks of AMX_CHUNK_ROWS rows.
     Checked against float64 on x cut to its two bfloat16 parts (tight: only float32 sums differ; the weights are
     exact), and near float32 on the exact x; not the float32 panel's result (so the tile path ran: the kernel falls
     back to the panel if Linux refuses AMX)."""
@@ -162,7 +162,7 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
     libs = [tvm.compile(tvm.IRModule({"main": cpu_q4_blocked.blocked_kernel(n, k, layout, residual, amx=amx)
                                       .with_attr("global_symbol", "main")}), target=_HOST) for amx in (True, False)]
     dev = tvm.cpu()
-    for rows in [16, 17, 100, 16 * cpu_q4_blocked.AMX_CHUNK_TILES + 1]:
+    for rows in [16, 17, 29, 100, 2 * cpu_q4_blocked.AMX_CHUNK_ROWS + 1]:
         shape = (rows, 1) if layout == "b1" else (1, rows)
         x = rng.standard_normal((*shape, k)).astype(np.float32)
         res = rng.standard_normal((*shape, n)).astype(np.float32)
@@ -196,7 +196,7 @@ def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
                                                                           precision="bf16")
                                     .with_attr("global_symbol", "main")}), target=_HOST)
     dev = tvm.cpu()
-    for rows in [8, 16, 17, 16 * cpu_q4_blocked.AMX_CHUNK_TILES + 1]:
+    for rows in [8, 16, 17, 2 * cpu_q4_blocked.AMX_CHUNK_ROWS + 1]:
         shape = (rows, 1) if layout == "b1" else (1, rows)
         x = rng.standard_normal((*shape, k)).astype(np.float32)
         res = rng.standard_normal((*shape, n)).astype(np.float32)

@@ -54,23 +54,31 @@ PANEL_CHUNK = 48
 # (q - 7) * scale with q - 7 an integer in -7..8, exact in bfloat16, and a tile product (`tdpbf16ps`, 16x16x32, float32
 # accumulation) spans exactly one group of 32 K-values, whose 64 rows share a scale each. So per group: x, split into
 # two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits), times the integer weights in
-# two products x_hi.q + x_lo.q on freshly zeroed accumulator tiles, stored, and added to the float32 output tile times
+# two products x_hi.q + x_lo.q on freshly zeroed accumulator tiles, stored, and added to the float32 output sums times
 # the group's scales (vector FMAs). Error: x's rounding past 16 bits (2^-17 relative) and float32 sums, against float32
 # FMAs' 2^-24 per operation. (The first AMX kernel split the dequantized weights too, x_hi.w_hi + x_lo.w_hi +
 # x_hi.w_lo, with no per-group step: three products instead of two, a hi and a lo weight panel, and twice the error;
-# this one is 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.) A prelude
-# converts x once ([16-row tile, group, hi/lo, 16, 32]); tasks are (chunk of AMX_CHUNK_TILES row tiles, 64-row
-# block), run with work stealing (cpu_tasks.steal_loop; chunks of 8 tiles: 0.95x at 512 rows, each block's weights
-# unpacked twice as often): the block's integer weights are unpacked into a VNNI panel (two bf16 of consecutive k per
-# 32-bit word), then for each 16-row tile and group: 4 accumulator tiles of 16x16 (tile registers 0-3; x hi/lo in 4-5,
-# weights in 6). Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each
-# call (one syscall, against >= 100 us of work) and runs the float32 panel GEMM if refused.
+# the integer-weight one was 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.)
+# A prelude converts x once ([row tile, group, hi/lo, AMX_TILE_ROWS, 32]); tasks are (chunk of ~AMX_CHUNK_ROWS rows,
+# 64-row block), run with work stealing (cpu_tasks.steal_loop; chunks of 128 rows: 0.95x at 512 rows, each block's
+# weights unpacked twice as often): the block's integer weights are unpacked into a VNNI panel (two bf16 of
+# consecutive k per 32-bit word), then for each tile of AMX_TILE_ROWS rows and each half of the block (32 columns),
+# group by group: 2 accumulator tiles (tile registers 0-1; x hi/lo in 4-5, weights in 6-7), stored to a scratch
+# buffer and added times the scales to the 14 x 32 output sums, which stay in 28 vector registers across the groups.
+# (Tiles of 16 rows x 64 columns, as before, need 64 registers of sums: they lived in a 4 KB buffer that every group
+# loaded and stored again, and the 14-row kernel is 1.02-1.16x faster, median ~1.06, on the three layer shapes at 512
+# rows, 1.05x on a whole 512-token prefill; the sums are added in the same order, so results are bit-identical.
+# Measured and dropped: two accumulator-tile sets alternating between groups, 0.91-0.96x; 16 columns per pass with
+# double-buffered operand tiles, 1.01-1.03x.) Linux hands out AMX state only on request (arch_prctl
+# ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32
+# panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
 # of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
 # faster kernels, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
 PRECISIONS = ("f32", "bf16")
 AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
-AMX_CHUNK_TILES = 16
+AMX_CHUNK_ROWS = 256  # rows of x per task: ceil(256 / tile rows) tiles
+AMX_TILE_ROWS = 14  # rows per tile of the f32 kernel (the bf16 one: 16)
 
 # One pass: `t` rows of x (tile `bo`) times `v` 16-row vectors (pass `p` of the 64-row block `blk`). At each group,
 # the words and scales of the group PREFETCH_GROUPS ahead are prefetched (past the end of the block: the next block,
@@ -139,10 +147,10 @@ perm = T.alloc_buffer((1,), "int64", scope="global")
 perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
 """
 _AMX = AMX_REQUEST + """if perm[0] == T.int64(0):
-    xa = T.alloc_buffer(({mtiles}, {g}, {parts}, 16, 32), "uint16")
+    xa = T.alloc_buffer(({mtiles}, {g}, {parts}, {tr}, 32), "uint16")
     for mt in T.parallel({mtiles}):
         for g in range({g}):
-            for mi in range(16):
+            for mi in range({tr}):
                 for l in T.vectorized(32):
 {x_convert}
 {tasks}
@@ -154,8 +162,7 @@ else:
 _AMX_SETUP = """
 {tile_config}
 wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
-cb = T.alloc_buffer((16, 64), "float32")
-{cg_alloc}
+{scratch}
 """
 _AMX_TASK = """
 blk = T.bind(task % T.int64({nb}))
@@ -167,10 +174,6 @@ for g in range({g}):
 {w_convert}
 for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
 {groups}
-    for mi in range(16):
-        if mt * 16 + mi < {rows}:
-            for nn in range(64):
-                y[{yidx}] = {res}cb[mi, nn]
 """
 
 
@@ -178,13 +181,15 @@ def _amx(name: str, *args: str) -> str:
     return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
 
 
-def tile_config() -> str:
-    """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 all 16 rows x 64 bytes."""
+def tile_config(rows: tuple = (16,) * 8) -> str:
+    """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 of 64 bytes x `rows[t]` rows
+    (16 by default)."""
     return "\n".join([
         'cfg = T.alloc_buffer((64,), "uint8", scope="global")',
         "for i in range(64):", "    cfg[i] = T.uint8(0)",
         "cfg[0] = T.uint8(1)",
-        "for t in range(8):", "    cfg[16 + 2 * t] = T.uint8(64)", "    cfg[48 + t] = T.uint8(16)",
+        "for t in range(8):", "    cfg[16 + 2 * t] = T.uint8(64)",
+        *[f"cfg[{48 + t}] = T.uint8({r})" for t, r in enumerate(rows)],
         _amx("ldtilecfg", "T.address_of(cfg[0])")])
 
 
@@ -220,55 +225,81 @@ def has_amx(target: tvm.target.Target) -> bool:
 
 def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32") -> str:
     """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
-    "f32": two products per group on the integer weights (x_hi.q + x_lo.q), times the group's scales in float32;
-    "bf16": one product of x and w rounded to bfloat16."""
+    "f32": two products per group on the integer weights (x_hi.q + x_lo.q), times the group's scales in float32, in
+    tiles of AMX_TILE_ROWS rows; "bf16": one product of x and w rounded to bfloat16, in tiles of 16 rows."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
     f32 = precision == "f32"
+    tr = AMX_TILE_ROWS if f32 else 16
     rows = _shapes(layout)[2]
     g = k // 32
-    xr = f"x[{_index(layout, f'T.min(mt * 16 + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
+    xr = f"x[{_index(layout, f'T.min(mt * {tr} + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
     q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
     x_hi, x_lo = bf16_parts(xr)
     x_convert = [f"xa[mt, g, 0, mi, l] = {x_hi}"]
-    step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
+    yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
+    res = f"r[{yidx}] + " if residual else ""
     if f32:
         # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
         # bfloat16 holds exactly: the upper halves of their float32 bits
         w_convert = (f'wh[g, ct, k2, l] = T.shift_right(T.reinterpret("uint32", {q[0]}), T.uint32(16)) + '
                      f'T.reinterpret("uint32", {q[1]})')
         x_convert.append(f"xa[mt, g, 1, mi, l] = {x_lo}")
-        step = [_amx("tilezero", f"T.int8({t})") for t in range(4)] + step
-        step.append(_amx("tileloadd64", "T.int8(5)", "T.address_of(xa[mt, g, 1, 0, 0])", "T.int64(64)"))
+        # per half h of the block (32 columns) and group: accumulator tiles 0-1, x hi/lo 4-5, weights 6-7; the
+        # products stored to cg, then added times the group's scales to acc0/acc1 (tr x 16 each: vector registers)
+
+        def group(first: bool) -> list[str]:
+            lines = [_amx("tilezero", f"T.int8({t})") for t in range(2)]
+            lines += [_amx("tileloadd64", f"T.int8({4 + p})", f"T.address_of(xa[mt, g, {p}, 0, 0])", "T.int64(64)")
+                      for p in range(2)]
+            lines += [_amx("tileloadd64", f"T.int8({6 + t})", f"T.address_of(wh[g, h * 2 + {t}, 0, 0])",
+                           "T.int64(64)") for t in range(2)]
+            lines += [_amx("tdpbf16ps", f"T.int8({t})", f"T.int8({4 + p})", f"T.int8({6 + t})")
+                      for p in range(2) for t in range(2)]
+            lines += [_amx("tilestored64", f"T.int8({t})", f"T.address_of(cg[0, {16 * t}])", "T.int64(128)")
+                      for t in range(2)]
+            lines += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
+            lines += [f"        acc{t}[mi, l] = {'' if first else f'acc{t}[mi, l] + '}"
+                      f"qs[blk, g, h * 32 + {16 * t} + l] * cg[mi, {16 * t} + l]" for t in range(2)]
+            return _indent("\n".join(lines), 1).rstrip("\n").split("\n")
+        cols = ["blk * 64 + h * 32 + l", "blk * 64 + h * 32 + 16 + l"]
+        write = [f"for mi in T.unroll({tr}):", f"    if mt * {tr} + mi < {rows}:", "        for l in T.vectorized(16):"]
+        write += [f"            y[{yidx.replace('blk * 64 + nn', c)}] = {res.replace('blk * 64 + nn', c)}acc{t}[mi, l]"
+                  for t, c in enumerate(cols)]
+        # the first group sets acc (no zeroing pass)
+        groups = ["for h in range(2):", *_indent("\n".join(
+            ["for g in range(1):", *group(True), f"for g in range(1, {g}):", *group(False), *write]), 1
+        ).rstrip("\n").split("\n")]
+        # acc0/acc1: two buffers of 1 KB or less, which TVM puts on the stack (a larger one goes to its workspace,
+        # where LLVM cannot keep it in registers)
+        scratch = "\n".join([f'cg = T.alloc_buffer(({tr}, 32), "float32")'] +
+                            [f'acc{t} = T.alloc_buffer(({tr}, 16), "float32")' for t in range(2)])
+        cfg = tile_config((tr,) * 6 + (16, 16))
     else:
         w = [f"{v} * qs[blk, g, ct * 16 + l]" for v in q]
         w_convert = f"wh[g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
-    for ct in range(4):  # tile ids are immediates: one statement per column tile
-        step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
-        step += [_amx("tdpbf16ps", f"T.int8({ct})", f"T.int8({xt})", "T.int8(6)") for xt in ((4, 5) if f32 else (4,))]
-    store = [_amx("tilestored64", f"T.int8({t})", f"T.address_of({'cg' if f32 else 'cb'}[0, {16 * t}])",
-                  "T.int64(256)") for t in range(4)]
-    if f32:  # the group's sums times its 64 scales into cb: set by the first group (no zeroing pass), then added
-        def group(acc: str) -> list[str]:
-            scaled = ["for mi in range(16):", "    for l in T.vectorized(64):",
-                      f"        cb[mi, l] = {acc}qs[blk, g, l] * cg[mi, l]"]
-            return _indent("\n".join(step + store + scaled), 1).rstrip("\n").split("\n")
-        groups = ["for g in range(1):", *group(""), f"for g in range(1, {g}):", *group("cb[mi, l] + ")]
-    else:
+        step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
+        for ct in range(4):  # tile ids are immediates: one statement per column tile
+            step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
+            step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
         groups = ([_amx("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
-                  + _indent("\n".join(step), 1).rstrip("\n").split("\n") + store)
-    yidx = _index(layout, "mt * 16 + mi", "blk * 64 + nn")
-    mtiles = f"(({rows} + T.int64(15)) // T.int64(16))"
-    chunks = f"(({mtiles} + T.int64({AMX_CHUNK_TILES - 1})) // T.int64({AMX_CHUNK_TILES}))"
-    task = _AMX_TASK.format(nb=n // BLOCK, g=g, w_convert=_indent(w_convert, 4), cht=AMX_CHUNK_TILES,
-                            mtiles=mtiles, groups=_indent("\n".join(groups), 1), rows=rows, yidx=yidx,
-                            res=f"r[{yidx}] + " if residual else "")
-    setup = _AMX_SETUP.format(tile_config=tile_config(), g=g,
-                              cg_alloc='cg = T.alloc_buffer((16, 64), "float32")' if f32 else "")
+                  + _indent("\n".join(step), 1).rstrip("\n").split("\n")
+                  + [_amx("tilestored64", f"T.int8({t})", f"T.address_of(cb[0, {16 * t}])", "T.int64(256)")
+                     for t in range(4)]
+                  + ["for mi in range(16):", f"    if mt * 16 + mi < {rows}:", "        for nn in range(64):",
+                     f"            y[{yidx}] = {res}cb[mi, nn]"])
+        scratch = 'cb = T.alloc_buffer((16, 64), "float32")'
+        cfg = tile_config()
+    mtiles = f"(({rows} + T.int64({tr - 1})) // T.int64({tr}))"
+    cht = -(-AMX_CHUNK_ROWS // tr)
+    chunks = f"(({mtiles} + T.int64({cht - 1})) // T.int64({cht}))"
+    task = _AMX_TASK.format(nb=n // BLOCK, g=g, w_convert=_indent(w_convert, 4), cht=cht, mtiles=mtiles,
+                            groups=_indent("\n".join(groups), 1))
+    setup = _AMX_SETUP.format(tile_config=cfg, g=g, scratch=scratch)
     tasks = cpu_tasks.steal_loop(f"T.int64({n // BLOCK}) * {chunks}", task, setup, _amx("tilerelease"))
     return _AMX.format(
-        mtiles=mtiles, g=g, parts=2 if f32 else 1, x_convert=_indent("\n".join(x_convert), 5),
+        mtiles=mtiles, g=g, parts=2 if f32 else 1, tr=tr, x_convert=_indent("\n".join(x_convert), 5),
         tasks=_indent(tasks, 1), panel=_indent(panel, 1))
 
 
