@@ -23,6 +23,7 @@ KERNELS = {
     "blocked q4 (+ residual)": lambda: cpu_q4_blocked.blocked_kernel(576, 1536, "1s", True, amx=AMX),
     "blocked q4, bf16 prefill": lambda: cpu_q4_blocked.blocked_kernel(3072, 576, "1s", False, amx=AMX,
                                                                       precision="bf16"),
+    "blocked q4 gate_up + silu": lambda: cpu_q4_blocked.fused_silu_kernel(3072, 576, "1s", amx=AMX),
     "row-tiled q4": lambda: cpu_gemv.tiled_kernel(1536, 576, "1s", True),
     "rms norm": lambda: cpu_activation.rms_norm_kernel(576, 1e-5, "float32"),
     "silu * up": lambda: cpu_activation.silu_mul_kernel(1536, "float32"),

@@ -213,6 +213,64 @@ def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
             assert np.abs(out.numpy() - exact).max() > 10 * bound, f"rows={rows}: not rounded to bf16"
 
 
+@pytest.mark.parametrize("amx,precision", [(False, "f32"), (True, "f32"), (True, "bf16")])
+@pytest.mark.parametrize("layout", ["1s", "b1"])
+def test_fused_gate_up_silu_kernel(amx, precision, layout):
+    """gate_up (N = 2I: gate rows, then up rows) and silu(gate) * up in one kernel: against float64 on the same
+    weights (f32: within the AMX kernel's error; bf16: within bf16 rounding), and against the two kernels it
+    replaces (the blocked GEMM, then the activation kernel) — every path: GEMV rows below PANEL_MIN, the AMX epilogue
+    (or the panel without AMX), 14-row tails, two row chunks."""
+    if amx and not cpu_q4_blocked.has_amx(_HOST):
+        pytest.skip("this CPU has no AMX-BF16 tiles")
+    from mlc_llm.compiler import cpu_activation
+    n, k = 256, 96
+    rng = np.random.default_rng(11)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    wd = dequantize_q4(q, s, k).astype(np.float64)
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
+                                  target=_HOST)["main"]
+    fused = build(cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=amx, precision=precision))
+    gemm = build(cpu_q4_blocked.blocked_kernel(n, k, layout, False, amx=amx, precision=precision))
+    act = build(cpu_activation.silu_mul_kernel(n // 2, "float32"))
+    for rows in [1, 5, 16, 29, 2 * cpu_q4_blocked.AMX_CHUNK_ROWS + 1]:
+        shape = (rows, 1) if layout == "b1" else (1, rows)
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        args = [tvm.runtime.tensor(a) for a in (block_rows(q), block_rows(s), x)]
+        out = tvm.runtime.tensor(np.full((*shape, n // 2), np.nan, np.float32))
+        fused(*args, out)
+        y = out.numpy().reshape(rows, n // 2)
+        gu = tvm.runtime.tensor(np.full((*shape, n), np.nan, np.float32))
+        gemm(*args, gu)
+        two = tvm.runtime.tensor(np.full((1, rows, n // 2), np.nan, np.float32))
+        act(tvm.runtime.tensor(gu.numpy().reshape(1, rows, n)), two)
+        h = x.reshape(rows, k).astype(np.float64) @ wd.T
+        expected = h[:, :n // 2] / (1 + np.exp(-h[:, :n // 2])) * h[:, n // 2:]
+        scale = np.abs(expected).max()
+        bf16 = precision == "bf16" and amx and rows >= cpu_q4_blocked.PANEL_MIN
+        np.testing.assert_allclose(y, expected, rtol=0, atol=(2e-2 if bf16 else 1e-5) * scale, err_msg=f"rows={rows}")
+        np.testing.assert_allclose(y, two.numpy().reshape(rows, n // 2), rtol=0, atol=1e-6 * scale,
+                                   err_msg=f"rows={rows}")
+
+
+@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+def test_prefill_calls_the_fused_gate_up_silu_kernel(tmp_path):
+    """On AMX targets the prefill functions call one fused gate_up + activation kernel per layer (the GEMM's
+    [rows, 2I] output is never materialized); decode keeps the GEMM and the activation kernel."""
+    from mlc_llm.steps.compile import optimized_module
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_hf(tmp_path / "hf")
+    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "out")
+    mod, _ = optimized_module(tmp_path / "out", "cpu", {"intermediate_size": 128})  # gate, up: whole 64-row blocks
+    fused = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+             and f.attrs.get(cpu_gemv.KERNEL_ATTR) == "q4_blocked64_silu"]
+    assert len(fused) == 1, fused
+    for fn, n_fused, n_act in [("prefill", 2, 0), ("batch_prefill", 2, 0), ("batch_decode", 0, 2)]:
+        text = mod[fn].script()
+        assert text.count(f"R.call_tir({fused[0]},") == n_fused, fn
+        assert text.count("R.call_tir(silu_mul_cpu,") == n_act, fn
+
+
 def test_unknown_prefill_precision_is_refused():
     with pytest.raises(ValueError, match="unknown prefill precision 'fp8'"):
         cpu_q4_blocked.blocked_source(128, 64, "1s", False, amx=True, precision="fp8")

@@ -31,7 +31,7 @@ def main(x_h: T.handle, y_h: T.handle):
         for r in T.parallel(b * s):
             for c in range({chunks}):
                 for l in T.vectorized(16):
-                    y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", T.Cast("float32", x[r // s, r % s, c * 16 + l]) / (T.float32(1) + {exp}) * T.Cast("float32", x[r // s, r % s, {i} + c * 16 + l]))
+                    y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
 """
 
 
@@ -45,10 +45,17 @@ def silu_mul_kernel(intermediate: int, dtype: str) -> tvm.tirx.PrimFunc:
     """y[..., :I] = silu(x[..., :I]) * x[..., I:] for x [b, s, 2I] (the gate_up projection's output)."""
     if not supported(intermediate):
         raise ValueError(f"intermediate size {intermediate} is not a multiple of 16")
-    g = "T.Cast(\"float32\", x[r // s, r % s, c * 16 + l])"
-    exp = _exp2(f"T.min(-{g} * T.float32({LOG2E!r}), T.float32(126))")
+    act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]")
     return _parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, chunks=intermediate // 16, dtype=dtype,
-                                   exp=exp))
+                                   act=act))
+
+
+def silu_mul_expr(gate: str, up: str) -> str:
+    """TIR text of silu(gate) * up in float32 (the kernel above; also the epilogue of the fused gate_up kernel,
+    `cpu_q4_blocked.fused_silu_kernel`)."""
+    g = f'T.Cast("float32", {gate})'
+    exp = _exp2(f"T.min(-{g} * T.float32({LOG2E!r}), T.float32(126))")
+    return f'{g} / (T.float32(1) + {exp}) * T.Cast("float32", {up})'
 
 
 _RMS_NORM = """

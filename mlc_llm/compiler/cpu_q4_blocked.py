@@ -160,16 +160,17 @@ else:
 # tiles
 _AMX_SETUP = """
 {tile_config}
-wh = T.alloc_buffer(({g}, 4, 16, 16), "uint32")
+wh = T.alloc_buffer(({sides}, {g}, 4, 16, 16), "uint32")
 {scratch}
 """
 _AMX_TASK = """
 blk = T.bind(task % T.int64({nb}))
 c = T.bind(task // T.int64({nb}))
-for g in range({g}):
-    for k2 in range(16):
-        for ct in T.unroll(4):
-            for l in T.vectorized(16):
+for side in range({sides}):
+    for g in range({g}):
+        for k2 in range(16):
+            for ct in T.unroll(4):
+                for l in T.vectorized(16):
 {w_convert}
 for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
 {groups}
@@ -233,28 +234,35 @@ def has_amx(target: tvm.target.Target) -> bool:
                                                                                       "+avx512bf16"))
 
 
-def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32") -> str:
+def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32",
+              silu: bool = False) -> str:
     """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
     "f32": two products per group on the integer weights (x_hi.q + x_lo.q), times the group's scales in float32, in
-    tiles of AMX_TILE_ROWS rows; "bf16": one product of x and w rounded to bfloat16, in tiles of 16 rows."""
+    tiles of AMX_TILE_ROWS rows; "bf16": one product of x and w rounded to bfloat16, in tiles of 16 rows. `silu`:
+    y = silu(gate) * up for the gate_up layer (`fused_silu_kernel`): a task computes gate block blk and up block
+    blk + N/128 (its two sides) and writes the product as output block blk."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
     f32 = precision == "f32"
     tr = AMX_TILE_ROWS if f32 else 16
     rows = _shapes(layout)[2]
     g = k // 32
+    nb, sides = (n // BLOCK // 2, 2) if silu else (n // BLOCK, 1)
+    wblk = f"blk + side * T.int64({nb})" if silu else "blk"  # the weight block of a side
     xr = f"x[{_index(layout, f'T.min(mt * {tr} + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
-    q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + k2 // 4, ct * 16 + l], '
+    q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[{wblk}, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
     row = f"T.min(mt * {tr} + mi, {rows} - T.int64(1))"
     xv = lambda c: f"x[{_index(layout, row, f'T.ramp(g * 32 + {c}, 1, 16)')}]"  # noqa: E731
     x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {_bf16x32(xv(0), xv(16))}"]
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
     res = f"r[{yidx}] + " if residual else ""
+    if silu:
+        from .cpu_activation import silu_mul_expr  # (cpu_activation imports this module)
     if f32:
         # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
         # bfloat16 holds exactly: the upper halves of their float32 bits
-        w_convert = (f'wh[g, ct, k2, l] = T.shift_right(T.reinterpret("uint32", {q[0]}), T.uint32(16)) + '
+        w_convert = (f'wh[side, g, ct, k2, l] = T.shift_right(T.reinterpret("uint32", {q[0]}), T.uint32(16)) + '
                      f'T.reinterpret("uint32", {q[1]})')
         # x_lo: what x_hi leaves, rounded
         x_convert = (['xl = T.alloc_buffer((32,), "float32")', "for l in T.vectorized(32):",
@@ -264,55 +272,72 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         # per half h of the block (32 columns) and group: accumulator tiles 0-1, x hi/lo 4-5, weights 6-7; the
         # products stored to cg, then added times the group's scales to acc0/acc1 (tr x 16 each: vector registers)
 
-        def group(first: bool) -> list[str]:
+        def group(first: bool, side: int) -> list[str]:
             lines = [_amx("tilezero", f"T.int8({t})") for t in range(2)]
             lines += [_amx("tileloadd64", f"T.int8({4 + p})", f"T.address_of(xa[mt, g, {p}, 0, 0])", "T.int64(64)")
                       for p in range(2)]
-            lines += [_amx("tileloadd64", f"T.int8({6 + t})", f"T.address_of(wh[g, h * 2 + {t}, 0, 0])",
+            lines += [_amx("tileloadd64", f"T.int8({6 + t})", f"T.address_of(wh[{side}, g, h * 2 + {t}, 0, 0])",
                            "T.int64(64)") for t in range(2)]
             lines += [_amx("tdpbf16ps", f"T.int8({t})", f"T.int8({4 + p})", f"T.int8({6 + t})")
                       for p in range(2) for t in range(2)]
             lines += [_amx("tilestored64", f"T.int8({t})", f"T.address_of(cg[0, {16 * t}])", "T.int64(128)")
                       for t in range(2)]
             lines += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
+            qb = f"blk + T.int64({nb})" if side else "blk"
             lines += [f"        acc{t}[mi, l] = {'' if first else f'acc{t}[mi, l] + '}"
-                      f"qs[blk, g, h * 32 + {16 * t} + l] * cg[mi, {16 * t} + l]" for t in range(2)]
+                      f"qs[{qb}, g, h * 32 + {16 * t} + l] * cg[mi, {16 * t} + l]" for t in range(2)]
             return _indent("\n".join(lines), 1).rstrip("\n").split("\n")
+
+        def sums(side: int) -> list[str]:  # the first group sets acc (no zeroing pass)
+            return ["for g in range(1):", *group(True, side), f"for g in range(1, {g}):", *group(False, side)]
         cols = ["blk * 64 + h * 32 + l", "blk * 64 + h * 32 + 16 + l"]
+        out = [f"acc{t}[mi, l]" for t in range(2)]
+        body = sums(0)
+        if silu:  # the gate's sums kept in gb0/gb1 while the up side runs
+            body += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
+            body += [f"        gb{t}[mi, l] = acc{t}[mi, l]" for t in range(2)] + sums(1)
+            out = [silu_mul_expr(f"gb{t}[mi, l]", f"acc{t}[mi, l]") for t in range(2)]
         write = [f"for mi in T.unroll({tr}):", f"    if mt * {tr} + mi < {rows}:", "        for l in T.vectorized(16):"]
-        write += [f"            y[{yidx.replace('blk * 64 + nn', c)}] = {res.replace('blk * 64 + nn', c)}acc{t}[mi, l]"
+        write += [f"            y[{yidx.replace('blk * 64 + nn', c)}] = {res.replace('blk * 64 + nn', c)}{out[t]}"
                   for t, c in enumerate(cols)]
-        # the first group sets acc (no zeroing pass)
-        groups = ["for h in range(2):", *_indent("\n".join(
-            ["for g in range(1):", *group(True), f"for g in range(1, {g}):", *group(False), *write]), 1
-        ).rstrip("\n").split("\n")]
+        groups = ["for h in range(2):", *_indent("\n".join(body + write), 1).rstrip("\n").split("\n")]
         # acc0/acc1: two buffers of 1 KB or less, which TVM puts on the stack (a larger one goes to its workspace,
         # where LLVM cannot keep it in registers)
         scratch = "\n".join([f'cg = T.alloc_buffer(({tr}, 32), "float32")'] +
-                            [f'acc{t} = T.alloc_buffer(({tr}, 16), "float32")' for t in range(2)])
+                            [f'{b}{t} = T.alloc_buffer(({tr}, 16), "float32")'
+                             for b in (("acc", "gb") if silu else ("acc",)) for t in range(2)])
         cfg = tile_config((tr,) * 6 + (16, 16))
     else:
-        w = [f"{v} * qs[blk, g, ct * 16 + l]" for v in q]
-        w_convert = f"wh[g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
-        step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
-        for ct in range(4):  # tile ids are immediates: one statement per column tile
-            step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[g, {ct}, 0, 0])", "T.int64(64)"))
-            step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
-        groups = ([_amx("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
-                  + _indent("\n".join(step), 1).rstrip("\n").split("\n")
-                  + [_amx("tilestored64", f"T.int8({t})", f"T.address_of(cb[0, {16 * t}])", "T.int64(256)")
-                     for t in range(4)]
-                  + ["for mi in range(16):", f"    if mt * 16 + mi < {rows}:", "        for nn in range(64):",
-                     f"            y[{yidx}] = {res}cb[mi, nn]"])
-        scratch = 'cb = T.alloc_buffer((16, 64), "float32")'
+        w = [f"{v} * qs[{wblk}, g, ct * 16 + l]" for v in q]
+        w_convert = f"wh[side, g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
+
+        def sums(side: int, buf: str) -> list[str]:
+            step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
+            for ct in range(4):  # tile ids are immediates: one statement per column tile
+                step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[{side}, g, {ct}, 0, 0])",
+                                 "T.int64(64)"))
+                step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
+            return ([_amx("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
+                    + _indent("\n".join(step), 1).rstrip("\n").split("\n")
+                    + [_amx("tilestored64", f"T.int8({t})", f"T.address_of({buf}[0, {16 * t}])", "T.int64(256)")
+                       for t in range(4)])
+        out = f"{res}cb[mi, nn]"
+        groups = sums(0, "cb")
+        if silu:
+            groups = sums(0, "gb") + sums(1, "cb")
+            out = silu_mul_expr("gb[mi, nn]", "cb[mi, nn]")
+        groups += ["for mi in range(16):", f"    if mt * 16 + mi < {rows}:", "        for nn in range(64):",
+                   f"            y[{yidx}] = {out}"]
+        scratch = 'cb = T.alloc_buffer((16, 64), "float32")' + ('\ngb = T.alloc_buffer((16, 64), "float32")'
+                                                               if silu else "")
         cfg = tile_config()
     mtiles = f"(({rows} + T.int64({tr - 1})) // T.int64({tr}))"
     cht = -(-AMX_CHUNK_ROWS // tr)
     chunks = f"(({mtiles} + T.int64({cht - 1})) // T.int64({cht}))"
-    task = _AMX_TASK.format(nb=n // BLOCK, g=g, w_convert=_indent(w_convert, 4), cht=cht, mtiles=mtiles,
+    task = _AMX_TASK.format(nb=nb, g=g, sides=sides, w_convert=_indent(w_convert, 5), cht=cht, mtiles=mtiles,
                             groups=_indent("\n".join(groups), 1))
-    setup = _AMX_SETUP.format(tile_config=cfg, g=g, scratch=scratch)
-    tasks = cpu_tasks.steal_loop(f"T.int64({n // BLOCK}) * {chunks}", task, setup, _amx("tilerelease"))
+    setup = _AMX_SETUP.format(tile_config=cfg, g=g, sides=sides, scratch=scratch)
+    tasks = cpu_tasks.steal_loop(f"T.int64({nb}) * {chunks}", task, setup, _amx("tilerelease"))
     return _AMX.format(
         mtiles=mtiles, g=g, parts=2 if f32 else 1, tr=tr, x_convert=_indent("\n".join(x_convert), 4),
         tasks=_indent(tasks, 1), panel=_indent(panel, 1))
@@ -372,18 +397,25 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
 
 
 def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
-                   amx: bool = False, precision: str = "f32") -> str:
+                   amx: bool = False, precision: str = "f32", silu: bool = False) -> str:
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
     (task = chunk * blocks + block) the decode paths were 2-8 % slower (bench/gemv_batched.py, B=1 and 8).
     `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
-    `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback."""
+    `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback. `silu`: see
+    `fused_silu_kernel`."""
     rows = _shapes(layout)[2]
     nb = n // BLOCK
+    if silu:
+        if residual or n % (2 * BLOCK):
+            raise ValueError(f"gate_up + silu needs no residual and N a multiple of {2 * BLOCK} (N = {n})")
+        scratch, act = _silu_parts(n, layout)
     if layout == "11":
         code = f"for blk in T.parallel(T.int64({nb})):\n" + _indent(_plan(n, k, layout, residual, *plans[0]), 1)
-        return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
+        if silu:
+            code = scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
+        return _silu_header(_source(_indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0]))]
     branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v)) for t, v in plans[1:-1]]
     code, level = "", 2
@@ -393,21 +425,59 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
         level += 1
     code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
     small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
+    if silu:
+        small = scratch + small.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if not panel_min:
-        return _source(_indent(small, 1), n, k, layout, residual, BLOCK)
+        return _silu_header(_source(_indent(small, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
     panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
              f"    blk = T.bind(task % T.int64({nb}))\n    ch = T.bind(task // T.int64({nb}))\n"
              + _indent(_panel(n, k, layout, residual), 1))
+    if silu:
+        panel = scratch + panel.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if amx:
-        panel = _amx_gemm(n, k, layout, residual, panel, precision)
+        panel = _amx_gemm(n, k, layout, residual, panel, precision, silu)
     code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)
-    return _source(_indent(code, 1), n, k, layout, residual, BLOCK)
+    return _silu_header(_source(_indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+
+
+def _silu_parts(n: int, layout: str) -> tuple[str, str]:
+    """For the fused kernel's paths without the AMX epilogue: the gate_up scratch `gu` [rows, n] they write instead
+    of y, and the loop y = silu(gate) * up over it (parallel over rows, as the `silu_mul_kernel` it replaces)."""
+    from .cpu_activation import silu_mul_expr  # (cpu_activation imports this module)
+    _, xs, rows = _shapes(layout)
+    half = n // 2
+    at = lambda col: _index(layout, "r", col)  # noqa: E731
+    scratch = f'gu = T.alloc_buffer(({xs}, T.int64({n})), "float32")\n'
+    gate, up = f"gu[{at('cc * 16 + l')}]", f"gu[{at(f'T.int64({half}) + cc * 16 + l')}]"
+    act = (f"for r in T.parallel({rows}):\n    for cc in range({half // 16}):\n        for l in T.vectorized(16):\n"
+           f"            y[{at('cc * 16 + l')}] = {silu_mul_expr(gate, up)}\n")
+    return scratch, act
+
+
+def _silu_header(src: str, n: int, layout: str, silu: bool) -> str:
+    """The fused kernel's y has N/2 columns."""
+    if not silu:
+        return src
+    xs = _shapes(layout)[1]
+    old = f'y = T.match_buffer(y_h, ({xs}, T.int64({n})), "float32")'
+    assert old in src
+    return src.replace(old, f'y = T.match_buffer(y_h, ({xs}, T.int64({n // 2})), "float32")')
 
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
                    panel_min: int = PANEL_MIN, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
     return _parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision))
+
+
+def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
+    """The gate_up layer (N = 2I rows: gate then up, I a multiple of 64) and the gated activation in one kernel:
+    y [rows, I] = silu(x . gate^T) * (x . up^T), the `silu_mul_kernel` formula. On AMX (from PANEL_MIN rows) a task
+    computes gate block b and up block b + I/64 and writes their product: the [rows, 2I] intermediate is never
+    written or read again (at 512 rows the plain kernel spends ~1/4 of its time writing it, and the activation
+    kernel reads it back). Below PANEL_MIN rows, without AMX, or where Linux refuses the AMX state: the blocked
+    kernel's paths into a scratch, then the activation."""
+    return _parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True))
 
 
 def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False,

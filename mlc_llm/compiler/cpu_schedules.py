@@ -82,13 +82,15 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
     def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
+        updates, blocked = {}, {}
         for gv, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = (cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
-                             or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func))
+                scheduled = cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
+                if scheduled is not None:
+                    blocked[gv] = cpu_gemv._signature(func, cpu_q4_blocked.BLOCK)
+                scheduled = scheduled or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func)
             except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
                 logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
                 continue
@@ -96,6 +98,73 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
                 updates[gv] = scheduled
         for gv, func in updates.items():
             mod[gv] = func
+        if amx:
+            mod = fuse_gate_up_silu(mod, blocked, prefill_precision)
         return mod
 
     return schedule
+
+
+SILU_KERNEL = "silu_mul_cpu"  # the model's activation kernel (model/llama_nn.py, op.tensor_ir_op)
+
+
+def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") -> tvm.IRModule:
+    """In prefill calls (rows as [1, R, K]: layout "1s"), a blocked gate_up GEMM (`blocked`: GlobalVar -> its
+    (N, K, layout, residual)) whose output only feeds the activation kernel becomes one call of
+    `cpu_q4_blocked.fused_silu_kernel` (AMX targets: its tiles write silu(gate) * up directly). Decode calls keep the
+    two kernels (their rows take the GEMV path, which the fused kernel runs into a scratch anyway). The GEMM call left
+    unused is removed by the pipeline's dead-code elimination, run here."""
+    from tvm import relax
+
+    fused: dict = {}
+    bb = relax.BlockBuilder(mod)  # adds the fused kernels with their GlobalVars typed
+
+    def fused_gv(gv):
+        if gv not in fused:
+            n, k, layout, _ = blocked[gv]
+            kernel = cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=True, precision=precision)
+            fused[gv] = bb.add_func(kernel.with_attr(cpu_gemv.KERNEL_ATTR, "q4_blocked64_silu"),
+                                    f"{gv.name_hint}_silu")
+        return fused[gv]
+
+    def fusable(call) -> bool:
+        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            return False
+        sig = blocked.get(call.args[0])
+        return sig is not None and sig[2] == "1s" and not sig[3] and sig[0] % (2 * cpu_q4_blocked.BLOCK) == 0
+
+    rewritten = {}
+    for fn_gv, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        blocks, changed = [], False
+        for block in func.body.blocks:
+            if not isinstance(block, relax.DataflowBlock):
+                blocks.append(block)
+                continue
+            users = relax.analysis.udchain(block)
+            values = {b.var: b.value for b in block.bindings if isinstance(b, relax.VarBinding)}
+            bindings = []
+            for b in block.bindings:
+                v = b.value
+                if (isinstance(b, relax.VarBinding) and isinstance(v, relax.Call)
+                        and v.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+                        and v.args[0].name_hint == SILU_KERNEL and len(v.args[1].fields) == 1):
+                    gu = v.args[1].fields[0]
+                    src = values.get(gu)
+                    if (isinstance(gu, relax.DataflowVar) and fusable(src) and len(users.get(gu, [])) == 1
+                            and len(src.args) == 2):
+                        b = relax.VarBinding(b.var, relax.call_tir(fused_gv(src.args[0]), src.args[1],
+                                                                   v.ty_args[0]))
+                        changed = True
+                bindings.append(b)
+            blocks.append(relax.DataflowBlock(bindings))
+        if changed:
+            rewritten[fn_gv] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
+                                              func.is_pure, func.attrs)
+    if not rewritten:
+        return mod
+    mod = bb.get()
+    for fn_gv, func in rewritten.items():
+        mod[fn_gv] = func
+    return relax.transform.DeadCodeElimination()(mod)

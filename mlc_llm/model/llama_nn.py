@@ -46,7 +46,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
         self.inter = cfg.intermediate_size
-        # CPU: our vectorized silu * up (TVM's silu is a scalar expf call per element)
+        # CPU: our vectorized silu * up (TVM's silu is a scalar expf call per element); on AMX targets the compiler
+        # fuses prefill's gate_up GEMM and this kernel by its name (compiler/cpu_schedules.py, SILU_KERNEL)
         self.cpu_act = cpu_activation.silu_mul_kernel(self.inter, quant.model_dtype) if (
             cpu and cpu_activation.supported(self.inter)) else None
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size)
