@@ -212,7 +212,7 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--overrides", help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N"')
     m.add_argument("--prefill-precision", default="f32", choices=["f32", "bf16"],
                    help="CPU with AMX: prefill GEMMs with float32-level accuracy (f32, default) or on bfloat16-rounded "
-                        "inputs (bf16: ~1.4x faster prefill, logits within ~0.2)")
+                        "inputs (bf16: ~1.5x faster prefill, logits within ~0.2)")
     m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16].so)")
     m.set_defaults(func=cmd_compile)
 
