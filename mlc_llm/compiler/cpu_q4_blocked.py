@@ -258,7 +258,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
     res = f"r[{yidx}] + " if residual else ""
     if silu:
-        from .cpu_activation import silu_mul_expr  # (cpu_activation imports this module)
+        from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     if f32:
         # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
         # bfloat16 holds exactly: the upper halves of their float32 bits
@@ -444,7 +444,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
 def _silu_parts(n: int, layout: str) -> tuple[str, str]:
     """For the fused kernel's paths without the AMX epilogue: the gate_up scratch `gu` [rows, n] they write instead
     of y, and the loop y = silu(gate) * up over it (parallel over rows, as the `silu_mul_kernel` it replaces)."""
-    from .cpu_activation import silu_mul_expr  # (cpu_activation imports this module)
+    from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     _, xs, rows = _shapes(layout)
     half = n // 2
     at = lambda col: _index(layout, "r", col)  # noqa: E731

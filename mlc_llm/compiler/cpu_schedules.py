@@ -9,7 +9,9 @@ and then runs a serial scalar triple loop. The schedule here instead:
   that a block's weights stay in L1 across batch rows;
 - computes an epilogue (the residual add) right after each block.
 It applies to decode (`[batch, 1, K]`), prefill (`[1, seq_len, K]`) and unquantized (`q0`) matmuls alike. A kernel it
-cannot schedule is left as it was (slow, still correct).
+cannot schedule is left as it was (slow, still correct). (q4 layers get the kernels of `cpu_q4_blocked.py` /
+`cpu_gemv.py` instead; on AMX targets prefill's gate_up GEMM and the activation kernel after it become one kernel:
+`fuse_gate_up_silu`.)
 """
 from __future__ import annotations
 
