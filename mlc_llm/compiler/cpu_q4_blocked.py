@@ -249,10 +249,10 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     g = k // 32
     nb, sides = (n // BLOCK // 2, 2) if silu else (n // BLOCK, 1)
     wblk = f"blk + side * T.int64({nb})" if silu else "blk"  # the weight block of a side
-    xr = f"x[{_index(layout, f'T.min(mt * {tr} + mi, {rows} - T.int64(1))', 'g * 32 + l')}]"
+    row = f"T.min(mt * {tr} + mi, {rows} - T.int64(1))"  # rows past R read the last one
+    xr = f"x[{_index(layout, row, 'g * 32 + l')}]"
     q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[{wblk}, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
-    row = f"T.min(mt * {tr} + mi, {rows} - T.int64(1))"
     xv = lambda c: f"x[{_index(layout, row, f'T.ramp(g * 32 + {c}, 1, 16)')}]"  # noqa: E731
     x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {_bf16x32(xv(0), xv(16))}"]
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
@@ -411,10 +411,13 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
         if residual or n % (2 * BLOCK):
             raise ValueError(f"gate_up + silu needs no residual and N a multiple of {2 * BLOCK} (N = {n})")
         scratch, act = _silu_parts(n, layout)
+
+    def into_scratch(code: str) -> str:  # (silu) a path writing gu instead of y, then the activation
+        return scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if layout == "11":
         code = f"for blk in T.parallel(T.int64({nb})):\n" + _indent(_plan(n, k, layout, residual, *plans[0]), 1)
         if silu:
-            code = scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
+            code = into_scratch(code)
         return _silu_header(_source(_indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0]))]
     branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v)) for t, v in plans[1:-1]]
@@ -426,7 +429,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
     small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
     if silu:
-        small = scratch + small.replace("y[", "gu[").rstrip("\n") + "\n" + act
+        small = into_scratch(small)
     if not panel_min:
         return _silu_header(_source(_indent(small, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
@@ -434,7 +437,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
              f"    blk = T.bind(task % T.int64({nb}))\n    ch = T.bind(task // T.int64({nb}))\n"
              + _indent(_panel(n, k, layout, residual), 1))
     if silu:
-        panel = scratch + panel.replace("y[", "gu[").rstrip("\n") + "\n" + act
+        panel = into_scratch(panel)
     if amx:
         panel = _amx_gemm(n, k, layout, residual, panel, precision, silu)
     code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)

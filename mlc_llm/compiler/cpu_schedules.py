@@ -129,10 +129,13 @@ def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") 
                                     f"{gv.name_hint}_silu")
         return fused[gv]
 
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def is_call_tir(expr) -> bool:
+        return isinstance(expr, relax.Call) and expr.op.same_as(call_tir)
+
     def fusable(call) -> bool:
-        if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
-            return False
-        sig = blocked.get(call.args[0])
+        sig = blocked.get(call.args[0]) if is_call_tir(call) else None
         return sig is not None and sig[2] == "1s" and not sig[3] and sig[0] % (2 * cpu_q4_blocked.BLOCK) == 0
 
     rewritten = {}
@@ -149,9 +152,8 @@ def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") 
             bindings = []
             for b in block.bindings:
                 v = b.value
-                if (isinstance(b, relax.VarBinding) and isinstance(v, relax.Call)
-                        and v.op.same_as(tvm.ir.Op.get("relax.call_tir"))
-                        and v.args[0].name_hint == SILU_KERNEL and len(v.args[1].fields) == 1):
+                if (isinstance(b, relax.VarBinding) and is_call_tir(v) and v.args[0].name_hint == SILU_KERNEL
+                        and len(v.args[1].fields) == 1):
                     gu = v.args[1].fields[0]
                     src = values.get(gu)
                     if (isinstance(gu, relax.DataflowVar) and fusable(src) and len(users.get(gu, [])) == 1
