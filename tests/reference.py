@@ -1,5 +1,6 @@
-"""An independent float64 numpy Llama, for checking compiled logits. It shares no code with mlc_llm: it reads the
-stored parameters (MLC names) and decodes int4 weights bit by bit itself."""
+"""An independent float64 numpy decoder (Llama, and the options of the other families: q/k/v bias, QK-norm, GELU-tanh),
+for checking compiled logits. It shares no code with mlc_llm: it reads the stored parameters (MLC names) and decodes
+int4 weights bit by bit itself."""
 from __future__ import annotations
 
 import math
@@ -55,6 +56,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w.astype(np.float64)
 
 
+def activation(x: np.ndarray, name: str) -> np.ndarray:
+    if name == "gelu_tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    assert name == "silu", name
+    return x / (1 + np.exp(-x))
+
+
 class NumpyLlama:
     def __init__(self, params: dict, cfg: dict):
         self.cfg = cfg
@@ -70,7 +78,9 @@ class NumpyLlama:
                 qkv=weight(params, f"{p}.self_attn.qkv_proj", h),
                 o=weight(params, f"{p}.self_attn.o_proj", self.hq * d),
                 gate_up=weight(params, f"{p}.mlp.gate_up_proj", h),
-                down=weight(params, f"{p}.mlp.down_proj", cfg["intermediate_size"])))
+                down=weight(params, f"{p}.mlp.down_proj", cfg["intermediate_size"]),
+                qkv_bias=params.get(f"{p}.self_attn.qkv_proj.bias"),
+                q_norm=params.get(f"{p}.self_attn.q_norm.weight"), k_norm=params.get(f"{p}.self_attn.k_norm.weight")))
         self.norm = params["model.norm.weight"]
         self.lm_head = self.embed if cfg["tie_word_embeddings"] else weight(params, "lm_head", h)
         self.freq = inv_freq(cfg)
@@ -84,8 +94,13 @@ class NumpyLlama:
         for L in self.layers:
             x = rms_norm(h, L["ln1"], eps)
             qkv = x @ L["qkv"].T
-            q = rope(qkv[:, :hq * d].reshape(t, hq, d), self.freq)
-            k = rope(qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d), self.freq)
+            if L["qkv_bias"] is not None:
+                qkv = qkv + L["qkv_bias"].astype(np.float64)
+            q = qkv[:, :hq * d].reshape(t, hq, d)
+            k = qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d)
+            if L["q_norm"] is not None:  # per head, before RoPE
+                q, k = rms_norm(q, L["q_norm"], eps), rms_norm(k, L["k_norm"], eps)
+            q, k = rope(q, self.freq), rope(k, self.freq)
             v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
             group = hq // hkv
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -96,5 +111,5 @@ class NumpyLlama:
             h = h + attn @ L["o"].T
             x = rms_norm(h, L["ln2"], eps)
             gate, up = np.split(x @ L["gate_up"].T, 2, axis=-1)
-            h = h + (gate / (1 + np.exp(-gate)) * up) @ L["down"].T
+            h = h + (activation(gate, self.cfg.get("hidden_act", "silu")) * up) @ L["down"].T
         return rms_norm(h, self.norm, eps) @ self.lm_head.T

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from mlc_llm.conversation import get_conv_template
 from mlc_llm.loader import SourceError, open_source, resolve_source
 from mlc_llm.loader.gguf_loader import unpermute_qk
-from mlc_llm.model.llama import LlamaConfig
+from mlc_llm.model import FAMILIES
 
 from .tiny_hf import LLAMA31_ROPE, write_tiny_hf
 
@@ -70,7 +70,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def test_hf_folder_reads_both_config_styles_and_bf16(tmp_path, new_style):
     tensors = write_tiny_hf(tmp_path, new_style=new_style)
     src = open_source(str(tmp_path))
-    cfg = LlamaConfig.from_hf(src.hf_config)
+    cfg = FAMILIES["llama"].config(src.hf_config)
     assert cfg.rope_theta == 10000.0
     assert cfg.rope_scaling == {k: LLAMA31_ROPE[k] for k in cfg.rope_scaling}
     assert cfg.tie_word_embeddings is False and cfg.num_key_value_heads == 2

@@ -52,3 +52,26 @@ def write_tiny_hf(folder: Path, new_style: bool = True, bf16: bool = True) -> di
     (folder / "config.json").write_text(json.dumps(cfg))
     src.write_tokenizer(folder)
     return tensors
+
+
+# Tiny shapes of each family (HF config.json keys); head_dim 16, intermediate a multiple of 64 (the CPU kernels' rows)
+TINY_FAMILIES = {
+    "llama": dict(TINY_LLAMA31, rope_theta=10000.0),
+    "mistral": dict(TINY_LLAMA31, rope_theta=1000000.0, sliding_window=None),
+    "qwen2": dict(TINY_LLAMA31, intermediate_size=192, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True),
+    "qwen3": dict(TINY_LLAMA31, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "phi3": dict(TINY_LLAMA31, num_key_value_heads=4, rope_theta=10000.0),
+}
+
+
+def write_tiny_family(folder: Path, model_type: str, **extra) -> dict:
+    """A tiny random model of `model_type` as an HF folder (the family's own tensor names); returns its config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_type": model_type, **TINY_FAMILIES[model_type], **extra}
+    src = RandomSource(model_type, seed=11, config=dict(cfg))
+    write_safetensors(folder / "model.safetensors", {name: src.get(name) for name in src._shapes},
+                      bf16={n for n in src._shapes if n.endswith("down_proj.weight")})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    src.write_tokenizer(folder)
+    return cfg

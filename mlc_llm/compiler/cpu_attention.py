@@ -24,12 +24,11 @@ output accumulates in 8 independent FMA chains: 1.5x the tiled kernel it replace
 parts, ~1.4x the vector kernel at 512 tokens, outputs within ~2e-5 of float64). The paged prefill kernel is the
 same code with each 16-row chunk a KV page: TVM's is serial and scalar and walks every row of the cache's page
 capacity for each query token and head (100 new tokens after 1,000 tokens of history: 2.2 s of a SmolLM2 prefill,
-0.14 s with ours). `install()` swaps the kernels into the module being built, under the stock functions' names
-and symbols.
+0.14 s with ours). `cpu_kernels.replace_attention` swaps them into the module being built, under the stock
+functions' names and symbols.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable
 
@@ -672,19 +671,3 @@ def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
 
 KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel,
            "tir_attention_prefill_cpu": paged_prefill_kernel}
-
-
-def install(bb, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, rope_theta: float,
-            rope_scaling: dict, amx: bool = False) -> None:
-    """Replace TVM's CPU kernels that TIRPagedKVCache just added to the module being built with ours (same name and
-    symbol, same parameters): decode and ragged-prefill attention (`amx`: on AMX tiles, see `ragged_prefill_kernel`),
-    and RoPE + split for the default RoPE (other RoPE scalings keep TVM's kernel)."""
-    mod = bb.get()
-    makers = dict(KERNELS, tir_attention_prefill_ragged_cpu=functools.partial(ragged_prefill_kernel, amx=amx))
-    kernels = {name: make(num_q_heads, num_kv_heads, head_dim, dtype) for name, make in makers.items()
-               if head_dim % 8 == 0 or make is decode_kernel}
-    if "rope_type" not in rope_scaling:
-        kernels["tir_split_rotary"] = rope_kernel(num_q_heads, num_kv_heads, head_dim, dtype, rope_theta)
-    for name, kernel in kernels.items():
-        gv = mod.get_global_var(name)
-        bb.update_func(gv, kernel.with_attr("global_symbol", mod[gv].attrs["global_symbol"]))

@@ -68,6 +68,17 @@ _STOCK_ADD = """
             y[v_ax0, v_ax1, v_ax2] = r[v_ax0, v_ax1, v_ax2] + NT_matmul_intermediate[v_ax0, v_ax1, v_ax2]
 """
 
+# The bias epilogue (a linear layer with a bias, e.g. Qwen2's q/k/v): y = x . w^T + bias, bias [N] in r's place.
+_STOCK_BIAS = """
+    for ax0, ax1, ax2 in T.grid({xs}, T.int64({n})):
+        with T.sblock("T_add"):
+            v_ax0, v_ax1, v_ax2 = T.axis.remap("SSS", [ax0, ax1, ax2])
+            T.reads(NT_matmul_intermediate[v_ax0, v_ax1, v_ax2], r[v_ax2])
+            T.writes(y[v_ax0, v_ax1, v_ax2])
+            y[v_ax0, v_ax1, v_ax2] = NT_matmul_intermediate[v_ax0, v_ax1, v_ax2] + r[v_ax2]
+"""
+BIAS = "bias"  # the `residual` argument of the kernels below: False, True (y = r + x.w^T) or BIAS (y = x.w^T + r[col])
+
 _DEQ = ("(T.Cast(\"float32\", (qw[nb * {rows} + ni, (k0 * {lanes} + l) // 8] >> T.Cast(\"uint32\", (k0 * {lanes} + l) % 8 "
         "* 4)) & T.uint32(15)) - T.float32(7)) * qs[nb * {rows} + ni, (k0 * {lanes} + l) // 32]")
 
@@ -136,14 +147,22 @@ def _weight_refs(block: int) -> tuple[str, str]:
     return "qw[v_n, v_j // T.int64(8)]", "qs[v_n, v_j // T.int64(32)]"
 
 
-def _source(body: str, n: int, k: int, layout: str, residual: bool, block: int = 0) -> str:
+def res_ref(residual, layout: str, row: str, col: str) -> str:
+    """The epilogue's addend for output [row, col] (`residual`: False, True or BIAS), or "" for none."""
+    if residual == BIAS:
+        return f"r[{col}]"
+    return f"r[{_index(layout, row, col)}]" if residual else ""
+
+
+def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0) -> str:
     """The function header (parameters for these shapes and this weight layout) followed by `body`."""
     rdef, xs, _ = _shapes(layout)
     qw_shape, qs_shape = _weight_shapes(n, k, block)
+    r_shape = f"T.int64({n})," if residual == BIAS else f"{xs}, T.int64({n})"
     return _HEADER.format(
         n=n, k=k, qw_shape=qw_shape, qs_shape=qs_shape, rdef=rdef, xs=xs,
         res_param="r_h: T.handle, " if residual else "",
-        res_buf=f"r = T.match_buffer(r_h, ({xs}, T.int64({n})), \"float32\")" if residual else "") + body
+        res_buf=f"r = T.match_buffer(r_h, ({r_shape}), \"float32\")" if residual else "") + body
 
 
 def _indent(text: str, level: int) -> str:
@@ -184,7 +203,7 @@ def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0) ->
     body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, mm="NT_matmul_intermediate" if residual else "y",
                          mm_alloc=mm_alloc)
     if residual:
-        body += _STOCK_ADD.format(n=n, xs=xs)
+        body += (_STOCK_BIAS if residual == BIAS else _STOCK_ADD).format(n=n, xs=xs)
     return _source(body, n, k, layout, residual, block)
 
 
@@ -202,12 +221,12 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
 
     def one_row() -> str:
         return _ONE_ROW.format(x=f"x[{_index(layout, '0', f'k0 * {LANES} + l')}]", y=_index(layout, "0", col),
-                               res=f"r[{_index(layout, '0', col)}]" if residual else "T.float32(0)", **common)
+                               res=res_ref(residual, layout, "0", col) or "T.float32(0)", **common)
 
     def row_tiles(t: int) -> str:
         row, out = f"T.min(bo * {t} + bi, {rows} - T.int64(1))", f"bo * {t} + bi"
         return _ROW_TILES.format(t=t, x=f"x[{_index(layout, row, f'k0 * {LANES} + l')}]", y=_index(layout, out, col),
-                                 res=f"r[{_index(layout, out, col)}]" if residual else "T.float32(0)", **common)
+                                 res=res_ref(residual, layout, out, col) or "T.float32(0)", **common)
 
     # Inside the parallel loop: if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]. Each
     # branch allocates accumulators sized for its tile once per task (so the one-row path does not carry the 8-row
@@ -231,12 +250,14 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
 
 def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:
     """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer with weights in
-    the NK layout (block 0) or in blocks of `block` rows."""
+    the NK layout (block 0) or in blocks of `block` rows; residual: False, True (a residual add) or BIAS."""
     bufs = list(func.params) if len(func.params) in (4, 5) else []  # TVM 0.27 tirx: params are the buffers
     if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
         return None
     shapes = [list(b.shape) for b in bufs]
-    if any(len(s) != (3 if block else 2) for s in shapes[:2]) or any(len(s) != 3 for s in shapes[2:]):
+    bias = len(shapes) == 5 and len(shapes[3]) == 1
+    if any(len(s) != (3 if block else 2) for s in shapes[:2]) or any(
+            len(s) != 3 for i, s in enumerate(shapes[2:], 2) if not (bias and i == 3)):
         return None
     if not all(isinstance(d, tvm.tirx.IntImm) for s in shapes[:2] for d in s):
         return None
@@ -245,12 +266,14 @@ def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, i
     n, k = int(shapes[0][0]) * (block or 1), int(shapes[0][1]) * 8
     if n % ROWS or k % 32 or not isinstance(shapes[2][2], tvm.tirx.IntImm) or int(shapes[2][2]) != k:
         return None
+    if bias and not (isinstance(shapes[3][0], tvm.tirx.IntImm) and int(shapes[3][0]) == n):
+        return None
     d0, d1 = shapes[2][0], shapes[2][1]
     one = lambda d: isinstance(d, tvm.tirx.IntImm) and int(d) == 1  # noqa: E731
     layout = "11" if one(d0) and one(d1) else "1s" if one(d0) else "b1" if one(d1) else None
     if layout is None:
         return None
-    return n, k, layout, len(bufs) == 5
+    return n, k, layout, BIAS if bias else len(bufs) == 5
 
 
 def replace_stock(func: tvm.tirx.PrimFunc, block: int, make: Callable[..., tvm.tirx.PrimFunc],

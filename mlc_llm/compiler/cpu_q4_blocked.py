@@ -256,7 +256,8 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     xv = lambda c: f"x[{_index(layout, row, f'T.ramp(g * 32 + {c}, 1, 16)')}]"  # noqa: E731
     x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {_bf16x32(xv(0), xv(16))}"]
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
-    res = f"r[{yidx}] + " if residual else ""
+    res = cpu_gemv.res_ref(residual, layout, f"mt * {tr} + mi", "blk * 64 + nn")
+    res = res + " + " if res else ""
     if silu:
         from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     if f32:
@@ -357,6 +358,11 @@ def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFu
     return cpu_gemv.stock_kernel(n, k, layout, residual, BLOCK)
 
 
+def _res_plus(residual, layout: str, row: str, col: str) -> str:
+    res = cpu_gemv.res_ref(residual, layout, row, col)
+    return res + " + " if res else ""
+
+
 def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
     """Buffers and loops for row tiles of `t` rows, 16*v output rows per pass."""
     rows = _shapes(layout)[2]
@@ -370,7 +376,7 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
         prefetch_qs=_prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]"), xrow=_index(layout, row, "0").rsplit(",", 1)[0],
         xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
     )
-    write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=f"r[{_index(layout, out, col)}] + " if residual else "")
+    write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=_res_plus(residual, layout, out, col))
     if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
         write = f"if bo * {t} + bi < {rows}:\n" + _indent(write, 1)
     body += f"for bi in range({t}):\n" + _indent(write, 1)
@@ -393,7 +399,7 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
     tiles = f"T.min(T.int64({chunk // t}), ({rows} - ch * T.int64({chunk}) + T.int64({t - 1})) // T.int64({t}))"
     return _PANEL.format(k=k, g=k // 32, t=t, tiles=tiles, rows=rows, out=out,
                          xrow=_index(layout, row, "0").rsplit(",", 1)[0], yidx=_index(layout, out, col),
-                         res=f"r[{_index(layout, out, col)}] + " if residual else "")
+                         res=_res_plus(residual, layout, out, col))
 
 
 def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,

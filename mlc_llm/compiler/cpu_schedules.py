@@ -22,6 +22,7 @@ import tvm
 from tvm.s_tir import Schedule
 
 from . import cpu_gemv, cpu_q4_blocked
+from .cpu_kernels import SILU_KERNEL  # the activation kernel swapped in for silu(gate) * up
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
     return schedule
 
 
-SILU_KERNEL = "silu_mul_cpu"  # the model's activation kernel (model/llama_nn.py, op.tensor_ir_op)
 
 
 def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") -> tvm.IRModule:
@@ -152,7 +152,7 @@ def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") 
             bindings = []
             for b in block.bindings:
                 v = b.value
-                if (isinstance(b, relax.VarBinding) and is_call_tir(v) and v.args[0].name_hint == SILU_KERNEL
+                if (isinstance(b, relax.VarBinding) and is_call_tir(v) and v.args[0].name_hint.startswith(SILU_KERNEL)
                         and len(v.args[1].fields) == 1):
                     gu = v.args[1].fields[0]
                     src = values.get(gu)

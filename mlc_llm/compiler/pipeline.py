@@ -7,15 +7,16 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
+from .cpu_kernels import cpu_kernel_passes
 from .cpu_schedules import schedule_cpu_matmuls
 from .passes import fuse_dequantize_matmul, mark_noalias
 from .target import is_gpu, matmul_rule_is_safe
 
 
-def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32") -> list:
+def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", kv: dict | None = None) -> list:
     """Everything up to scheduled TIR (still dataflow Relax). `prefill_precision`: of the CPU prefill GEMMs on AMX
-    (`cpu_q4_blocked.PRECISIONS`)."""
-    passes = [
+    (`cpu_q4_blocked.PRECISIONS`). `kv`: the model's KV-cache shape (compile.py's metadata), for the CPU attention."""
+    passes = ([] if is_gpu(target) else cpu_kernel_passes(target, kv)) + [
         relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(w)) -> one NT matmul, no transpose kernel
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
@@ -43,9 +44,10 @@ def lowering_passes(target: tvm.target.Target) -> list:
     return backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
 
 
-def optimize(mod: tvm.IRModule, target: tvm.target.Target, prefill_precision: str = "f32") -> tvm.IRModule:
+def optimize(mod: tvm.IRModule, target: tvm.target.Target, prefill_precision: str = "f32",
+             kv: dict | None = None) -> tvm.IRModule:
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(optimize_passes(target, prefill_precision))(mod)
+        return tvm.transform.Sequential(optimize_passes(target, prefill_precision, kv))(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target):

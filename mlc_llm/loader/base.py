@@ -12,11 +12,15 @@ class Source:
 
     kind: str = ""
     path: str = ""
-    model_type: str = "llama"
+    model_type: str = ""  # the Hugging Face model_type (hf_config["model_type"])
     hf_config: dict[str, Any]
 
     def has(self, name: str) -> bool:
         raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The tensor's shape without reading it (None: unknown or absent)."""
+        return None
 
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError

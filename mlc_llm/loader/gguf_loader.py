@@ -15,6 +15,9 @@ _LAYER_NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
@@ -25,12 +28,15 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, family_names: dict[str, str] | None = None) -> str | None:
+    """The Hugging Face name of a GGUF tensor (`family_names`: the family's layer names that differ)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m:
+        name = {**_LAYER_NAMES, **(family_names or {})}.get(m.group(2))
+        if name:
+            return f"model.layers.{m.group(1)}.{name}"
     return None
 
 
@@ -51,13 +57,15 @@ class GGUFSource(Source):
             self._reader = gguf.GGUFReader(path)
         except Exception as e:  # truncated or foreign file
             raise ValueError(f"cannot read GGUF file '{path}': {e}") from e
+        from ..model import family_for_gguf
+
         self._dequantize = gguf.quants.dequantize
         self.meta = {k: self._field(f) for k, f in self._reader.fields.items()}
-        arch = self.meta.get("general.architecture")
-        if arch != "llama":
-            raise ValueError(f"GGUF architecture '{arch}' is not supported (supported: llama)")
-        self.model_type = "llama"
-        self._tensors = {hf_name(t.name): t for t in self._reader.tensors if hf_name(t.name)}
+        self.arch = self.meta.get("general.architecture")
+        self.family = family_for_gguf(self.arch)
+        self.model_type = self.family.hf_model_types[0]
+        named = ((hf_name(t.name, self.family.gguf_names), t) for t in self._reader.tensors)
+        self._tensors = {name: t for name, t in named if name}
         self.hf_config = self._config()
 
     @staticmethod
@@ -68,13 +76,14 @@ class GGUFSource(Source):
             return None
 
     def _config(self) -> dict[str, Any]:
-        m, a = self.meta, "llama."
+        m, a = self.meta, self.arch + "."
         n_head = int(m[a + "attention.head_count"])
         hidden = int(m[a + "embedding_length"])
-        vocab = int(m.get(a + "vocab_size") or len(m["tokenizer.ggml.tokens"]))
+        # the embedding's rows (Qwen pads them past the tokenizer's tokens)
+        embed = self.shape("model.embed_tokens.weight")
+        vocab = embed[0] if embed else int(m.get(a + "vocab_size") or len(m["tokenizer.ggml.tokens"]))
         cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "model_type": self.model_type,
             "hidden_size": hidden,
             "intermediate_size": int(m[a + "feed_forward_length"]),
             "num_hidden_layers": int(m[a + "block_count"]),
@@ -97,14 +106,20 @@ class GGUFSource(Source):
     def has(self, name: str) -> bool:
         return name in self._tensors
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        t = self._tensors.get(name)
+        return None if t is None else tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+
     def get(self, name: str) -> np.ndarray:
+        if name not in self._tensors:
+            raise KeyError(f"tensor '{name}' not found in GGUF file {self.path}")
         t = self._tensors[name]
-        w = self._dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
-        if name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_qk(w, self.hf_config["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_qk(w, self.hf_config["num_key_value_heads"])
+        w = self._dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(self.shape(name))
+        if self.family.gguf_permuted_qk:
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                w = unpermute_qk(w, self.hf_config["num_attention_heads"])
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                w = unpermute_qk(w, self.hf_config["num_key_value_heads"])
         return w
 
     def write_tokenizer(self, dst: Path) -> list[str]:

@@ -1,7 +1,7 @@
-"""Hugging Face model folder: config.json + *.safetensors (sharded or not), read lazily tensor by tensor."""
+"""Hugging Face model folder: config.json + *.safetensors (sharded or not), read lazily tensor by tensor with the
+`safetensors` package (memory-mapped; bfloat16 arrives as an `ml_dtypes` array and is widened to float32)."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,60 +10,49 @@ import numpy as np
 
 from .base import Source, read_json
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """safetensors: u64 little-endian header length, JSON header, then the raw data."""
-    with open(path, "rb") as f:
-        size_bytes = f.read(8)
-        if len(size_bytes) != 8:
-            raise ValueError(f"'{path}' is not a safetensors file (too short)")
-        n = int.from_bytes(size_bytes, "little")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise ValueError(f"'{path}' is not a safetensors file (bad header: {e})") from e
-    return header, 8 + n
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class HFSource(Source):
     kind = "hf"
 
     def __init__(self, path: str):
+        from safetensors import safe_open
+
         self.path = path
         root = Path(path)
         self.hf_config = read_json(root / "config.json")
-        self.model_type = self.hf_config.get("model_type", "llama")
+        self.model_type = self.hf_config.get("model_type", "")
         files = sorted(root.glob("*.safetensors"))
         if not files:
             raise ValueError(f"model folder '{path}' has no *.safetensors files (only safetensors weights are read)")
-        self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
+        self._files: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
         for f in files:
-            header, data_start = _read_header(f)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (f, info, data_start)
+            try:
+                handle = safe_open(str(f), framework="numpy")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+                raise ValueError(f"'{f}' is not a readable safetensors file: {e}") from e
+            self._files[f] = handle
+            for name in handle.keys():
+                self._where[name] = f
 
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self._files[self._where[name]].get_slice(name).get_shape()) if name in self._where else None
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KeyError(f"tensor '{name}' not found in the safetensors files of {self.path}")
-        f, info, data_start = self._where[name]
-        dtype = info["dtype"]
-        if dtype not in _DTYPES:
+        f = self._where[name]
+        dtype = self._files[f].get_slice(name).get_dtype()
+        if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensor '{name}' in {f.name} has unsupported dtype {dtype}")
-        begin, end = info["data_offsets"]
-        raw = np.memmap(f, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
-        arr = raw.view(_DTYPES[dtype]).reshape(info["shape"])
-        if dtype == "BF16":  # bfloat16 is the top half of a float32
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32)
+        return self._files[f].get_tensor(name).astype(np.float32)
 
     def write_tokenizer(self, dst: Path) -> list[str]:
         copied = []

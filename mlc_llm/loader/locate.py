@@ -1,6 +1,7 @@
 """Resolve a model source string to a readable source, with clear messages for what is missing.
 
 Forms: `pypkg:<package>/<file>` (a file shipped in a Python package, found without importing it),
+`models:<file>` (a model fetched by scripts/fetch_models.sh into $MLC_LLM_MODELS_DIR, default ~/.cache/mlc_llm/models),
 `HF://<org>/<repo>` (only from the local Hugging Face cache: nothing is downloaded), `random:<preset>`,
 or a local path to a `.gguf` file or a Hugging Face folder.
 """
@@ -58,12 +59,27 @@ def _resolve_pypkg(spec: str, install_hint: str = "") -> Path:
     return path
 
 
+def models_dir() -> Path:
+    return Path(os.environ.get("MLC_LLM_MODELS_DIR", Path.home() / ".cache" / "mlc_llm" / "models")).expanduser()
+
+
+def _resolve_fetched(name: str, install_hint: str = "") -> Path:
+    path = models_dir() / name
+    if not path.exists():
+        hint = install_hint or "scripts/fetch_models.sh --list shows the models it can fetch"
+        raise SourceError(f"model file '{name}' is not in {models_dir()} (set MLC_LLM_MODELS_DIR to look elsewhere); "
+                          f"fetch it first: {hint}")
+    return path
+
+
 def resolve_source(source: str, install_hint: str = "") -> tuple[str, str]:
     """Return (kind, location): kind in gguf | hf | random; location is a path or preset name."""
     if source.startswith("random:"):
         return "random", source.split(":", 1)[1]
     if source.startswith("pypkg:"):
         path = _resolve_pypkg(source.split(":", 1)[1], install_hint)
+    elif source.startswith("models:"):
+        path = _resolve_fetched(source.split(":", 1)[1], install_hint)
     elif source.startswith(("HF://", "hf://")):
         path = _resolve_hf(source[5:])
     else:

@@ -41,26 +41,34 @@ def _q4_params(quant: Quantization, rows: int, k: int) -> tuple[nn.Parameter, nn
     return nn.Parameter((rows, words), "uint32"), nn.Parameter((rows, groups), quant.model_dtype), False
 
 
+def _add_bias(y: Tensor, bias: nn.Parameter | None) -> Tensor:
+    return y if bias is None else op.add(y, bias)  # fused into the matmul kernel as its epilogue
+
+
 class PlainLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, dtype: str):
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool = False):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter((out_features, in_features), dtype)
+        self.bias = nn.Parameter((out_features,), dtype) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return op.matmul(x, op.permute_dims(self.weight))
+        return _add_bias(op.matmul(x, op.permute_dims(self.weight)), self.bias)
 
 
 class GroupQ4Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, quant: Quantization):
+    """int4 weights, float bias (unquantized, as in MLC's group quantization)."""
+
+    def __init__(self, in_features: int, out_features: int, quant: Quantization, bias: bool = False):
         self.in_features, self.out_features, self.dtype = in_features, out_features, quant.model_dtype
         self.q_weight, self.q_scale, self.blocked = _q4_params(quant, out_features, in_features)
+        self.bias = nn.Parameter((out_features,), quant.model_dtype) if bias else None
 
     def weight(self) -> Tensor:
         return _dequantize(self.q_weight, self.q_scale, self.out_features, self.in_features, self.dtype, "dequantize",
                            self.blocked)
 
     def forward(self, x: Tensor) -> Tensor:
-        return op.matmul(x, op.permute_dims(self.weight()))
+        return _add_bias(op.matmul(x, op.permute_dims(self.weight())), self.bias)
 
 
 class PlainEmbedding(nn.Module):
@@ -98,10 +106,10 @@ class GroupQ4Embedding(nn.Module):
         return op.matmul(x, op.permute_dims(w))
 
 
-def make_linear(q: Quantization, in_features: int, out_features: int) -> nn.Module:
+def make_linear(q: Quantization, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
     if q.is_group:
-        return GroupQ4Linear(in_features, out_features, q)
-    return PlainLinear(in_features, out_features, q.model_dtype)
+        return GroupQ4Linear(in_features, out_features, q, bias)
+    return PlainLinear(in_features, out_features, q.model_dtype, bias)
 
 
 def make_embedding(q: Quantization, vocab: int, dim: int) -> nn.Module:

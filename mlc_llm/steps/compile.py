@@ -40,7 +40,8 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
         "kv_state_kind": "kv_cache",
         "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
                      "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                     "dtype": quant.model_dtype, "layout": "paged", "page_size": 16, "rope": "in-cache, half-split"},
+                     "dtype": quant.model_dtype, "layout": "paged", "page_size": 16, "rope": "in-cache, half-split",
+                     "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling)},
         "params": [{"name": n, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for n, p in params],
     }
 
@@ -73,23 +74,25 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
+    from ..model import DecoderConfig
     from ..compiler.target import is_gpu, make_target
-    from ..model import get_architecture
+    from ..model import build_module, get_family
     from ..quantization import get_quantization
 
     check_prefill_precision(device, prefill_precision)
     chat = read_chat_config(model_dir)
-    arch = get_architecture(chat["model_type"])
+    family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
-    cfg = arch.config_cls.from_dict({**chat["model_config"], **(overrides or {})})
+    cfg = DecoderConfig.from_dict({**chat["model_config"], **(overrides or {})})
     target = make_target(device)
     if quant.block_rows and is_gpu(target):
         raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
                            f"use q4f16_1 (or q4f32_1) for {device}")
-    model = arch.build_module(cfg, quant, target)
+    model = build_module(family, cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
-    mod = _attach_metadata(mod, _metadata(chat, cfg, quant, device, target, params, prefill_precision))
-    mod = pipeline.optimize(mod, target, prefill_precision)
+    metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision)
+    mod = _attach_metadata(mod, metadata)
+    mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"])
     if is_gpu(target):
         unbound = unbound_gpu_kernels(mod)
         if unbound:

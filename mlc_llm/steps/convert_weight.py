@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..loader import open_source
-from ..model import get_architecture
+from ..model import family_for_hf, hf_shapes, num_groups, source_to_mlc
 from ..quantization import get_quantization
 from ..quantization.scheme import block_rows, quantize_q4
 from ..tensor_cache import TensorCacheWriter
@@ -26,25 +26,39 @@ def make_quantizer(quant):
     return quantize
 
 
+def check_tensors(src, expected: dict[str, tuple[int, ...]], family: str) -> None:
+    """Every tensor the family reads is in the source, at its shape: else say which one, before anything is written."""
+    missing = [n for n in expected if not src.has(n)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{src.path}: tensor '{missing[0]}'{more} of the {family} architecture is missing; "
+                         f"the checkpoint does not match its config")
+    for name, shape in expected.items():
+        got = src.shape(name)
+        if got is not None and tuple(got) != tuple(shape):
+            raise ValueError(f"{src.path}: tensor '{name}' has shape {list(got)}, the {family} config implies "
+                             f"{list(shape)}")
+
+
 def convert_weight(source: str, quantization: str, output: str | Path, *, install_hint: str = "",
                    progress: bool = True) -> Path:
     quant = get_quantization(quantization)
     src = open_source(source, install_hint)
-    arch = get_architecture(src.model_type)
-    cfg = arch.config_cls.from_hf(src.hf_config)
+    family = family_for_hf(src.hf_config)
+    cfg = family.config(src.hf_config)
+    check_tensors(src, hf_shapes(family, cfg), family.name)
     norm_dtype = np.dtype(quant.model_dtype)
-    groups = arch.source_to_mlc(cfg, make_quantizer(quant), src.get, src.has)
-    total = 2 + 5 * cfg.num_hidden_layers + (0 if cfg.tie_word_embeddings else 1)  # groups source_to_mlc yields
+    groups = source_to_mlc(family, cfg, make_quantizer(quant), src.get, src.has)
     writer = TensorCacheWriter(output)
     try:
         from tqdm import tqdm
 
-        for group in tqdm(groups, total=total, desc=f"convert {quant.name}", unit="tensor", disable=not progress):
+        for group in tqdm(groups, total=num_groups(cfg), desc=f"convert {quant.name}", unit="tensor", disable=not progress):
             for name, arr in group.items():
                 if arr.dtype == np.float32 and norm_dtype != np.float32:
                     arr = arr.astype(norm_dtype)  # norms etc. follow the model dtype
                 writer.add(name, arr)
-        return writer.finish({"quantization": quant.name, "model_type": src.model_type})
+        return writer.finish({"quantization": quant.name, "model_type": family.name})
     except BaseException:
         writer.abort()
         raise

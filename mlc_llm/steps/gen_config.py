@@ -9,7 +9,7 @@ from typing import Any
 
 from ..conversation import get_conv_template
 from ..loader import open_source
-from ..model import get_architecture
+from ..model import family_for_hf
 from ..quantization import get_quantization
 from ..support import atomic_write_json
 
@@ -53,9 +53,9 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
         if v is not None and v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v}")
     src = open_source(source, install_hint)
-    arch = get_architecture(src.model_type)
-    model_cfg = arch.config_cls.from_hf(src.hf_config, context_window_size=context_window_size,
-                                        prefill_chunk_size=prefill_chunk_size, max_batch_size=max_batch_size)
+    family = family_for_hf(src.hf_config)
+    model_cfg = family.config(src.hf_config, context_window_size=context_window_size,
+                              prefill_chunk_size=prefill_chunk_size, max_batch_size=max_batch_size)
     if system_message is not None:
         conv.system_message = system_message
     out = Path(output)
@@ -70,7 +70,7 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
         gen.update({k: v for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None})
         chat_config: dict[str, Any] = {
             "version": VERSION,
-            "model_type": src.model_type,
+            "model_type": family.name,
             "quantization": quant.name,
             "model_config": model_cfg.asdict(),
             "vocab_size": model_cfg.vocab_size,

@@ -1,4 +1,8 @@
-"""The Llama network in tvm.relax.frontend.nn (build side only)."""
+"""The decoder network every family compiles to, in tvm.relax.frontend.nn (build side only).
+
+Written with stock ops (rms_norm, silu, matmul, TVM's paged KV cache); on CPU targets the compiler swaps in the
+project's kernels (compiler/cpu_kernels.py), so a new family gets them without any target code here.
+"""
 from __future__ import annotations
 
 from tvm import relax as rx
@@ -7,80 +11,64 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from ..compiler import cpu_activation, cpu_attention, cpu_q4_blocked
 from ..quantization.layers import make_embedding, make_linear
-from .llama import LlamaConfig
+from .base import DecoderConfig
 
 
-class CpuRMSNorm(nn.Module):
-    """nn.RMSNorm's parameter (`weight`) and formula with our parallel, vectorized CPU kernel (TVM's is serial)."""
-
-    def __init__(self, hidden: int, eps: float, dtype: str):
-        self.weight = nn.Parameter((hidden,), dtype)
-        self.kernel = cpu_activation.rms_norm_kernel(hidden, eps, dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, s, h = x.shape
-        return op.tensor_ir_op(self.kernel, "rms_norm_cpu", [x, self.weight], Tensor.placeholder((b, s, h), x.dtype))
+def _rms_norm(size: int, eps: float, dtype: str) -> nn.Module:
+    return nn.RMSNorm(size, -1, eps, bias=False, dtype=dtype)
 
 
-def _rms_norm(hidden: int, eps: float, dtype: str, cpu: bool) -> nn.Module:
-    if cpu and cpu_activation.supported(hidden):
-        return CpuRMSNorm(hidden, eps, dtype)
-    return nn.RMSNorm(hidden, -1, eps, bias=False, dtype=dtype)
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant):
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, quant):
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = make_linear(quant, cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d)
+        self.qkv_proj = make_linear(quant, cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = make_linear(quant, self.hq * self.d, cfg.hidden_size)
+        if cfg.qk_norm:
+            self.q_norm = _rms_norm(self.d, cfg.rms_norm_eps, quant.model_dtype)
+            self.k_norm = _rms_norm(self.d, cfg.rms_norm_eps, quant.model_dtype)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.hq + 2 * self.hkv, self.d))
+        if self.qk_norm:  # per head, before RoPE (which the KV cache applies)
+            q, k, v = op.split(qkv, [self.hq, self.hq + self.hkv], axis=2)
+            qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d**-0.5)
         return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
-        self.inter = cfg.intermediate_size
-        # CPU: our vectorized silu * up (TVM's silu is a scalar expf call per element); on AMX targets the compiler
-        # fuses prefill's gate_up GEMM and this kernel by its name (compiler/cpu_schedules.py, SILU_KERNEL)
-        self.cpu_act = cpu_activation.silu_mul_kernel(self.inter, quant.model_dtype) if (
-            cpu and cpu_activation.supported(self.inter)) else None
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig, quant):
+        self.act = cfg.hidden_act
         self.gate_up_proj = make_linear(quant, cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = make_linear(quant, cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        gu = self.gate_up_proj(x)
-        if self.cpu_act is not None:
-            b, s, _ = gu.shape
-            act = op.tensor_ir_op(self.cpu_act, "silu_mul_cpu", [gu], Tensor.placeholder((b, s, self.inter), gu.dtype))
-            return self.down_proj(act)
-        gate, up = op.split(gu, 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        act = op.silu(gate) if self.act == "silu" else op.gelu(gate, approximate="tanh")
+        return self.down_proj(act * up)
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, quant):
         dtype = quant.model_dtype
-        self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cpu)
-        self.self_attn = LlamaAttention(cfg, quant)
-        self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cpu)
-        self.mlp = LlamaMLP(cfg, quant, cpu)
+        self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, quant)
+        self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = GatedMLP(cfg, quant)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant, cpu: bool = False):
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig, quant):
         self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, quant, cpu) for _ in range(cfg.num_hidden_layers)])
-        self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, quant.model_dtype, cpu)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, quant) for _ in range(cfg.num_hidden_layers)])
+        self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, quant.model_dtype)
 
     def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -88,11 +76,11 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: LlamaConfig, quant, target):
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, cfg: DecoderConfig, quant, target):
         self.cfg, self.quant, self.target = cfg, quant, target
         self.dtype = quant.model_dtype
-        self.model = LlamaModel(cfg, quant, cpu=target.kind.name == "llvm")
+        self.model = DecoderModel(cfg, quant)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size)
 
@@ -127,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         c = self.cfg
-        cache = TIRPagedKVCache(
+        return TIRPagedKVCache(
             attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
@@ -137,11 +125,6 @@ class LlamaForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )
-        if self.target.kind.name == "llvm":  # our CPU attention and RoPE kernels instead of TVM's serial ones
-            cpu_attention.install(rx.BlockBuilder.current(), c.num_attention_heads, c.num_key_value_heads,
-                                  c.head_dim, self.dtype, c.rope_theta, dict(c.rope_scaling),
-                                  amx=cpu_q4_blocked.has_amx(self.target))
-        return cache
 
     def get_default_spec(self):
         c, dt = self.cfg, self.dtype
