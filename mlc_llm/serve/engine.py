@@ -150,7 +150,8 @@ class _EngineBase:
             messages.append({"role": m.role, "content": content})
         if mode != "none":
             instructions = T.system_prompt(fmt, tools)
-            grammar = self.grammars.compile(T.tool_grammar(fmt, tools, mode, forced, req.parallel_tool_calls), "tools")
+            grammar = self.grammars.compile(T.tool_grammar(fmt, tools, mode, forced, req.parallel_tool_calls,
+                                                         self.grammars.single_tokens(T.TAGS.get(fmt, ()))), "tools")
         else:
             grammar, instructions = response_format_grammar(self.grammars, req.response_format)
         if instructions:  # appended to the system message (the template's default one when there is none)

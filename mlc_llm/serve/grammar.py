@@ -82,6 +82,16 @@ class GrammarBackend:
                 self._tok = llguidance.LLTokenizer(text, n_vocab=self._vocab_size, eos_token=self._stop or None)
             return self._tok
 
+    def single_tokens(self, texts) -> frozenset[str]:
+        """Those of `texts` that are one special token of the vocabulary (llguidance matches them only as tokens)."""
+        tok = self.tokenizer
+        out = set()
+        for text in texts:
+            ids = tok.tokenize_str(text)
+            if len(ids) == 1 and tok.is_special_token(ids[0]):
+                out.add(text)
+        return frozenset(out)
+
     def compile(self, lark: str, what: str) -> "Grammar":
         import llguidance
 

