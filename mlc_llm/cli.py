@@ -184,7 +184,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("gen_config", help="write mlc-chat-config.json and tokenizer files")
     g.add_argument("model", help="GGUF file, HF folder, HF://org/repo (local cache), pypkg:<pkg>/<file>, "
-                                 "or random:<preset>")
+                                 "models:<file> (scripts/fetch_models.sh), or random:<preset>")
     g.add_argument("--quantization", required=True)
     g.add_argument("--conv-template", required=True)
     g.add_argument("--context-window-size", type=_positive_int)

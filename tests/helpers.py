@@ -30,17 +30,25 @@ def reference_for(model_dir: Path) -> NumpyLlama:
 
 
 def max_logit_diff(model_dir: Path, lib: Path, prompts: list[list[int]], decode_steps: int) -> float:
-    """batch_prefill of all prompts (ragged), then `decode_steps` batch_decode steps over all sequences, each step's
-    logits compared with the numpy reference on the whole prefix. Returns the max |difference|."""
+    """batch_prefill of all prompts (ragged; in rounds of at most the model's prefill_chunk_size tokens per sequence,
+    as the engine chunks them), then `decode_steps` batch_decode steps over all sequences, each step's logits compared
+    with the numpy reference on the whole prefix. Returns the max |difference|."""
     runner = ModelRunner(model_dir, lib)
     ref = reference_for(model_dir)
+    chunk = json.loads((model_dir / "mlc-chat-config.json").read_text())["prefill_chunk_size"]
     cache = runner.create_kv_cache(len(prompts), 1024, 256)
     seq_ids = list(range(len(prompts)))
     for s in seq_ids:
         runner.add_sequence(cache, s)
-    seqs = [list(p) for p in prompts]
+    seqs, last = [[] for _ in prompts], {}
     worst = 0.0
-    logits = runner.batch_prefill(cache, seq_ids, seqs)
+    while any(len(s) < len(p) for s, p in zip(seqs, prompts)):
+        ids = [i for i in seq_ids if len(seqs[i]) < len(prompts[i])]
+        parts = [prompts[i][len(seqs[i]):len(seqs[i]) + chunk] for i in ids]
+        for i, part, row in zip(ids, parts, np.asarray(runner.batch_prefill(cache, ids, parts))):
+            seqs[i] += part
+            last[i] = row
+    logits = [last[i] for i in seq_ids]
     for step in range(decode_steps + 1):
         for i, seq in enumerate(seqs):
             expected = ref.logits(seq)[-1]

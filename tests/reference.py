@@ -1,4 +1,5 @@
-"""An independent float64 numpy decoder (Llama, and the options of the other families: q/k/v bias, QK-norm, GELU-tanh),
+"""An independent float64 numpy decoder (Llama, and the options of the other families: q/k/v bias, QK-norm, GELU-tanh,
+Gemma 3's windowed layers with their own RoPE base, sandwich norms and scaled embeddings),
 for checking compiled logits. It shares no code with mlc_llm: it reads the stored parameters (MLC names) and decodes
 int4 weights bit by bit itself."""
 from __future__ import annotations
@@ -26,9 +27,9 @@ def weight(params: dict, prefix: str, k: int) -> np.ndarray:
     return dequant_q4(params[f"{prefix}.q_weight"], params[f"{prefix}.q_scale"], k)
 
 
-def inv_freq(cfg: dict) -> np.ndarray:
+def inv_freq(cfg: dict, theta: float | None = None) -> np.ndarray:
     d = cfg["head_dim"]
-    freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    freq = 1.0 / (theta or cfg["rope_theta"]) ** (np.arange(0, d, 2, dtype=np.float64) / d)
     s = cfg.get("rope_scaling") or {}
     if s.get("rope_type") == "llama3":  # as in Hugging Face's Llama 3.1 rope init
         factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
@@ -80,18 +81,28 @@ class NumpyLlama:
                 gate_up=weight(params, f"{p}.mlp.gate_up_proj", h),
                 down=weight(params, f"{p}.mlp.down_proj", cfg["intermediate_size"]),
                 qkv_bias=params.get(f"{p}.self_attn.qkv_proj.bias"),
-                q_norm=params.get(f"{p}.self_attn.q_norm.weight"), k_norm=params.get(f"{p}.self_attn.k_norm.weight")))
+                q_norm=params.get(f"{p}.self_attn.q_norm.weight"), k_norm=params.get(f"{p}.self_attn.k_norm.weight"),
+                pre_ffn=params.get(f"{p}.pre_feedforward_layernorm.weight"),
+                post_ffn=params.get(f"{p}.post_feedforward_layernorm.weight")))
+            sliding = (cfg.get("layer_types") or ["full"] * cfg["num_hidden_layers"])[i] == "sliding"
+            window = cfg.get("sliding_window", -1) if sliding else -1
+            theta = cfg.get("rope_local_theta") if sliding and cfg.get("rope_local_theta") else None
+            self.layers[-1].update(window=window, freq=inv_freq(cfg, theta))
         self.norm = params["model.norm.weight"]
         self.lm_head = self.embed if cfg["tie_word_embeddings"] else weight(params, "lm_head", h)
-        self.freq = inv_freq(cfg)
+        self.scale = (cfg.get("query_pre_attn_scalar") or d) ** -0.5
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits at every position of one sequence: [T, vocab]."""
         eps, hq, hkv, d = self.cfg["rms_norm_eps"], self.hq, self.hkv, self.d
         t = len(tokens)
         h = self.embed[np.asarray(tokens)]
-        mask = np.triu(np.full((t, t), -np.inf), 1)
+        if self.cfg.get("scale_embeddings"):
+            h = h * np.float64(np.float32(math.sqrt(self.cfg["hidden_size"])))
+        pos = np.arange(t)
+        causal = np.where(pos[None, :] > pos[:, None], -np.inf, 0.0)
         for L in self.layers:
+            mask = causal if L["window"] <= 0 else np.where(pos[:, None] - pos[None, :] >= L["window"], -np.inf, causal)
             x = rms_norm(h, L["ln1"], eps)
             qkv = x @ L["qkv"].T
             if L["qkv_bias"] is not None:
@@ -100,16 +111,21 @@ class NumpyLlama:
             k = qkv[:, hq * d:(hq + hkv) * d].reshape(t, hkv, d)
             if L["q_norm"] is not None:  # per head, before RoPE
                 q, k = rms_norm(q, L["q_norm"], eps), rms_norm(k, L["k_norm"], eps)
-            q, k = rope(q, self.freq), rope(k, self.freq)
+            q, k = rope(q, L["freq"]), rope(k, L["freq"])
             v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
             group = hq // hkv
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-            scores = np.einsum("qhd,khd->hqk", q, k) / math.sqrt(d) + mask
+            scores = np.einsum("qhd,khd->hqk", q, k) * self.scale + mask
             scores = np.exp(scores - scores.max(-1, keepdims=True))
             probs = scores / scores.sum(-1, keepdims=True)
-            attn = np.einsum("hqk,khd->qhd", probs, v).reshape(t, hq * d)
-            h = h + attn @ L["o"].T
-            x = rms_norm(h, L["ln2"], eps)
+            attn = np.einsum("hqk,khd->qhd", probs, v).reshape(t, hq * d) @ L["o"].T
+            if L["pre_ffn"] is not None:  # Gemma's sandwich: normalized attention output, norms around the MLP
+                h = h + rms_norm(attn, L["ln2"], eps)
+                x = rms_norm(h, L["pre_ffn"], eps)
+            else:
+                h = h + attn
+                x = rms_norm(h, L["ln2"], eps)
             gate, up = np.split(x @ L["gate_up"].T, 2, axis=-1)
-            h = h + (activation(gate, self.cfg.get("hidden_act", "silu")) * up) @ L["down"].T
+            mlp = (activation(gate, self.cfg.get("hidden_act", "silu")) * up) @ L["down"].T
+            h = h + (rms_norm(mlp, L["post_ffn"], eps) if L["post_ffn"] is not None else mlp)
         return rms_norm(h, self.norm, eps) @ self.lm_head.T

@@ -24,13 +24,15 @@ PROMPTS = [[5, 17, 200, 3, 99, 12, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 5
 
 
 def test_every_family_has_a_tiny_test_model():
-    assert set(TINY_FAMILIES) == set(FAMILIES)
+    assert set(TINY_FAMILIES) == {f.hf_model_types[0] for f in FAMILIES.values()}
 
 
 @pytest.mark.parametrize("quant", ["q4f32_cpu", "q0f32"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_logits_match_numpy(tmp_path, family, quant):
-    write_tiny_family(tmp_path / "hf", family)
+    """Gemma 3's tiny model has a 16-token window on two of its three layers: the 21-token prompt is prefilled in two
+    chunks (the second against history on the windowed layers) and decoding runs past the window."""
+    write_tiny_family(tmp_path / "hf", FAMILIES[family].hf_model_types[0])
     out = tmp_path / "model"
     lib = build_with_steps(str(tmp_path / "hf"), quant, out)
     chat = json.loads((out / "mlc-chat-config.json").read_text())
@@ -56,28 +58,56 @@ def test_family_options_matter_in_the_reference(tmp_path, family, option):
     assert np.abs(full - reduced).max() > 50 * TOL
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3"])
-def test_cpu_kernels_are_chosen_by_the_compiler_for_every_family(tmp_path, family):
-    """The model is written with stock ops; on CPU the compiler swaps in the project's RMSNorm, activation, attention
-    and RoPE kernels, and the q/k/v layer with its bias runs the blocked int4 kernel (bias as its epilogue)."""
+def _cpu_module(tmp_path, family: str):
+    """The optimized CPU module of a tiny model of `family`: {name: PrimFunc}, {name: our kernel mark or None}."""
     from mlc_llm.steps.compile import optimized_module
     from mlc_llm.steps.gen_config import gen_config
 
-    write_tiny_family(tmp_path / "hf", family, intermediate_size=256, vocab_size=320)
+    write_tiny_family(tmp_path / "hf", FAMILIES[family].hf_model_types[0], intermediate_size=256, vocab_size=320)
     gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "m")
     mod, _ = optimized_module(tmp_path / "m", "cpu")
     funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    marks = {name: f.attrs.get(cpu_gemv.KERNEL_ATTR) for name, f in funcs.items()}
+    return funcs, {name: f.attrs.get(cpu_gemv.KERNEL_ATTR) for name, f in funcs.items()}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3"])
+def test_cpu_kernels_are_chosen_by_the_compiler_for_every_family(tmp_path, family):
+    """The model is written with stock ops; on CPU the compiler swaps in the project's RMSNorm, activation, attention
+    and RoPE kernels (Gemma 3: also on its windowed layers), and the q/k/v layer with its bias runs the blocked int4
+    kernel (bias as its epilogue)."""
+    funcs, marks = _cpu_module(tmp_path, family)
     names = list(funcs)
-    assert any(n.startswith("rms_norm_cpu") for n in names) and any(n.startswith("silu_mul_cpu") for n in names)
+    assert any(n.startswith("rms_norm_cpu") for n in names)
+    assert any(n.startswith("silu_mul_cpu") for n in names) == (family != "gemma3")  # Gemma's GELU stays stock
     attention = {f.attrs["global_symbol"] for n, f in funcs.items() if marks[n] == "cpu_attention"}
     assert {"batch_decode_paged_kv_cpu", "batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu",
             "fused_rope"} <= attention
+    windowed = {"batch_decode_paged_kv_cpu_sliding_window", "batch_prefill_paged_kv_cpu_sliding_window"}
+    assert (windowed <= attention) == (family == "gemma3")
     matmuls = {n: m for n, m in marks.items() if "matmul" in n}
     assert matmuls and all(m == "q4_blocked64" for m in matmuls.values()), matmuls
     if family == "qwen2":  # the bias-carrying kernels were matched, not scheduled generically
         biased = [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
         assert biased and all(marks[n] == "q4_blocked64" for n in biased)
+
+
+def test_windowed_layers_at_three_times_the_window(tmp_path):
+    """Gemma-shaped tiny model, 16-token window on layers 0 and 2 (their own RoPE base), q4: a 40-token prompt in
+    chunks of the window (later chunks against history through the windowed paged-prefill kernel), then decoding to
+    48 tokens (the windowed decode kernel, the window starting inside a page), against the reference that masks each
+    windowed layer to its last 16 tokens; and that reference is far from full attention."""
+    write_tiny_family(tmp_path / "hf", "gemma3_text")
+    out = tmp_path / "model"
+    lib = build_with_steps(str(tmp_path / "hf"), "q4f32_cpu", out)
+    cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    assert cfg["prefill_chunk_size"] == 16 and cfg["model_config"]["layer_types"] == ["sliding", "full", "sliding"]
+    prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 133))]
+    diff = max_logit_diff(out, lib, prompts, decode_steps=8)
+    assert diff < TOL, f"max |Δlogit| {diff:.2e}"
+    params = tensor_cache.load_numpy(out)
+    windowed = NumpyLlama(params, cfg["model_config"]).logits(prompts[0])
+    full = NumpyLlama(params, {**cfg["model_config"], "sliding_window": -1}).logits(prompts[0])
+    assert np.abs(windowed[:16] - full[:16]).max() < 1e-9 and np.abs(windowed - full).max() > 50 * TOL
 
 
 def test_bias_epilogue_kernel_matches_numpy():
@@ -159,8 +189,16 @@ def test_random_presets_of_every_family_have_consistent_shapes():
         assert shapes["model.embed_tokens.weight"] == (cfg["vocab_size"], cfg["hidden_size"]), name
 
 
-def test_sliding_window_caps_the_context_window():
-    """Mistral v0.1's 4096-token window: with the context capped to it, full attention is exact."""
-    cfg = FAMILIES["mistral"].config({"model_type": "mistral", **TINY_FAMILIES["mistral"], "sliding_window": 128,
-                                      "max_position_embeddings": 4096})
-    assert cfg.context_window_size == 128
+def test_sliding_window_configs():
+    """Mistral v0.1's window on every layer; Gemma 3's pattern (every 6th layer full) from a config without
+    layer_types; a context that fits in the window needs no windowed layers at all."""
+    mistral = FAMILIES["mistral"].config({"model_type": "mistral", **TINY_FAMILIES["mistral"], "sliding_window": 128,
+                                          "max_position_embeddings": 4096})
+    assert mistral.windowed and mistral.layer_types == ["sliding"] * 2 and mistral.prefill_chunk_size == 128
+    gemma = {"model_type": "gemma3_text", **TINY_FAMILIES["gemma3_text"], "num_hidden_layers": 12}
+    del gemma["layer_types"]
+    cfg = FAMILIES["gemma3"].config(gemma)
+    assert cfg.layer_types == (["sliding"] * 5 + ["full"]) * 2 and cfg.layer_theta(0) == 10000.0
+    assert cfg.layer_theta(5) == 1000000.0
+    short = FAMILIES["gemma3"].config(gemma, context_window_size=16)
+    assert not short.windowed and short.layer_theta(0) == 10000.0

@@ -62,6 +62,11 @@ TINY_FAMILIES = {
                   tie_word_embeddings=True),
     "qwen3": dict(TINY_LLAMA31, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
     "phi3": dict(TINY_LLAMA31, num_key_value_heads=4, rope_theta=10000.0),
+    # a 16-token window on layers 0 and 2, their own RoPE base; prompts past the window test it
+    "gemma3_text": dict(TINY_LLAMA31, num_hidden_layers=3, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, sliding_window=16, rope_local_base_freq=10000.0,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                        query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh"),
 }
 
 

@@ -460,9 +460,21 @@ def _score(d: int, k_row: str) -> str:
             f"s[g, r] = {terms[0]}")
 
 
-def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """Same parameters as TVM's `_attention_decode_cpu` (no sliding window): `_DECODE` with the per-task state, the
-    page loop body (`_CHUNK`) and the output write."""
+def _sliding(text: str, old: str, new: str, count: int = 1) -> str:
+    assert text.count(old) == count, old
+    return text.replace(old, new)
+
+
+# Windowed layers (TVM's "mha_sliding"): length_info is [3, B] — the last page's rows, the offset of the first row in
+# use (the window starts inside the first page), the attention-sink rows (kept at the front; 0 in our engine). The
+# pages in use hold physical rows [0, sink) and [offset, P); the rows between are masked.
+_SLIDING_ROWS = "pr < length_info[2, b] or pr >= length_info[1, b]"
+
+
+def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
+                  sliding: bool = False) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_decode_cpu`: `_DECODE` with the per-task state, the page loop body
+    (`_CHUNK`) and the output write. `sliding`: the windowed layers' variant (`_SLIDING_ROWS`)."""
     hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     grp = hq // hkv
     common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, grp=grp, log2e=repr(LOG2E), split_tasks=SPLIT_TASKS,
@@ -488,6 +500,12 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
                        f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", 4)
     text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
                           exp2_merge=_exp2("part_md[bh * ns + sp, g, 0] - m[g]"), **common)
+    if sliding:
+        text = _sliding(text, "(var_length_info, (B,),", "(var_length_info, (3, B),")
+        text = _sliding(text, "rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], 16))",
+                        "rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[0, b], 16))", 2)
+        pr = f"p * {PAGE} + r"
+        text = _sliding(text, "if r < rows:", f"if r < rows and ({_SLIDING_ROWS.replace('pr', pr)}):", 2)
     # tasks of both branches: at most B * hkv + SPLIT_TASKS - 1 (see _DECODE)
     return _parse(cpu_tasks.steal_parallel(text, name="_dec", dtype="int32", capacity=f"B * {hkv} + {SPLIT_TASKS}"))
 
@@ -592,16 +610,33 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
     return _parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx, amx_min_rows))
 
 
-def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """Same parameters as TVM's `_attention_prefill_cpu` without sliding window (new tokens against a sequence's KV
-    pages: the KV rows are the pages' rows, the last page holding length_info[b]); the ragged kernel's tiles with
-    each 16-row chunk a page. Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel."""
+def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
+                         window: int = 0) -> tvm.tirx.PrimFunc:
+    """Same parameters as TVM's `_attention_prefill_cpu` (new tokens against a sequence's KV pages: the KV rows are
+    the pages' rows, the last page holding length_info[b]); the ragged kernel's tiles with each 16-row chunk a page.
+    Assumes RoPE applied before the cache (rotary_mode 0), as the decode kernel. `window` > 0: the windowed layers'
+    variant (TVM's with sliding_window_size = window): rows outside `_SLIDING_ROWS` masked and, with `causal`, query
+    token i of the chunk sees only the last max(window - i - 1, 0) rows of the history (the rest of its window is
+    among the new tokens: the ragged kernel's part)."""
+    info = "length_info[0, b]" if window else "length_info[b]"
     setup = (f"pg0 = T.bind(page_indptr[b])\nnpg = T.bind(page_indptr[b + 1] - pg0)\n"
-             f"kv_n = T.bind(T.if_then_else(npg > 0, (npg - 1) * {PAGE} + length_info[b], 0))")
-    return _parse(_prefill(_PAGED_SIG, _PAGED_BUFFERS, setup,
-                           lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
-                           lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
-                           head_dim, dtype))
+             f"kv_n = T.bind(T.if_then_else(npg > 0, (npg - 1) * {PAGE} + {info}, 0))")
+    text = _prefill(_PAGED_SIG, _PAGED_BUFFERS, setup, lambda row: f"pages[page_values[pg0 + c], 0, hk, {row}, dd]",
+                    lambda row: f"pages[page_values[pg0 + c], 1, hk, {row}, dd]", num_q_heads, num_kv_heads,
+                    head_dim, dtype)
+    if window:
+        text = _sliding(text, "(var_length_info, (batch_size,),", "(var_length_info, (3, batch_size),")
+        text = _sliding(text, "kv_hi = T.bind(T.if_then_else(causal > 0, T.min(kv_n, kv_n - q_n + t0 + nq), kv_n))",
+                        "kv_hi = T.bind(kv_n)")
+        # physical row pr of chunk c; L = the history's rows in use; token t0 + l may see rows >= kv_n - visible
+        pr = f"c * {PAGE} + r"
+        hist = "(kv_n - length_info[1, b] + length_info[2, b])"
+        visible = f"T.Select(causal > 0, T.max({window} - (t0 + l) - 1, 0), {hist})"
+        ok = (f"({_SLIDING_ROWS.replace('pr', pr)}) and T.Select({pr} < length_info[2, b], {pr} >= {hist} - "
+              f"{visible}, {pr} >= kv_n - {visible})")
+        old_lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {PAGE}"
+        text = _sliding(text, f"r < {old_lim}", f"r < kv_n - c * {PAGE} and {ok}", 2)
+    return _parse(text)
 
 
 # RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).

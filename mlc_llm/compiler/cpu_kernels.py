@@ -108,7 +108,8 @@ STOCK_SYMBOLS = {"tir_attention_decode_cpu": "batch_decode_paged_kv_cpu",
 
 def replace_attention(kv: dict, amx: bool) -> tvm.transform.Pass:
     """`kv`: the KV-cache shape of the model (`num_attention_heads`, `num_key_value_heads`, `head_dim`, `dtype`,
-    `rope_theta`, `rope_scaling`), as in the library's metadata. `amx`: ragged prefill on AMX tiles."""
+    `rope_theta`, `rope_scaling`, `sliding_window` of the windowed layers), as in the library's metadata. `amx`:
+    ragged prefill on AMX tiles."""
     hq, hkv, d, dtype = kv["num_attention_heads"], kv["num_key_value_heads"], kv["head_dim"], kv["dtype"]
 
     @tvm.transform.module_pass(opt_level=0, name="ReplaceCPUAttention")
@@ -118,6 +119,12 @@ def replace_attention(kv: dict, amx: bool) -> tvm.transform.Pass:
             cpu_attention.ragged_prefill_kernel, amx=amx)
         kernels = {sym: make(hq, hkv, d, dtype) for sym, make in makers.items()
                    if d % 8 == 0 or make is cpu_attention.decode_kernel}
+        if kv.get("sliding_window", -1) > 0:  # the windowed layers' variants
+            kernels["batch_decode_paged_kv_cpu_sliding_window"] = cpu_attention.decode_kernel(hq, hkv, d, dtype,
+                                                                                              sliding=True)
+            if d % 8 == 0:
+                kernels["batch_prefill_paged_kv_cpu_sliding_window"] = cpu_attention.paged_prefill_kernel(
+                    hq, hkv, d, dtype, window=kv["sliding_window"])
         if "rope_type" not in (kv.get("rope_scaling") or {}):  # other RoPE scalings keep TVM's kernel
             kernels[STOCK_SYMBOLS["tir_split_rotary"]] = cpu_attention.rope_kernel(hq, hkv, d, dtype, kv["rope_theta"])
         for gv, func in list(mod.functions_items()):

@@ -35,8 +35,8 @@ def _positive(key: str, value: Optional[int]) -> None:
 @dataclass
 class ModelConfig:
     name: str = MISSING  # artifact folder name: artifacts/<name>-<quantization>/
-    source: str = MISSING  # pypkg:<pkg>/<file> | HF://<org>/<repo> | random:<preset> | local path
-    install_hint: str = ""  # shown when a pypkg source is not installed
+    source: str = MISSING  # pypkg:<pkg>/<file> | models:<file> | HF://<org>/<repo> | random:<preset> | local path
+    install_hint: str = ""  # shown when a pypkg: or models: source is missing
     context_window_size: Optional[int] = None  # None: the model's own
     prefill_chunk_size: Optional[int] = None
     max_batch_size: int = 128

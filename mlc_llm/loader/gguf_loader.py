@@ -99,6 +99,8 @@ class GGUFSource(Source):
             "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
             "pad_token_id": m.get("tokenizer.ggml.padding_token_id"),
         }
+        if m.get(a + "attention.sliding_window"):
+            cfg["sliding_window"] = int(m[a + "attention.sliding_window"])
         if m.get(a + "rope.scaling.type") not in (None, "none"):
             raise ValueError(f"GGUF rope scaling '{m.get(a + 'rope.scaling.type')}' is not supported")
         return cfg
@@ -115,6 +117,8 @@ class GGUFSource(Source):
             raise KeyError(f"tensor '{name}' not found in GGUF file {self.path}")
         t = self._tensors[name]
         w = self._dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(self.shape(name))
+        if self.family.norm_offset and name.endswith("norm.weight"):
+            w = w - np.float32(self.family.norm_offset)  # llama.cpp stores Gemma's norms with the offset added
         if self.family.gguf_permuted_qk:
             if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 w = unpermute_qk(w, self.hf_config["num_attention_heads"])

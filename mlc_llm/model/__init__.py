@@ -1,6 +1,6 @@
 """Model architectures: a registry of decoder families.
 
-A family is one short file (`llama.py`, `qwen2.py`, `phi3.py`) holding a `Family` record: its config parsing, how its
+A family is one short file (`llama.py`, `qwen2.py`, `phi3.py`, `gemma3.py`) holding a `Family` record: its config parsing, how its
 checkpoint differs from Llama's, and its `random:` presets. The network itself (`decoder.py`) and the weight mapping
 (`base.py`) are shared; target-specific kernels are chosen by compiler passes, never here. Adding a family: one file
 and one line in FAMILIES.
@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from .base import DecoderConfig, Family, hf_shapes, num_groups, source_to_mlc
+from .gemma3 import GEMMA3
 from .llama import LLAMA, MISTRAL
 from .phi3 import PHI3
 from .qwen2 import QWEN2, QWEN3
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA3)}
 
 __all__ = ["DecoderConfig", "FAMILIES", "Family", "build_module", "get_family", "family_for_hf", "family_for_gguf",
            "hf_shapes", "num_groups", "random_presets", "source_to_mlc"]

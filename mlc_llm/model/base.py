@@ -33,6 +33,14 @@ class DecoderConfig:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
     hidden_act: str = "silu"  # of the gated MLP: act(gate) * up
+    # Gemma 3: attention over the last `sliding_window` tokens on the layers marked "sliding" in `layer_types`
+    # ("full" elsewhere), those layers' RoPE base, embeddings times sqrt(hidden), norms around attention and MLP
+    sliding_window: int = -1
+    layer_types: list[str] = field(default_factory=list)
+    rope_local_theta: float = 0.0  # 0: rope_theta on every layer
+    scale_embeddings: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float = 0.0  # attention scale scalar^-0.5; 0: head_dim
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -51,7 +59,23 @@ class DecoderConfig:
                                  f"(supported: {', '.join(ROPE_SCALING_KEYS)})")
             else:
                 self.rope_scaling = {k: self.rope_scaling[k] for k in ROPE_SCALING_KEYS[kind]}
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        if set(self.layer_types) - {"sliding", "full"}:
+            raise ValueError(f"layer_types: each entry is 'sliding' or 'full', got {sorted(set(self.layer_types))}")
+        if self.windowed and self.prefill_chunk_size > self.sliding_window:
+            # the KV cache masks the window only against cached pages, not inside one chunk
+            self.prefill_chunk_size = self.sliding_window
         self.prefill_chunk_size = min(self.prefill_chunk_size, self.context_window_size)
+
+    @property
+    def windowed(self) -> bool:
+        """Some layers attend to a window shorter than the context (else full attention is exact everywhere)."""
+        return "sliding" in self.layer_types and 0 < self.sliding_window < self.context_window_size
+
+    def layer_theta(self, i: int) -> float:
+        local = self.layer_types and self.layer_types[i] == "sliding" and self.rope_local_theta
+        return self.rope_local_theta if local else self.rope_theta
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
@@ -73,10 +97,6 @@ def hf_values(cfg: dict[str, Any]) -> dict[str, Any]:
         scaling = {**rope, **scaling}
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     ctx = cfg.get("max_position_embeddings", 4096)
-    window = cfg.get("sliding_window")
-    if window and cfg.get("use_sliding_window", True) and window < ctx:
-        # Attention never looks past the window when the context fits in it: exact without windowed kernels.
-        ctx = window
     return dict(
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -95,6 +115,14 @@ def hf_values(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def windowed_everywhere(values: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """A `sliding_window` on every layer (Mistral v0.1)."""
+    window = cfg.get("sliding_window")
+    if window and cfg.get("use_sliding_window", True):
+        values.update(sliding_window=int(window), layer_types=["sliding"] * values["num_hidden_layers"])
+    return values
+
+
 def _activation(name: str) -> str:
     return {"gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}.get(name, name)
 
@@ -104,6 +132,7 @@ def _activation(name: str) -> str:
 Q, K, V, O = (f"self_attn.{n}_proj" for n in "qkvo")
 QKV, GATE, UP, GATE_UP, DOWN = "self_attn.qkv_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"
 NORMS = ("input_layernorm", "post_attention_layernorm")
+SANDWICH_NORMS = NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma: around attention and MLP
 
 
 @dataclass(frozen=True)
@@ -133,7 +162,7 @@ def hf_shapes(fam: Family, cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + n + ".weight": (h,) for n in NORMS})
+        shapes.update({p + n + ".weight": (h,) for n in (SANDWICH_NORMS if cfg.sandwich_norms else NORMS)})
         shapes[p + O + ".weight"] = (h, hq)
         shapes[p + DOWN + ".weight"] = (h, inter)
         if fam.fused_checkpoint:
@@ -176,7 +205,7 @@ def source_to_mlc(fam: Family, cfg: DecoderConfig, quantize: Callable[[str, np.n
         yield quantize(p + O, get(p + O + ".weight"))
         yield quantize(p + GATE_UP, gate_up)
         yield quantize(p + DOWN, get(p + DOWN + ".weight"))
-        norms = {p + n + ".weight": norm(p + n + ".weight") for n in NORMS}
+        norms = {p + n + ".weight": norm(p + n + ".weight") for n in (SANDWICH_NORMS if cfg.sandwich_norms else NORMS)}
         if cfg.qk_norm:
             norms.update({p + f"self_attn.{n}_norm.weight": norm(p + f"self_attn.{n}_norm.weight") for n in "qk"})
         yield norms

@@ -5,8 +5,10 @@ project's kernels (compiler/cpu_kernels.py), so a new family gets them without a
 """
 from __future__ import annotations
 
+import math
+
 from tvm import relax as rx
-from tvm import te
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -19,9 +21,37 @@ def _rms_norm(size: int, eps: float, dtype: str) -> nn.Module:
     return nn.RMSNorm(size, -1, eps, bias=False, dtype=dtype)
 
 
+def rope_in_model(cfg: DecoderConfig) -> bool:
+    """Layers with different RoPE bases (Gemma 3): the KV cache applies one base, so the model rotates q and k."""
+    return bool(cfg.rope_local_theta) and cfg.rope_local_theta != cfg.rope_theta and "sliding" in cfg.layer_types
+
+
+def _rope(qkv: Tensor, positions: Tensor, theta: float, rotated_heads: int) -> Tensor:
+    """Half-split RoPE with base `theta` on the first `rotated_heads` heads (q and k) of qkv [b, s, heads, d];
+    positions [b * s] from the KV cache."""
+    def compute(x: te.Tensor, pos: te.Tensor):
+        _, s, _, d = x.shape
+        half = d // 2
+
+        def f(bi, si, hi, di):
+            angle = pos[bi * s + si].astype("float32") * tirx.exp(
+                (di % half).astype("float32") * tirx.const(-2.0 * math.log(theta) / int(d), "float32"))
+            partner = x[bi, si, hi, (di + half) % d].astype("float32")  # rotate_half: -x2 for the first half, x1
+            sign = tirx.if_then_else(di < half, tirx.const(-1.0, "float32"), tirx.const(1.0, "float32"))
+            value = x[bi, si, hi, di].astype("float32")
+            rotated = value * tirx.cos(angle) + sign * partner * tirx.sin(angle)
+            return tirx.if_then_else(hi < rotated_heads, rotated, value).astype(x.dtype)
+
+        return te.compute(x.shape, f, name="rope_by_layer")
+
+    return op.tensor_expr_op(compute, "rope_by_layer", [qkv, positions])
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant):
+    def __init__(self, cfg: DecoderConfig, quant, layer_id: int):
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sm_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.theta = cfg.layer_theta(layer_id) if rope_in_model(cfg) else None
         self.qkv_proj = make_linear(quant, cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = make_linear(quant, self.hq * self.d, cfg.hidden_size)
         if cfg.qk_norm:
@@ -35,7 +65,9 @@ class Attention(nn.Module):
         if self.qk_norm:  # per head, before RoPE (which the KV cache applies)
             q, k, v = op.split(qkv, [self.hq, self.hq + self.hkv], axis=2)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
-        out = cache.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.d**-0.5)
+        if self.theta is not None:
+            qkv = _rope(qkv, cache.get_query_positions(b * s), self.theta, self.hq + self.hkv)
+        out = cache.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.sm_scale)
         return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
 
 
@@ -52,14 +84,21 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant):
+    def __init__(self, cfg: DecoderConfig, quant, layer_id: int):
         dtype = quant.model_dtype
         self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, quant)
+        self.self_attn = Attention(cfg, quant, layer_id)
         self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = GatedMLP(cfg, quant)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:  # Gemma: post_attention_layernorm normalizes the attention output, these the MLP's
+            self.pre_feedforward_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+            self.post_feedforward_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache, layer_id))
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         h = h + self.self_attn(self.input_layernorm(h), cache, layer_id)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -67,7 +106,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, cfg: DecoderConfig, quant):
         self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, quant) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, quant, i) for i in range(cfg.num_hidden_layers)])
         self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, quant.model_dtype)
 
     def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
@@ -92,7 +131,10 @@ class DecoderForCausalLM(nn.Module):
         return logits if logits.dtype == "float32" else op.astype(logits, "float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma: times sqrt(hidden), rounded to the model dtype first
+            h = h * math.sqrt(self.cfg.hidden_size)
+        return h
 
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache):
         h = self.model(input_embed, paged_kv_cache)
@@ -115,13 +157,16 @@ class DecoderForCausalLM(nn.Module):
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                               support_sliding_window) -> PagedKVCache:
         c = self.cfg
+        # windowed layers ("mha_sliding") see only the cache's last sliding_window tokens
+        kinds = ["mha_sliding" if t == "sliding" else "mha" for t in c.layer_types] if c.windowed else "mha"
+        window = {"layer_sliding_window_size": c.sliding_window} if c.windowed else {}
         return TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            attn_kind=kinds, max_batch_size=max_batch_size, **window, max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=support_sliding_window,
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+            rope_mode=RopeMode.NONE if rope_in_model(c) else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )

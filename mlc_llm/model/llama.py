@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, hf_values
+from .base import Family, hf_values, windowed_everywhere
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
 def from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
-    return hf_values(cfg)
+    return windowed_everywhere(hf_values(cfg), cfg)
 
 
 LLAMA = Family(
@@ -27,7 +27,7 @@ LLAMA = Family(
     },
 )
 
-# Mistral 7B v0.2+ is Llama with its own model_type (v0.1's 4096-token sliding window caps the context window).
+# Mistral 7B: Llama with its own model_type; v0.1 attends to a 4096-token sliding window on every layer.
 MISTRAL = Family(
     name="mistral", hf_model_types=("mistral",), gguf_archs=(), from_hf=from_hf,
     presets={"mistral_7b": dict(LLAMA_8B, vocab_size=32768, rope_theta=1000000.0, max_position_embeddings=32768)},

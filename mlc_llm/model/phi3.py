@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family, hf_values
+from .base import Family, hf_values, windowed_everywhere
 
 
 def from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -12,7 +12,7 @@ def from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     if scaling.get("type", scaling.get("rope_type")) in ("longrope", "su"):
         raise ValueError("Phi-3 long-context RoPE (longrope / su scaling, the 128k variants) is not supported; "
                          "use a 4k-context Phi-3 model")
-    return hf_values(cfg)
+    return windowed_everywhere(hf_values(cfg), cfg)
 
 
 PHI3 = Family(

@@ -41,7 +41,9 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
         "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
                      "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
                      "dtype": quant.model_dtype, "layout": "paged", "page_size": 16, "rope": "in-cache, half-split",
-                     "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling)},
+                     "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling),
+                     "sliding_window": cfg.sliding_window if cfg.windowed else -1,
+                     "layer_types": list(cfg.layer_types)},
         "params": [{"name": n, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for n, p in params],
     }
 
