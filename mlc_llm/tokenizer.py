@@ -25,6 +25,13 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw completion prompt: with the BOS token first where the tokenizer asks for it (`add_bos_token`: Gemma,
+        Llama 2/3), as llama.cpp and transformers do; chat templates write their own BOS."""
+        ids = self.encode(text)
+        bos = self.token_to_id(self.config.get("bos_token") or "") if self.config.get("add_bos_token") else None
+        return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

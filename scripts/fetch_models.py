@@ -44,7 +44,7 @@ VOCABS = ("llama-spm", "llama-bpe", "phi-3", "qwen2")
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("MLC_LLM_MODELS_DIR", Path.home() / ".cache" / "mlc_llm" / "models")).expanduser()
+    return Path(os.environ.get("MLC_LLM_MODELS_DIR") or Path.home() / ".cache" / "mlc_llm" / "models").expanduser()
 
 
 def fetch(name: str) -> Path:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from mlc_llm.loader.locate import models_dir
 
 from .conftest import REPO, run_snakemake
-from .helpers import reference_for
+from .helpers import max_logit_diff, reference_for
 from .server_utils import ServerProcess, free_port
 
 QWEN = {  # deployment -> (GGUF file, fetch name, artifact folder)
@@ -100,3 +100,31 @@ def test_qwen_serve_target_answers_paris_and_streams_a_tool_call(qwen, pipeline_
     finally:
         code = srv.stop(signal.SIGTERM)
     assert code in (0, -signal.SIGTERM), srv.log()[-3000:]
+
+
+def test_gemma3_past_its_window_matches_numpy(pipeline_dir):
+    """Gemma-3-270M (q4, `snakemake build_gemma3_270m_cpu`): a 700-token prompt, past the 512-token window of 15 of
+    its 18 layers, prefilled in window-sized chunks, then decoded; logits against the float64 reference that masks
+    those layers to the window and gives them their own RoPE base; a plain completion through the engine (BOS
+    first, as the tokenizer asks)."""
+    from mlc_llm import MLCEngine
+
+    if not (models_dir() / "gemma-3-270m-q4_k_m.gguf").exists():
+        pytest.skip(f"gemma-3-270m-q4_k_m.gguf is not in {models_dir()}: `bash scripts/fetch_models.sh gemma3_270m` "
+                    "fetches it (optional; Gemma terms)")
+    r = run_snakemake(pipeline_dir, "build_gemma3_270m_cpu", timeout=1800)
+    assert r.returncode == 0, r.stderr[-4000:]
+    d = pipeline_dir / "artifacts" / "Gemma-3-270M-q4f32_cpu"
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    text = " ".join(["The history of the city begins in the Roman era, when a small settlement grew on the banks of "
+                     "the river."] * 30)
+    prompt = [2] + tok.encode(text, add_special_tokens=False).ids[:700]
+    diff = max_logit_diff(d, d / "lib" / "cpu.so", [prompt], decode_steps=2)
+    assert diff < REAL_TOL, diff
+    engine = MLCEngine(str(d), model_lib=str(d / "lib" / "cpu.so"), mode="interactive")
+    try:
+        out = engine.completions.create(prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert out.usage.prompt_tokens == 6  # <bos> + 5 tokens
+        assert out.choices[0].finish_reason == "length" and out.choices[0].text.strip()
+    finally:
+        engine.terminate()

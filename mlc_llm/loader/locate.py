@@ -60,7 +60,7 @@ def _resolve_pypkg(spec: str, install_hint: str = "") -> Path:
 
 
 def models_dir() -> Path:
-    return Path(os.environ.get("MLC_LLM_MODELS_DIR", Path.home() / ".cache" / "mlc_llm" / "models")).expanduser()
+    return Path(os.environ.get("MLC_LLM_MODELS_DIR") or Path.home() / ".cache" / "mlc_llm" / "models").expanduser()
 
 
 def _resolve_fetched(name: str, install_hint: str = "") -> Path:

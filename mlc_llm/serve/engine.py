@@ -228,7 +228,7 @@ class _EngineBase:
         if req.echo or req.suffix:
             raise P.BadRequestError("echo and suffix are not supported")
         if isinstance(req.prompt, str):
-            prompt = self.tokenizer.encode(req.prompt)
+            prompt = self.tokenizer.encode_prompt(req.prompt)
         else:
             prompt = list(req.prompt)
             bad = [t for t in prompt if not 0 <= t < self.runner.vocab_size]
