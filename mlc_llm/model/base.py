@@ -73,6 +73,11 @@ class DecoderConfig:
         """Some layers attend to a window shorter than the context (else full attention is exact everywhere)."""
         return "sliding" in self.layer_types and 0 < self.sliding_window < self.context_window_size
 
+    @property
+    def rope_per_layer(self) -> bool:
+        """Layers with different RoPE bases (Gemma 3): the KV cache applies one base, so the model rotates q and k."""
+        return bool(self.rope_local_theta) and self.rope_local_theta != self.rope_theta and "sliding" in self.layer_types
+
     def layer_theta(self, i: int) -> float:
         local = self.layer_types and self.layer_types[i] == "sliding" and self.rope_local_theta
         return self.rope_local_theta if local else self.rope_theta

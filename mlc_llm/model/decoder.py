@@ -21,11 +21,6 @@ def _rms_norm(size: int, eps: float, dtype: str) -> nn.Module:
     return nn.RMSNorm(size, -1, eps, bias=False, dtype=dtype)
 
 
-def rope_in_model(cfg: DecoderConfig) -> bool:
-    """Layers with different RoPE bases (Gemma 3): the KV cache applies one base, so the model rotates q and k."""
-    return bool(cfg.rope_local_theta) and cfg.rope_local_theta != cfg.rope_theta and "sliding" in cfg.layer_types
-
-
 def _rope(qkv: Tensor, positions: Tensor, theta: float, rotated_heads: int) -> Tensor:
     """Half-split RoPE with base `theta` on the first `rotated_heads` heads (q and k) of qkv [b, s, heads, d];
     positions [b * s] from the KV cache."""
@@ -51,7 +46,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, quant, layer_id: int):
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.sm_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        self.theta = cfg.layer_theta(layer_id) if rope_in_model(cfg) else None
+        self.theta = cfg.layer_theta(layer_id) if cfg.rope_per_layer else None
         self.qkv_proj = make_linear(quant, cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.attention_bias)
         self.o_proj = make_linear(quant, self.hq * self.d, cfg.hidden_size)
         if cfg.qk_norm:
@@ -166,7 +161,7 @@ class DecoderForCausalLM(nn.Module):
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE if rope_in_model(c) else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+            rope_mode=RopeMode.NONE if c.rope_per_layer else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )
