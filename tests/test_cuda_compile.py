@@ -42,3 +42,20 @@ def test_unscheduled_gpu_kernels_are_refused(smollm_cuda, monkeypatch, tmp_path)
     with pytest.raises(CompileError, match="kernels have no GPU schedule and would run on the host: .*matmul"):
         compile_model(model_dir, "cuda", tmp_path / "x.so")
     assert not (tmp_path / "x.so").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "gemma3_text"])
+def test_new_families_cross_compile_for_cuda(tmp_path, model_type):
+    """q/k/v bias (Qwen2) and Gemma 3's windowed layers, per-layer RoPE in the model and sandwich norms: every kernel
+    of the q4f16_1 library bound to GPU threads."""
+    from mlc_llm.steps.gen_config import gen_config
+
+    from .tiny_hf import write_tiny_family
+
+    write_tiny_family(tmp_path / "hf", model_type, intermediate_size=256, vocab_size=320)
+    gen_config(str(tmp_path / "hf"), "q4f16_1", "chatml", tmp_path / "m")
+    mod, _ = optimized_module(tmp_path / "m", "cuda")
+    assert unbound_gpu_kernels(mod) == []
+    names = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    if model_type == "gemma3_text":
+        assert any("rope_by_layer" in n for n in names)

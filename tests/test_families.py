@@ -190,11 +190,11 @@ def test_random_presets_of_every_family_have_consistent_shapes():
 
 
 def test_sliding_window_configs():
-    """Mistral v0.1's window on every layer; Gemma 3's pattern (every 6th layer full) from a config without
-    layer_types; a context that fits in the window needs no windowed layers at all."""
+    """Mistral v0.1's window on every layer caps the context; Gemma 3's pattern (every 6th layer full) from a config
+    without layer_types; a context that fits in the window needs no windowed layers at all."""
     mistral = FAMILIES["mistral"].config({"model_type": "mistral", **TINY_FAMILIES["mistral"], "sliding_window": 128,
                                           "max_position_embeddings": 4096})
-    assert mistral.windowed and mistral.layer_types == ["sliding"] * 2 and mistral.prefill_chunk_size == 128
+    assert not mistral.windowed and mistral.context_window_size == 128 and mistral.prefill_chunk_size == 128
     gemma = {"model_type": "gemma3_text", **TINY_FAMILIES["gemma3_text"], "num_hidden_layers": 12}
     del gemma["layer_types"]
     cfg = FAMILIES["gemma3"].config(gemma)

@@ -121,10 +121,12 @@ def hf_values(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def windowed_everywhere(values: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """A `sliding_window` on every layer (Mistral v0.1)."""
+    """A `sliding_window` on every layer (Mistral v0.1, Phi-3): the context window is capped at it, where full
+    attention is exact. (TVM 0.27's KV cache fails at the first prefill when no layer is a full-attention one, and its
+    whole-sequence window recycles pages per sequence, which the engine does not drive.)"""
     window = cfg.get("sliding_window")
-    if window and cfg.get("use_sliding_window", True):
-        values.update(sliding_window=int(window), layer_types=["sliding"] * values["num_hidden_layers"])
+    if window and cfg.get("use_sliding_window", True) and window < values["context_window_size"]:
+        values.update(context_window_size=int(window), prefill_chunk_size=min(values["prefill_chunk_size"], window))
     return values
 
 
