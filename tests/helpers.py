@@ -36,7 +36,7 @@ def max_logit_diff(model_dir: Path, lib: Path, prompts: list[list[int]], decode_
     runner = ModelRunner(model_dir, lib)
     ref = reference_for(model_dir)
     chunk = json.loads((model_dir / "mlc-chat-config.json").read_text())["prefill_chunk_size"]
-    cache = runner.create_kv_cache(len(prompts), 1024, 256)
+    cache = runner.create_kv_cache(len(prompts), 1024, max(256, sum(min(len(p), chunk) for p in prompts)))
     seq_ids = list(range(len(prompts)))
     for s in seq_ids:
         runner.add_sequence(cache, s)
