@@ -25,6 +25,24 @@ def test_silu_mul_matches_numpy(shape):
     np.testing.assert_allclose(y.numpy(), expected, rtol=2e-6, atol=1e-30)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7)])
+def test_gelu_tanh_mul_matches_numpy(shape):
+    """GELU-tanh (Gemma) as g * sigmoid(2u): against the tanh formula in float64, past the clamp both ways."""
+    inter = 48
+    rng = np.random.default_rng(7 + sum(shape))
+    x = (rng.standard_normal((*shape, 2 * inter)) * 4).astype(np.float32)
+    x[0, 0, :7] = [-200, -12, -3, 0, 0.5, 12, 200]
+    dev = tvm.cpu()
+    f = tvm.compile(tvm.IRModule({"main": cpu_activation.silu_mul_kernel(inter, "float32", "gelu_tanh").with_attr(
+        "global_symbol", "main")}), target=tvm.target.Target.from_device(dev))["main"]
+    y = tvm.runtime.tensor(np.full((*shape, inter), np.nan, np.float32), dev)
+    f(tvm.runtime.tensor(x, dev), y)
+    g, up = x[..., :inter].astype(np.float64), x[..., inter:].astype(np.float64)
+    expected = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * up
+    # atol: where tanh saturates float64 gives exactly 0 and the sigmoid form ~1e-16
+    np.testing.assert_allclose(y.numpy(), expected, rtol=5e-6, atol=1e-12)
+
+
 def test_silu_mul_refuses_sizes_it_cannot_vectorize():
     assert not cpu_activation.supported(40)
     with pytest.raises(ValueError, match="multiple of 16"):

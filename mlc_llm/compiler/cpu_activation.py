@@ -1,4 +1,5 @@
-"""CPU kernels for the gated MLP activation `silu(gate) * up` on the fused gate_up output, and for RMSNorm.
+"""CPU kernels for the gated MLP activation `silu(gate) * up` (or `gelu_tanh(gate) * up`, Gemma) on the fused
+gate_up output, and for RMSNorm.
 
 TVM lowers `silu` to a scalar `expf` library call per element (the probe of ../shared/docs/CPU_KERNELS.md found it
 ~10 % of a 128-token prefill). Here rows (tokens) run in parallel and 16 elements at a time use the vectorized
@@ -13,6 +14,7 @@ rows in parallel (serially below 4 rows, where waking the thread pool costs more
 from __future__ import annotations
 
 import functools
+import math
 
 import tvm
 
@@ -41,20 +43,28 @@ def supported(intermediate: int) -> bool:
 
 # The kernels are built once per shape (parsing the TVMScript takes ~0.1 s; a model asks for one per layer).
 @functools.lru_cache(maxsize=None)
-def silu_mul_kernel(intermediate: int, dtype: str) -> tvm.tirx.PrimFunc:
-    """y[..., :I] = silu(x[..., :I]) * x[..., I:] for x [b, s, 2I] (the gate_up projection's output)."""
+def silu_mul_kernel(intermediate: int, dtype: str, act: str = "silu") -> tvm.tirx.PrimFunc:
+    """y[..., :I] = act(x[..., :I]) * x[..., I:] for x [b, s, 2I] (the gate_up projection's output); `act`: silu or
+    gelu_tanh."""
     if not supported(intermediate):
         raise ValueError(f"intermediate size {intermediate} is not a multiple of 16")
-    act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]")
+    act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]", act)
     return _parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, chunks=intermediate // 16, dtype=dtype,
                                    act=act))
 
 
-def silu_mul_expr(gate: str, up: str) -> str:
-    """TIR text of silu(gate) * up in float32 (the kernel above; also the epilogue of the fused gate_up kernel,
-    `cpu_q4_blocked.fused_silu_kernel`)."""
+def silu_mul_expr(gate: str, up: str, act: str = "silu") -> str:
+    """TIR text of act(gate) * up in float32 (the kernel above; also the epilogue of the fused gate_up kernel,
+    `cpu_q4_blocked.fused_silu_kernel`). Both are g * sigmoid(z): silu z = g; gelu_tanh z = 2 u with
+    u = sqrt(2/pi) (g + 0.044715 g^3), since 0.5 (1 + tanh(u)) = sigmoid(2 u)."""
     g = f'T.Cast("float32", {gate})'
-    exp = _exp2(f"T.min(-{g} * T.float32({LOG2E!r}), T.float32(126))")
+    if act == "silu":
+        z = g
+    elif act == "gelu_tanh":
+        z = f"(T.float32({2 * math.sqrt(2 / math.pi)!r}) * ({g} + T.float32(0.044715) * {g} * {g} * {g}))"
+    else:
+        raise ValueError(f"unknown activation '{act}'")
+    exp = _exp2(f"T.min(-{z} * T.float32({LOG2E!r}), T.float32(126))")
     return f'{g} / (T.float32(1) + {exp}) * T.Cast("float32", {up})'
 
 

@@ -3,7 +3,8 @@
 - `use_cpu_kernels`: a Relax rewrite run before legalization. `R.nn.rms_norm` over the last axis of a [b, s, h]
   tensor becomes our RMSNorm kernel, and `silu(gate) * up` on the two halves of one split (the gated MLP) becomes our
   activation kernel, named SILU_KERNEL so that `cpu_schedules.fuse_gate_up_silu` can fuse it with the gate_up GEMM.
-  Shapes the kernels do not cover keep the stock ops.
+  `gelu_tanh(gate) * up` (Gemma) becomes the same kernel with GELU's exponent (GELU_KERNEL). Shapes the kernels do
+  not cover keep the stock ops.
 - `replace_attention`: TVM's paged KV cache adds its CPU attention and RoPE kernels to the module; this swaps ours in
   under the same names and symbols (`cpu_attention`).
 """
@@ -17,6 +18,7 @@ from tvm import relax
 from . import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked
 
 SILU_KERNEL = "silu_mul_cpu"
+GELU_KERNEL = "gelu_tanh_mul_cpu"
 RMS_NORM_KERNEL = "rms_norm_cpu"
 
 
@@ -67,7 +69,9 @@ class _Rewriter(relax.PyExprMutator):
 
     def _silu_mul(self, call: relax.Call):
         act, up = (self._bound(a) for a in call.args)
-        if not (isinstance(act, relax.Call) and act.op.same_as(tvm.ir.Op.get("relax.nn.silu"))):
+        kinds = {"relax.nn.silu": "silu", "relax.nn.gelu_tanh": "gelu_tanh"}
+        kind = kinds.get(act.op.name) if isinstance(act, relax.Call) and isinstance(act.op, tvm.ir.Op) else None
+        if kind is None:
             return None
         gu = self._split_half(act.args[0], 0)
         if gu is None or not gu.same_as(self._split_half(call.args[1], 1)):
@@ -75,7 +79,8 @@ class _Rewriter(relax.PyExprMutator):
         inter = _static_dims(gu.ty)[2] // 2
         if not cpu_activation.supported(inter):
             return None
-        gv = self.builder_.add_func(cpu_activation.silu_mul_kernel(inter, gu.ty.dtype), SILU_KERNEL)
+        kernel = cpu_activation.silu_mul_kernel(inter, gu.ty.dtype, kind)
+        gv = self.builder_.add_func(kernel, SILU_KERNEL if kind == "silu" else GELU_KERNEL)
         return relax.call_tir(gv, [gu], call.ty)
 
     def visit_call_(self, call: relax.Call):
