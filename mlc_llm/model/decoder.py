@@ -57,7 +57,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.hq + 2 * self.hkv, self.d))
-        if self.qk_norm:  # per head, before RoPE (which the KV cache applies)
+        if self.qk_norm:  # per head, before RoPE
             q, k, v = op.split(qkv, [self.hq, self.hq + self.hkv], axis=2)
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if self.theta is not None:
