@@ -78,6 +78,7 @@ def test_cpu_kernels_are_chosen_by_the_compiler_for_every_family(tmp_path, famil
     funcs, marks = _cpu_module(tmp_path, family)
     names = list(funcs)
     assert any(n.startswith("rms_norm_cpu") for n in names)
+    assert not [n for n in names if "rms_norm" in n and not n.startswith("rms_norm_cpu")]  # QK-norm's too
     assert any(n.startswith("silu_mul_cpu") for n in names) == (family != "gemma3")
     assert any(n.startswith("gelu_tanh_mul_cpu") for n in names) == (family == "gemma3")
     attention = {f.attrs["global_symbol"] for n, f in funcs.items() if marks[n] == "cpu_attention"}

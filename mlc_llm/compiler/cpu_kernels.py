@@ -1,7 +1,7 @@
 """Swap the project's CPU kernels into a model written with stock ops (model/decoder.py), so every family gets them.
 
 - `use_cpu_kernels`: a Relax rewrite run before legalization. `R.nn.rms_norm` over the last axis of a [b, s, h]
-  tensor becomes our RMSNorm kernel, and `silu(gate) * up` on the two halves of one split (the gated MLP) becomes our
+  tensor (or [b, s, heads, d]: QK-norm, as [b, s * heads, d]) becomes our RMSNorm kernel, and `silu(gate) * up` on the two halves of one split (the gated MLP) becomes our
   activation kernel, named SILU_KERNEL so that `cpu_schedules.fuse_gate_up_silu` can fuse it with the gate_up GEMM.
   `gelu_tanh(gate) * up` (Gemma) becomes the same kernel with GELU's exponent (GELU_KERNEL). Shapes the kernels do
   not cover keep the stock ops.
@@ -61,11 +61,19 @@ class _Rewriter(relax.PyExprMutator):
         x, w = call.args
         dims = _static_dims(x.ty)
         axes = [int(a) for a in call.attrs.axes]
-        if dims is None or len(dims) != 3 or axes not in ([-1], [2]) or not cpu_activation.supported(dims[2]):
+        if dims is None or len(dims) not in (3, 4) or axes not in ([-1], [len(dims) - 1]) or dims[-1] < 0 \
+                or not cpu_activation.supported(dims[-1]):
             return None
-        kernel = cpu_activation.rms_norm_kernel(dims[2], float(call.attrs.epsilon), x.ty.dtype)
+        kernel = cpu_activation.rms_norm_kernel(dims[-1], float(call.attrs.epsilon), x.ty.dtype)
         gv = self.builder_.add_func(kernel, RMS_NORM_KERNEL)
-        return relax.call_tir(gv, [x, w], call.ty)
+        if len(dims) == 3:
+            return relax.call_tir(gv, [x, w], call.ty)
+        # [b, s, heads, d] (QK-norm, per head) as [b, s * heads, d] rows for the kernel
+        b, s, h, d = x.ty.shape.values
+        rows = relax.ShapeExpr([b, s * h, d])
+        y = self.builder_.emit(relax.call_tir(gv, [self.builder_.emit(relax.op.reshape(x, rows)), w],
+                                              relax.TensorType(rows.values, x.ty.dtype)))
+        return relax.op.reshape(y, x.ty.shape)
 
     def _silu_mul(self, call: relax.Call):
         act, up = (self._bound(a) for a in call.args)
