@@ -1,8 +1,9 @@
 """Swap the project's CPU kernels into a model written with stock ops (model/decoder.py), so every family gets them.
 
 - `use_cpu_kernels`: a Relax rewrite run before legalization. `R.nn.rms_norm` over the last axis of a [b, s, h]
-  tensor (or [b, s, heads, d]: QK-norm, as [b, s * heads, d]) becomes our RMSNorm kernel, and `silu(gate) * up` on the two halves of one split (the gated MLP) becomes our
-  activation kernel, named SILU_KERNEL so that `cpu_schedules.fuse_gate_up_silu` can fuse it with the gate_up GEMM.
+  tensor (or [b, s, heads, d]: QK-norm, as [b, s * heads, d]) becomes our RMSNorm kernel, and `silu(gate) * up` on
+  the two halves of one split (the gated MLP) becomes our activation kernel, named SILU_KERNEL so that
+  `cpu_schedules.fuse_gate_up_silu` can fuse it with the gate_up GEMM.
   `gelu_tanh(gate) * up` (Gemma) becomes the same kernel with GELU's exponent (GELU_KERNEL). Shapes the kernels do
   not cover keep the stock ops.
 - `replace_attention`: TVM's paged KV cache adds its CPU attention and RoPE kernels to the module; this swaps ours in
