@@ -1,6 +1,7 @@
 """Every model family: a tiny random model written as a Hugging Face folder (the family's own tensor names), built by
 the project's steps, its logits against the independent float64 numpy reference (tests/reference.py) over a ragged
-batch_prefill and several batch_decode steps; the CPU kernels swapped in by the compiler, not by the model; bad input."""
+batch_prefill and several batch_decode steps; the CPU kernels swapped in by the compiler, not by the model; bad
+input."""
 from __future__ import annotations
 
 import json

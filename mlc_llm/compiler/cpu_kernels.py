@@ -20,6 +20,7 @@ from . import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked
 
 SILU_KERNEL = "silu_mul_cpu"
 GELU_KERNEL = "gelu_tanh_mul_cpu"
+_ACTIVATIONS = {"relax.nn.silu": "silu", "relax.nn.gelu_tanh": "gelu_tanh"}  # op -> silu_mul_kernel's `act`
 RMS_NORM_KERNEL = "rms_norm_cpu"
 
 
@@ -78,8 +79,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def _silu_mul(self, call: relax.Call):
         act, up = (self._bound(a) for a in call.args)
-        kinds = {"relax.nn.silu": "silu", "relax.nn.gelu_tanh": "gelu_tanh"}
-        kind = kinds.get(act.op.name) if isinstance(act, relax.Call) and isinstance(act.op, tvm.ir.Op) else None
+        kind = _ACTIVATIONS.get(act.op.name) if isinstance(act, relax.Call) and isinstance(act.op, tvm.ir.Op) else None
         if kind is None:
             return None
         gu = self._split_half(act.args[0], 0)

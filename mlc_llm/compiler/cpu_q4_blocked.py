@@ -256,8 +256,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     xv = lambda c: f"x[{_index(layout, row, f'T.ramp(g * 32 + {c}, 1, 16)')}]"  # noqa: E731
     x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {_bf16x32(xv(0), xv(16))}"]
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
-    res = cpu_gemv.res_ref(residual, layout, f"mt * {tr} + mi", "blk * 64 + nn")
-    res = res + " + " if res else ""
+    res = _res_plus(residual, layout, f"mt * {tr} + mi", "blk * 64 + nn")
     if silu:
         from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     if f32:
@@ -359,6 +358,7 @@ def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFu
 
 
 def _res_plus(residual, layout: str, row: str, col: str) -> str:
+    """The epilogue's addend followed by " + " (or "" without one)."""
     res = cpu_gemv.res_ref(residual, layout, row, col)
     return res + " + " if res else ""
 

@@ -28,15 +28,13 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
                  "output.weight": "lm_head.weight"}
 
 
-def hf_name(gguf_name: str, family_names: dict[str, str] | None = None) -> str | None:
-    """The Hugging Face name of a GGUF tensor (`family_names`: the family's layer names that differ)."""
+def hf_name(gguf_name: str, layer_names: dict[str, str] = _LAYER_NAMES) -> str | None:
+    """The Hugging Face name of a GGUF tensor (`layer_names`: the family's table of names inside a layer)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m:
-        name = {**_LAYER_NAMES, **(family_names or {})}.get(m.group(2))
-        if name:
-            return f"model.layers.{m.group(1)}.{name}"
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}"
     return None
 
 
@@ -64,7 +62,8 @@ class GGUFSource(Source):
         self.arch = self.meta.get("general.architecture")
         self.family = family_for_gguf(self.arch)
         self.model_type = self.family.hf_model_types[0]
-        named = ((hf_name(t.name, self.family.gguf_names), t) for t in self._reader.tensors)
+        layer_names = {**_LAYER_NAMES, **self.family.gguf_names}
+        named = ((hf_name(t.name, layer_names), t) for t in self._reader.tensors)
         self._tensors = {name: t for name, t in named if name}
         self.hf_config = self._config()
 

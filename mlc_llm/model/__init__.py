@@ -1,7 +1,7 @@
 """Model architectures: a registry of decoder families.
 
-A family is one short file (`llama.py`, `qwen2.py`, `phi3.py`, `gemma3.py`) holding a `Family` record: its config parsing, how its
-checkpoint differs from Llama's, and its `random:` presets. The network itself (`decoder.py`) and the weight mapping
+A family is one short file (`llama.py`, `qwen2.py`, `phi3.py`, `gemma3.py`) holding a `Family` record: its config
+parsing, how its checkpoint differs from Llama's, and its `random:` presets. The network itself (`decoder.py`) and the weight mapping
 (`base.py`) are shared; target-specific kernels are chosen by compiler passes, never here. Adding a family: one file
 and one line in FAMILIES.
 """

@@ -76,7 +76,8 @@ class DecoderConfig:
     @property
     def rope_per_layer(self) -> bool:
         """Layers with different RoPE bases (Gemma 3): the KV cache applies one base, so the model rotates q and k."""
-        return bool(self.rope_local_theta) and self.rope_local_theta != self.rope_theta and "sliding" in self.layer_types
+        local = self.rope_local_theta
+        return bool(local) and local != self.rope_theta and "sliding" in self.layer_types
 
     def layer_theta(self, i: int) -> float:
         local = self.layer_types and self.layer_types[i] == "sliding" and self.rope_local_theta

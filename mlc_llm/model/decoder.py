@@ -161,7 +161,8 @@ class DecoderForCausalLM(nn.Module):
             layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]), num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
             qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0, mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE if c.rope_per_layer else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling),
+            rope_mode=RopeMode.NONE if c.rope_per_layer else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling),
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
             dtype=self.dtype, target=self.target,
         )

@@ -25,7 +25,8 @@ def from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if cfg.get(key):
             raise ValueError(f"Gemma 3 with {key} is not supported (Gemma 3 checkpoints set it to null)")
-    return {**values, "qk_norm": True, "hidden_act": "gelu_tanh", "sliding_window": int(cfg.get("sliding_window") or 512),
+    return {**values, "qk_norm": True, "hidden_act": "gelu_tanh",
+            "sliding_window": int(cfg.get("sliding_window") or 512),
             "layer_types": ["sliding" if t == "sliding_attention" else "full" for t in types],
             "rope_local_theta": float(local), "scale_embeddings": True, "sandwich_norms": True,
             "query_pre_attn_scalar": float(cfg.get("query_pre_attn_scalar") or values.get("head_dim") or 0),

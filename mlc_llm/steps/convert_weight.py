@@ -53,7 +53,8 @@ def convert_weight(source: str, quantization: str, output: str | Path, *, instal
     try:
         from tqdm import tqdm
 
-        for group in tqdm(groups, total=num_groups(cfg), desc=f"convert {quant.name}", unit="tensor", disable=not progress):
+        for group in tqdm(groups, total=num_groups(cfg), desc=f"convert {quant.name}", unit="tensor",
+                          disable=not progress):
             for name, arr in group.items():
                 if arr.dtype == np.float32 and norm_dtype != np.float32:
                     arr = arr.astype(norm_dtype)  # norms etc. follow the model dtype
