@@ -140,7 +140,7 @@ def cmd_serve(a) -> None:
     _check_model_paths(a)
     settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None,
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
-                              allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers)
+                              allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
           served_model_name=a.served_model_name, log_level=a.log_level)
 
@@ -248,6 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS headers, JSON list")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MLC_LLM_API_KEY)")
     s.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
+    s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

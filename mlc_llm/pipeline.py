@@ -176,7 +176,7 @@ def launch_command(cfg: BuildConfig, kind: str) -> str:
               "--overrides", engine_overrides(cfg)]
     if kind == "serve":
         return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", cfg.mode.name.value,
-                    "--host", cfg.server.host, "--port", cfg.server.port)
+                    "--host", cfg.server.host, "--port", cfg.server.port, *([] if cfg.server.ui else ["--no-ui"]))
     if kind == "chat":
         return _cmd(*env, "python", "-m", "mlc_llm", "chat", *common)
     raise ValueError(f"unknown launch kind '{kind}'")

@@ -191,6 +191,9 @@ def test_launch_commands_from_the_plan():
                  "--port 8123", "--host 127.0.0.1", "max_num_sequence=4"):
         assert part in serve
     assert " chat " in plan.launch_cmd("smollm2_cpu", "chat")
+    assert "--no-ui" not in serve
+    no_ui = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.ui=false"]})
+    assert no_ui.launch_cmd("smollm2_cpu", "serve").endswith(" --no-ui")
     assert plan.launch_target({"serve_smollm2_cpu"}) == ("smollm2_cpu", "serve")
     assert plan.launch_target({"build_smollm2_cpu"}) is None
     with pytest.raises(ConfigError, match="need deployment="):

@@ -118,6 +118,7 @@ class ServerConfig:
     """Where `serve_<deployment>` listens. The API key is read from $MLC_LLM_API_KEY (never from a config file)."""
     host: str = "127.0.0.1"
     port: int = 8000
+    ui: bool = True  # the chat page at http://host:port/
 
     def check(self) -> None:
         if not 1 <= self.port <= 65535:

@@ -6,6 +6,7 @@
     GET  /health               503 while the model loads (or failed to), 200 when ready
     GET  /metrics              Prometheus text
     GET  /docs                 Swagger UI
+    GET  /                     the chat page (static files under ui/; off with --no-ui)
 
 The engine loads in a background thread after the socket is open, so /health answers at once. Errors always come back
 as OpenAI's `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status, streamed requests included: a
@@ -20,17 +21,25 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from . import protocol as P
 
 logger = logging.getLogger("mlc_llm.serve")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+UI_DIR = Path(__file__).with_name("ui")
+# The page loads only its own files and talks only to this server; a second guard (after the renderer that never
+# parses model output as HTML) against a script getting into the page.
+UI_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                         "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+              "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
 @dataclass
@@ -40,6 +49,7 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    ui: bool = True  # the chat page at /
 
 
 class HTTPError(Exception):
@@ -261,8 +271,18 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(state.started),
-                                            "owned_by": "mlc_llm", "root": model_name}]}
+        card = {"id": model_name, "object": "model", "created": int(state.started), "owned_by": "mlc_llm",
+                "root": model_name}
+        if state.engine is not None:  # vLLM's field: the longest prompt + answer one request may have
+            card["max_model_len"] = state.engine.config.max_single_sequence_length
+        return {"object": "list", "data": [card]}
+
+    if settings.ui:
+        app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+
+        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+        async def chat_page():
+            return FileResponse(UI_DIR / "index.html", headers=UI_HEADERS)
 
     async def generate(request: Request, create) -> Any:
         engine = ready_engine()
