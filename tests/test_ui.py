@@ -141,11 +141,17 @@ def test_answer_streams_in_with_speed_and_model_info(tab):
     }""")
     tab.ask("What is the capital of France?")
     assert "Paris" in tab.wait_answer()
+    # an answer forced to 300+ tokens, to be seen growing whatever the speed (the page redraws at 10 Hz)
     p.evaluate("window.__seen = []")
-    tab.ask("Write a poem about the sea.")  # 64 tokens: long enough to be seen growing (the page redraws at 10 Hz)
+    p.click("#toggle-settings")
+    p.select_option("#output-mode", "json_schema")
+    p.fill("#schema", json.dumps({"type": "array", "items": {"type": "integer"}, "minItems": 150}))
+    p.fill("#max-tokens", "1000")
+    tab.ask("Some numbers, please.")
     tab.wait_answer()
     seen = p.evaluate("window.__seen")
     assert len(seen) >= 3 and len(seen[0]) < len(seen[-1]), seen
+    assert all(seen[-1].startswith(s) for s in seen), seen  # each redraw extends the last one
     meta = p.inner_text("#messages .msg.assistant:last-child .meta")
     assert "TTFT" in meta and "tok/s" in meta and "generated tokens" in meta, meta
     assert "tok/s" in p.inner_text("#stats")
@@ -250,7 +256,7 @@ def test_api_key_is_asked_for_and_checked(browser, server):
     p.wait_for_selector("#key-dialog[open]", timeout=30_000)
     p.fill("#key-input", "sk-wrong")
     p.click("#key-save")
-    p.wait_for_selector("#key-error:has-text('refused')")
+    p.wait_for_selector("#key-error:has-text('This key was refused by the server.')")
     assert p.inner_text("#model-name") != "smollm"
     p.fill("#key-input", KEY)
     p.click("#key-save")
@@ -284,6 +290,59 @@ def test_server_errors_and_states_are_reported(tab, server):
     p.unroute("**/health")
     p.wait_for_selector("#banner", state="hidden", timeout=10_000)
     tab.connected()
+
+
+def _fake_stream(page, body: str) -> None:
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=200, content_type="text/event-stream",
+                                                                     body=body))
+
+
+@pytest.mark.parametrize("body", [
+    'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\r\n\r\n'
+    'data: {"choices":[{"index":0,"delta":{"content":" world"}}]}\r\n\r\ndata: [DONE]\r\n\r\n',
+    'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+    'data: {"choices":[{"index":0,"delta":{"content":" world"}}]}',  # the last event without its blank line
+    'data: {"choices":[{"index":0,\ndata: "delta":{"content":"Hello world"}}]}\n\n',  # one event, two data lines
+], ids=["crlf", "unterminated", "multiline"])
+def test_event_stream_variants_are_read_whole(tab, body):
+    _fake_stream(tab.page, body)
+    tab.ask("hi")
+    assert tab.wait_answer() == "Hello world"
+    assert tab.page.locator("#messages .msg.assistant:last-child .error").count() == 0
+
+
+def test_a_refused_send_keeps_the_typed_text_and_the_answer(tab):
+    p = tab.page
+    _fake_stream(p, 'data: {"choices":[{"index":0,"delta":{"content":"A1"}}]}\n\ndata: [DONE]\n\n')
+    tab.ask("q1")
+    assert tab.wait_answer() == "A1"
+    p.click("#toggle-settings")
+    p.select_option("#output-mode", "json_schema")
+    p.fill("#schema", "{bad")
+    p.fill("#prompt", "my long question")
+    p.press("#prompt", "Enter")
+    assert p.input_value("#prompt") == "my long question"  # not sent, not lost
+    p.click("#regenerate")  # refused too: the old answer stays, on screen and in storage
+    p.reload()
+    tab.connected()
+    assert p.locator("#messages .msg").count() == 2 and "A1" in p.inner_text("#messages")
+
+
+def test_degenerate_answers_render_and_a_stored_one_does_not_break_the_page(tab):
+    p = tab.page
+    shapes = ["# a" + " " * 20000 + "b", ">" * 20000 + " deep", "[" * 50000, "`a` " * 10000, "** a " * 10000,
+              "```" + " " * 20000 + "x", "  " * 5000 + "- nested"]
+    for text in shapes:  # each renders, as text, in one piece (exponential or deep recursion would not return)
+        shown = p.evaluate("t => { const d = document.createElement('div'); MD.render(t, d); return d.textContent; }",
+                           text)
+        assert shown.replace(" ", "")[:1000] and len(shown) <= len(text) + 10
+    p.evaluate("t => localStorage.setItem('mlc_llm.chats', JSON.stringify({x: {id: 'x', title: 'deep', updated: 1,"
+               " messages: [{role: 'user', content: 'q'}, {role: 'assistant', content: t}]}, bad: null}))",
+               ">" * 20000 + " deep")
+    p.evaluate("localStorage.setItem('mlc_llm.current', JSON.stringify('x'))")
+    p.reload()
+    tab.connected()
+    assert "deep" in p.inner_text("#messages")
 
 
 def test_theme_is_kept(tab):

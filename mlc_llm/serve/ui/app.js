@@ -23,12 +23,25 @@
     },
   };
 
+  // Conversations as saved by an earlier visit, keeping only well-formed ones (the storage may hold anything).
+  function savedChats() {
+    const raw = store.get("chats", {});
+    const out = {};
+    if (!raw || typeof raw !== "object") return out;
+    for (const [id, c] of Object.entries(raw)) {
+      if (!c || typeof c !== "object" || !Array.isArray(c.messages)) continue;
+      const messages = c.messages.filter((m) => m && (m.role === "user" || m.role === "assistant") &&
+                                          typeof m.content === "string");
+      out[id] = { ...c, id, title: String(c.title || "Chat"), updated: Number(c.updated) || 0, messages };
+    }
+    return out;
+  }
+
   const state = {
     model: null,          // the served model's id, once /v1/models answered
     contextSize: null,
-    apiKey: store.get("apiKey", ""),
-    needsKey: false,
-    chats: store.get("chats", {}),
+    apiKey: String(store.get("apiKey", "") || ""),
+    chats: savedChats(),
     current: store.get("current", null),
     controller: null,     // AbortController of the request in flight
     retry: null,
@@ -108,7 +121,7 @@
 
   // ---- conversations ---------------------------------------------------------------------------------------------
   function currentChat() {
-    return state.chats[state.current] || null;
+    return Object.hasOwn(state.chats, state.current) ? state.chats[state.current] : null;
   }
 
   function newChat() {
@@ -181,7 +194,7 @@
     div.appendChild(role);
     const body = document.createElement("div");
     body.className = "body";
-    if (msg.role === "assistant") MD.render(msg.content, body);
+    if (msg.role === "assistant") renderMarkdown(msg.content, body);
     else body.textContent = msg.content;
     div.appendChild(body);
     for (const call of msg.toolCalls || []) {
@@ -212,6 +225,14 @@
     if (!state.controller && lastUser) meta.appendChild(button("Edit", "edit", () => editFrom(index)));
     div.appendChild(meta);
     return div;
+  }
+
+  function renderMarkdown(text, into) {
+    try {
+      MD.render(text, into);
+    } catch (e) {  // never lose an answer to the renderer: show it as plain text
+      into.textContent = text;
+    }
   }
 
   function button(text, id, onClick) {
@@ -251,7 +272,7 @@
       const el = box.lastElementChild;
       if (!el || !el.classList.contains("assistant")) return;
       const stick = box.scrollHeight - box.scrollTop - box.clientHeight < 60;
-      MD.render(msg.content, el.querySelector(".body"));
+      renderMarkdown(msg.content, el.querySelector(".body"));
       el.querySelector(".msg-stats").textContent = statsText(msg.stats);
       $("stats").textContent = statsText(msg.stats, true);
       if (stick) box.scrollTop = box.scrollHeight;
@@ -296,8 +317,15 @@
     state.retry = setTimeout(connect, ms);
   }
 
-  // /health until ready, then /v1/models (which needs the key, if the server has one).
-  async function connect() {
+  // /health until ready, then /v1/models (which needs the key, if the server has one). One attempt at a time.
+  let connecting = null;
+  function connect() {
+    clearTimeout(state.retry);
+    if (!connecting) connecting = tryConnect().finally(() => { connecting = null; });
+    return connecting;
+  }
+
+  async function tryConnect() {
     let health;
     try {
       health = await fetch("health", { cache: "no-store" });
@@ -326,7 +354,6 @@
       return retryLater(2000);
     }
     if (models.status === 401) {
-      state.needsKey = true;
       $("change-key").hidden = false;
       showBanner("This server needs an API key.", true);
       return askKey(state.apiKey ? "The saved API key was refused." : "");
@@ -343,7 +370,7 @@
     document.title = `${card.id} \u00b7 MLC LLM chat`;
     hideBanner();
     setBusy(!!state.controller);
-    render();
+    if (!state.controller) render();  // a render now would cut into the answer being streamed
   }
 
   function askKey(error) {
@@ -451,26 +478,31 @@
       const reader = r.body.getReader();
       const decoder = new TextDecoder();
       let buf = "";
+      // Server-sent events: blank-line separated, any line ending; an event's data lines joined by newlines.
+      const dispatch = (event) => {
+        const data = event.split("\n").filter((l) => l.startsWith("data:"))
+          .map((l) => l.slice(l.startsWith("data: ") ? 6 : 5)).join("\n");
+        if (!data || data.trim() === "[DONE]") return;
+        try {
+          handleChunk(JSON.parse(data), reply, clock);
+        } catch (e) {
+          reply.error = `could not read the server's answer: ${e.message}`;
+        }
+      };
       for (;;) {
         const { value, done } = await reader.read();
-        if (done) break;
-        buf += decoder.decode(value, { stream: true });
+        buf += done ? decoder.decode() : decoder.decode(value, { stream: true });
+        buf = buf.replace(/\r\n?/g, "\n");  // a lone \r at a read boundary is taken as a line end early: harmless
         let end;
         while ((end = buf.indexOf("\n\n")) >= 0) {
-          const event = buf.slice(0, end);
+          dispatch(buf.slice(0, end));
           buf = buf.slice(end + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data:")) continue;
-            const data = line.slice(5).trim();
-            if (data === "[DONE]") continue;
-            try {
-              handleChunk(JSON.parse(data), reply, clock);
-            } catch (e) {
-              reply.error = `could not read the server's answer: ${e.message}`;
-            }
-          }
-          renderStreaming(reply);
         }
+        if (done) {
+          if (buf.trim()) dispatch(buf);  // a last event without its blank line
+          break;
+        }
+        renderStreaming(reply);
       }
       reply.truncated = reply.finish === "length";
     } catch (e) {
@@ -491,16 +523,22 @@
     }
   }
 
-  async function send(text) {
-    if (state.controller) return;
+  // Whether a request can be sent now; says why not.
+  function canSend() {
+    if (state.controller) return false;
     if (!state.model) {
       showBanner("Not connected to a model yet.", true);
-      return;
+      return false;
     }
     if (!checkSettings()) {
       $("settings").hidden = false;
-      return;
+      return false;
     }
+    return true;
+  }
+
+  async function send(text) {
+    if (!canSend()) return;
     const chat = currentChat() || newChat();
     if (text) {
       chat.messages.push({ role: "user", content: text });
@@ -517,7 +555,7 @@
 
   function regenerate() {
     const chat = currentChat();
-    if (!chat || state.controller) return;
+    if (!chat || !canSend()) return;
     if (chat.messages.length && chat.messages[chat.messages.length - 1].role === "assistant") chat.messages.pop();
     send("");
   }
@@ -568,7 +606,7 @@
     $("composer").addEventListener("submit", (ev) => {
       ev.preventDefault();
       const text = $("prompt").value;
-      if (!text.trim() || state.controller) return;
+      if (!text.trim() || !canSend()) return;  // the text stays in the box until it is really sent
       $("prompt").value = "";
       send(text);
     });
@@ -581,7 +619,7 @@
     $("stop").addEventListener("click", stop);
     $("key-form").addEventListener("submit", submitKey);
     $("change-key").addEventListener("click", () => askKey(""));
-    if (state.current && !state.chats[state.current]) state.current = null;
+    if (!currentChat()) state.current = null;
     setBusy(false);
     render();
     connect();
