@@ -16,7 +16,9 @@ from .target import is_gpu, matmul_rule_is_safe
 def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", kv: dict | None = None) -> list:
     """Everything up to scheduled TIR (still dataflow Relax). `prefill_precision`: of the CPU prefill GEMMs on AMX
     (`cpu_q4_blocked.PRECISIONS`). `kv`: the model's KV-cache shape (compile.py's metadata), for the CPU attention."""
+    backend = cuda_pipeline if is_gpu(target) else cpu_pipeline
     passes = ([] if is_gpu(target) else cpu_kernel_passes(target, kv)) + [
+        *backend.library_dispatch_passes(target),  # sort / scan / sampling ops to the target's kernels
         relax.transform.FuseTransposeMatmul(),  # matmul(x, permute_dims(w)) -> one NT matmul, no transpose kernel
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 MODES = ("local", "interactive", "server")
+# Where tokens are drawn: "device" runs the library's sampling functions next to the logits (only token ids cross to
+# the host), "host" copies the logits and samples in numpy, "auto" is device on GPUs and host on the CPU.
+SAMPLERS = ("auto", "host", "device")
 PAGE_SIZE = 16
 _ALIASES = {"max_total_seq_length": "max_total_sequence_length", "max_single_seq_length": "max_single_sequence_length",
             "max_batch_size": "max_num_sequence"}
@@ -25,10 +28,13 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     kv_cache_page_size: int = PAGE_SIZE
     tensor_parallel_shards: Optional[int] = None
+    sampler: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"unknown engine mode '{self.mode}' (allowed: {', '.join(MODES)})")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{self.sampler}' (allowed: {', '.join(SAMPLERS)})")
         for name in ("max_num_sequence", "max_total_sequence_length", "max_single_sequence_length",
                      "prefill_chunk_size"):
             v = getattr(self, name)
@@ -52,6 +58,9 @@ class EngineConfig:
             if not sep or key not in fields or key == "mode":
                 allowed = sorted(set(fields) - {"mode"} | set(_ALIASES))
                 raise ValueError(f"bad override '{item}' (allowed keys: {', '.join(allowed)})")
+            if key == "sampler":
+                values[key] = raw.strip()
+                continue
             try:
                 values[key] = float(raw) if key == "gpu_memory_utilization" else int(raw)
             except ValueError:
@@ -79,6 +88,7 @@ class ResolvedConfig:
     page_size: int
     kv_bytes_per_token: int
     memory_budget_bytes: int
+    sampler: str = "host"  # "host" or "device" once resolved
 
 
 def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
@@ -119,5 +129,6 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
     if chunk > compile_chunk:
         raise ValueError(f"prefill_chunk_size {chunk} exceeds the library's compile-time prefill_chunk_size "
                          f"{compile_chunk}")
+    sampler = cfg.sampler if cfg.sampler != "auto" else ("device" if device_kind != "cpu" else "host")
     return ResolvedConfig(cfg.mode, num_seq, total, min(single, total), chunk, cfg.kv_cache_page_size, kv_per_token,
-                          budget)
+                          budget, sampler)

@@ -7,6 +7,7 @@ asyncio.Queue fed with call_soon_threadsafe for the async one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import queue
 import threading
@@ -67,6 +68,11 @@ class _EngineBase:
         cfg = cfg.with_overrides(overrides)
         self.runner = ModelRunner(self.model_dir, model_lib, self.device)
         self.config = resolve(cfg, self.runner.metadata, self.device.split(":")[0])
+        if self.config.sampler == "device" and not self.runner.has_device_sampler:
+            if cfg.sampler == "device":
+                raise ValueError(f"sampler=device: the model library '{model_lib}' has no sampling functions "
+                                 "(compiled by an older version): recompile it with `mlc_llm compile`")
+            self.config = dataclasses.replace(self.config, sampler="host")
         self.tokenizer = Tokenizer(self.model_dir)
         conv = self.chat_config.get("conv_template")
         self.conv = Conversation.from_dict(conv) if conv and conv.get("name") != JINJA else None

@@ -21,6 +21,7 @@ import tvm_ffi  # noqa: E402
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 from .. import tensor_cache  # noqa: E402
+from .sampler import DEVICE_SAMPLING_FUNCTIONS  # noqa: E402
 
 
 class RuntimeLoadError(Exception):
@@ -56,6 +57,10 @@ class ModelRunner:
         self.hidden_size = int(self.metadata["hidden_size"])
         self.dtype = self.metadata["model_dtype"]
         self._fn = {n: self.vm[n] for n in ("embed", "batch_prefill", "batch_decode", "create_paged_kv_cache")}
+        try:
+            self._sample = {n: self.vm[n] for n in DEVICE_SAMPLING_FUNCTIONS}
+        except (AttributeError, KeyError, RuntimeError, ValueError):  # a library compiled without them
+            self._sample = {}
         self._kv = {n: tvm.get_global_func(f"vm.builtin.{n}") for n in (
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence", "kv_state_popn",
             "kv_state_begin_forward", "kv_state_end_forward", "attention_kv_cache_get_num_available_pages",
@@ -134,8 +139,9 @@ class ModelRunner:
             self._kv["kv_state_end_forward"](cache)
         return logits.numpy()[0]
 
-    def batch_decode(self, cache, seq_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
-        """One new token per sequence; return float32 logits [B, vocab]."""
+    def batch_decode(self, cache, seq_ids: Sequence[int], tokens: Sequence[int], to_host: bool = True):
+        """One new token per sequence; return float32 logits [B, vocab] (numpy, or with to_host=False the device
+        tensor, for `sample_on_device`)."""
         emb = self.embed(tokens)
         emb = emb._create_view(tvm_ffi.Shape([len(tokens), 1, self.hidden_size]))
         self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape([1] * len(tokens)))
@@ -143,7 +149,27 @@ class ModelRunner:
             logits, _ = self._fn["batch_decode"](emb, cache, self.params)
         finally:
             self._kv["kv_state_end_forward"](cache)
+        if not to_host:
+            return logits._create_view(tvm_ffi.Shape([len(tokens), self.vocab_size]))
         return logits.numpy()[:, 0]
+
+    @property
+    def has_device_sampler(self) -> bool:
+        return bool(self._sample)
+
+    def sample_on_device(self, logits, temperature: np.ndarray, top_p: np.ndarray,
+                         uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Device logits [B, vocab] -> (tokens int32 [B], their logprobs float32 [B]); rows with temperature <= 0 take
+        the argmax. Only these 2·B numbers are copied back."""
+        if not self._sample:
+            raise RuntimeLoadError("this model library has no sampling functions: recompile it (mlc_llm compile)")
+        if np.all(temperature <= 0):
+            tokens, logprobs = self._sample["sample_greedy"](logits)
+        else:
+            tokens, logprobs = self._sample["sample_top_p"](
+                logits, *(tvm.runtime.tensor(np.ascontiguousarray(a, np.float32), self.device)
+                          for a in (temperature, top_p, uniform)))
+        return tokens.numpy(), logprobs.numpy()
 
     def greedy_generate(self, prompt: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """Prefill the prompt (in chunks) and decode greedily: the minimal end-to-end runtime check."""

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+# The model library's sampling functions (compiler/sampling.py); `on_device` says which rows they can take.
+DEVICE_SAMPLING_FUNCTIONS = ("sample_greedy", "sample_top_p")
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +37,12 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1.0
+
+
+def on_device(p: SamplingParams, constrained: bool) -> bool:
+    """Whether the library's sampler takes this row: temperature and top_p only (no penalties, bias, top-k, min-p,
+    grammar or top logprobs, which the host sampler applies)."""
+    return not (constrained or p.penalized or p.logit_bias or 1 < p.top_k or p.min_p > 0 or p.top_logprobs)
 
 
 @dataclass
@@ -102,6 +111,15 @@ def _sample_row(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator)
         keep = int(np.searchsorted(cum, p.top_p * cum[-1], side="left")) + 1  # smallest set reaching top_p
         return int(order[_draw(sorted_p[:keep], rng)])
     return _draw(probs, rng)
+
+
+def device_inputs(rows: list[SampleRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(temperature, top_p, uniform) of rows that `on_device` accepted; greedy rows get temperature 0 and draw no
+    number, so a seeded request's generator advances exactly as on the host."""
+    temperature = np.array([0.0 if r.params.greedy else r.params.temperature for r in rows], np.float32)
+    top_p = np.array([r.params.top_p for r in rows], np.float32)
+    uniform = np.array([0.0 if r.params.greedy else r.rng.random() for r in rows], np.float32)
+    return temperature, top_p, uniform
 
 
 def sample_batch(logits: np.ndarray, rows: list[SampleRow]) -> list[Sampled]:

@@ -19,7 +19,7 @@ import numpy as np
 from .config import ResolvedConfig
 from .request import Delta, Done, Failed, Request, Sequence
 from .runner import ModelRunner
-from .sampler import SampleRow, Sampled, sample_batch
+from .sampler import SampleRow, Sampled, device_inputs, on_device, sample_batch
 
 
 class EngineCore:
@@ -202,9 +202,12 @@ class EngineCore:
                 self._finish_seq(r, s, "length")
             return True
         start = time.perf_counter()
-        masks = self._masks_ahead([s for _, s in seqs]) if self._masks_overlap else None
+        # the library's sampler, when it takes every row (no forks to make: those copy logits rows on the host)
+        on_dev = self.cfg.sampler == "device" and all(
+            on_device(r.gen.sampling, s.matcher is not None) and not (r.unforked and s.index == 0) for r, s in seqs)
+        masks = self._masks_ahead([s for _, s in seqs]) if self._masks_overlap and not on_dev else None
         tokens = [s.pending[0] for _, s in seqs]
-        logits = self.runner.batch_decode(self.cache, [s.seq_id for _, s in seqs], tokens)
+        logits = self.runner.batch_decode(self.cache, [s.seq_id for _, s in seqs], tokens, to_host=not on_dev)
         elapsed = time.perf_counter() - start
         for _, s in seqs:
             s.kv_len += 1
@@ -214,7 +217,10 @@ class EngineCore:
             self.stats["decode_steps"] += 1
             self.stats["decode_batch_sizes"][len(seqs)] += 1
         host_start = time.perf_counter()
-        self._sample_and_commit(logits, seqs, masks.result() if masks is not None else None)
+        if on_dev:
+            self._sample_on_device_and_commit(logits, seqs)
+        else:
+            self._sample_and_commit(logits, seqs, masks.result() if masks is not None else None)
         with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
         return True
@@ -267,6 +273,15 @@ class EngineCore:
             if req.first_token_time is None:
                 req.first_token_time = now
             self._commit(req, s, out)
+
+    def _sample_on_device_and_commit(self, logits, seqs: list[tuple[Request, Sequence]]) -> None:
+        rows = [SampleRow(r.gen.sampling, s.rng, s.counts) for r, s in seqs]
+        tokens, logprobs = self.runner.sample_on_device(logits, *device_inputs(rows))
+        now = time.perf_counter()
+        for (req, s), row, token, logprob in zip(seqs, rows, tokens, logprobs):
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self._commit(req, s, Sampled(int(token), float(logprob) if row.params.logprobs else None))
 
     def _commit(self, req: Request, s: Sequence, out: Sampled) -> None:
         t = out.token

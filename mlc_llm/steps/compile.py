@@ -77,6 +77,7 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
+    from ..compiler.sampling import add_sampling_functions
     from ..model import DecoderConfig
     from ..compiler.target import is_gpu, make_target
     from ..model import build_module, get_family
@@ -94,7 +95,7 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     model = build_module(family, cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision)
-    mod = _attach_metadata(mod, metadata)
+    mod = add_sampling_functions(_attach_metadata(mod, metadata), cfg.vocab_size)
     mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"])
     if is_gpu(target):
         unbound = unbound_gpu_kernels(mod)
