@@ -50,18 +50,22 @@ class RandomSource(Source):
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in**-0.5)
 
     def write_tokenizer(self, dst: Path) -> list[str]:
-        """A byte-level tokenizer (no merges) sized to the vocabulary, so every runtime path works."""
+        """A byte-level tokenizer (no merges) sized to the vocabulary, so every runtime path works: bytes, then the
+        chat specials, then one word per remaining id (" w300"), so that whatever a random model generates is text
+        a client can count (a serving benchmark times text chunks). Encoding never produces the words."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        byte_chars = pre_tokenizers.ByteLevel.alphabet()
-        vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+        byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
         specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+        size = self.hf_config["vocab_size"]
+        if size < len(byte_chars) + len(specials):
+            raise ValueError("random model vocab is smaller than the byte-level tokenizer (259 tokens)")
+        vocab = {ch: i for i, ch in enumerate(byte_chars + specials)}
+        vocab.update((f"\u0120w{i}", i) for i in range(len(vocab), size))
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens(specials)
-        if tok.get_vocab_size() > self.hf_config["vocab_size"]:
-            raise ValueError("random model vocab is smaller than the byte-level tokenizer (259 tokens)")
+        tok.add_special_tokens(specials)  # the ids above: specials are matched whole and skipped in decoding
         tok.save(str(dst / "tokenizer.json"))
         with open(dst / "tokenizer_config.json", "w", encoding="utf-8") as f:
             json.dump({"bos_token": None, "eos_token": "<|im_end|>"}, f)
