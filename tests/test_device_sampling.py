@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -118,18 +119,51 @@ def test_which_rows_the_device_sampler_takes():
     assert u[1] == np.float32(np.random.default_rng(5).random())  # one draw, only for the sampled row
 
 
-def test_sampling_kernels_compile_for_cuda_on_the_gpu(tmp_path):
+def _cuda_sampling_library(tmp_path):
     target = make_target("cuda")
     mod = pipeline.optimize(add_sampling_functions(tvm.IRModule(), 49152), target)
+    pipeline.build(mod, target).export_library(tmp_path / "sampling.so")
+    return mod, tmp_path / "sampling.so"
+
+
+def test_sampling_kernels_compile_for_cuda_on_the_gpu(tmp_path):
+    mod, lib = _cuda_sampling_library(tmp_path)
     names = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     assert unbound_gpu_kernels(mod) == []
     # sort, scan and the draw went to TVM's GPU kernels (DispatchSortScan / DispatchSampling), not generic loops
     assert {"argsort", "gpu_2d_continuous_cumsum", "parallel_sampling_from_prob"} <= names, names
-    pipeline.build(mod, target).export_library(tmp_path / "sampling.so")
-    source = (tmp_path / "sampling.so").read_bytes().decode("latin-1")  # CUDA source, compiled by NVRTC at load
+    source = lib.read_bytes().decode("latin-1")  # CUDA source, compiled when the library loads on a GPU
     kernels = set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source))
     missing = [n for n in names if not any(k.startswith(f"{n}_kernel") for k in kernels)]
     assert missing == [], missing
+
+
+def _embedded_cuda_source(lib_bytes: bytes) -> str:
+    """The CUDA source TVM embeds in a library built without a GPU (a length-prefixed string)."""
+    at = lib_bytes.find(b'extern "C" __global__')
+    start = lib_bytes.rfind(b"\x00", 0, at) + 1
+    return lib_bytes[start:lib_bytes.find(b"\x00", at)].decode()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_the_embedded_cuda_source_compiles_when_the_library_loads(tmp_path, monkeypatch):
+    """What a GPU machine does at load: the runtime calls tvm_callback_cuda_compile on the library's source; ours
+    compiles it with nvcc for the GPU's arch (forced to sm_90a here) and caches the fatbin."""
+    import tvm_ffi
+
+    from mlc_llm.serve import runner
+
+    _, lib = _cuda_sampling_library(tmp_path)
+    code = _embedded_cuda_source(lib.read_bytes())
+    assert "parallel_sampling_from_prob_kernel" in code
+    monkeypatch.setenv("MLC_LLM_CUDA_ARCH", "sm_90a")
+    monkeypatch.setenv("MLC_LLM_CACHE_DIR", str(tmp_path / "cache"))
+    runner._use_our_cuda_compiler()
+    fatbin = bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")(code))
+    assert fatbin[:4] == bytes.fromhex("50ed55ba")  # the fatbin magic
+    cached = list((tmp_path / "cache" / "cuda").glob("*.fatbin"))
+    assert len(cached) == 1 and cached[0].read_bytes() == fatbin
+    assert runner.compile_cuda_source(code) == fatbin  # from the cache
 
 
 # ---- through the engine, on the real model -------------------------------------------------------------------------

@@ -37,6 +37,64 @@ def _device(name: str) -> tvm.runtime.Device:
     raise RuntimeLoadError(f"unknown device '{name}' (allowed: cpu, cuda)")
 
 
+def cuda_arch() -> str:
+    """The GPU's architecture for nvcc: sm_90a on Hopper (the libraries target its "a" features), sm_XY before."""
+    if os.environ.get("MLC_LLM_CUDA_ARCH"):
+        return os.environ["MLC_LLM_CUDA_ARCH"]
+    major, minor = tvm.cuda(0).compute_version.split(".")
+    return f"sm_{major}{minor}{'a' if int(major) >= 9 else ''}"
+
+
+# TVM's own flags for its CUDA source (tvm.support.nvcc), which cannot run on a runtime-only TVM (it asks the
+# compiler library for the current target).
+NVCC_FLAGS = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+              *(f"-U__CUDA_NO_{k}__" for k in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS",
+                                               "BFLOAT16_CONVERSIONS", "BFLOAT162_OPERATORS",
+                                               "BFLOAT162_CONVERSIONS"))]
+
+
+def compile_cuda_source(code: str) -> bytes:
+    """A CUDA library built on a machine without a GPU carries CUDA source, which the TVM runtime has compiled when
+    the library loads: here with nvcc into a fatbin for this GPU, kept in ~/.cache/mlc_llm/cuda by the source's hash
+    (a library compiles once per machine)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).exists():
+        raise RuntimeLoadError("this CUDA library holds CUDA source, compiled when it loads: nvcc (the CUDA toolkit) "
+                               "must be on PATH")
+    arch = cuda_arch()
+    cache = Path(os.environ.get("MLC_LLM_CACHE_DIR", Path.home() / ".cache" / "mlc_llm")) / "cuda"
+    key = hashlib.sha256(f"{arch}:{' '.join(NVCC_FLAGS)}:".encode() + code.encode()).hexdigest()[:32]
+    hit = cache / f"{key}.fatbin"
+    if hit.exists():
+        return hit.read_bytes()
+    with tempfile.TemporaryDirectory(prefix="mlc-cuda-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(code)
+        r = subprocess.run([nvcc, "-fatbin", *NVCC_FLAGS, "-gencode",
+                            f"arch={arch.replace('sm_', 'compute_')},code={arch}", "-o", str(out), str(src)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeLoadError(f"nvcc failed on the library's CUDA source for {arch}:\n{r.stderr[-3000:]}")
+        binary = out.read_bytes()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp_file = hit.with_suffix(f".tmp{os.getpid()}")
+    tmp_file.write_bytes(binary)
+    os.replace(tmp_file, hit)
+    return binary
+
+
+def _use_our_cuda_compiler() -> None:
+    import tvm.support.nvcc  # noqa: F401 - registers TVM's callback on import (an error after ours): first
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", lambda code, *_: compile_cuda_source(code),
+                                 override=True)
+
+
 class ModelRunner:
     def __init__(self, model_dir: str | Path, model_lib: str | Path, device: str = "cpu", verify_md5: bool = True):
         self.model_dir = Path(model_dir)
@@ -49,6 +107,8 @@ class ModelRunner:
             raise RuntimeLoadError(f"no mlc-chat-config.json in '{self.model_dir}' (run `mlc_llm gen_config`)")
         self.chat_config: dict[str, Any] = json.loads(chat_path.read_text(encoding="utf-8"))
         self.device = _device(device)
+        if device.startswith("cuda"):
+            _use_our_cuda_compiler()
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
         self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
         self._check_params(index)
