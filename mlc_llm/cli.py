@@ -140,7 +140,9 @@ def cmd_serve(a) -> None:
     _check_model_paths(a)
     settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None,
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
-                              allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui)
+                              allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui,
+                              strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts)
+    settings.check()
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
           served_model_name=a.served_model_name, log_level=a.log_level)
 
@@ -243,12 +245,19 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)
     s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
-    s.add_argument("--allowed-origins", type=_json_list, default=["*"], help='CORS origins, JSON list')
+    s.add_argument("--allowed-origins", type=_json_list, default=[],
+                   help='CORS: web origins allowed to call the server, JSON list (default: none; \'["*"]\': any)')
     s.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS methods, JSON list")
     s.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS headers, JSON list")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MLC_LLM_API_KEY)")
+    s.add_argument("--allowed-hosts", type=_json_list, default=None,
+                   help='Host header values served, JSON list (default: localhost names when --host is loopback, '
+                        'else any)')
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (prefer $MLC_LLM_API_KEY: a "
+                                     "flag shows in the process list)")
     s.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
+    s.add_argument("--strict-model-name", action="store_true",
+                   help="answer 404 to requests naming another model (default: the served model answers them)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

@@ -21,9 +21,18 @@ class Tokenizer:
         jinja = Path(model_dir) / "chat_template.jinja"
         self.chat_template = jinja.read_text(encoding="utf-8") if jinja.exists() else self.config.get("chat_template")
         self.vocab_size = self._tok.get_vocab_size()
+        # control tokens as text: "<|im_end|>" typed in a message must not end the turn
+        self.special_strings = sorted({t.content for t in self._tok.get_added_tokens_decoder().values()
+                                       if t.special and t.content}, key=len, reverse=True)
+        self._as_text = _HFTokenizer.from_str(self._tok.to_str())
+        self._as_text.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text` with any control-token strings in it tokenized as plain characters (user-written content)."""
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw completion prompt: with the BOS token first where the tokenizer asks for it (`add_bos_token`: Gemma,

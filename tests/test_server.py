@@ -3,6 +3,7 @@ auth, CORS, metrics, disconnects."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -158,6 +159,56 @@ def test_docs_page(server):
     assert requests.get(server.url + "/docs", timeout=10).status_code == 200
 
 
+def test_mlc_debug_config_is_accepted_and_ignore_eos_honoured(client):
+    r = client.chat.completions.create(model="smollm", messages=[{"role": "user", "content": "Hi"}], temperature=0,
+                                       max_tokens=40, extra_body={"debug_config": {
+                                           "ignore_eos": True, "pinned_system_prompt": False,
+                                           "special_request": None, "grammar_execution_mode": "jump_forward"}})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+
+
+def test_completions_echo_and_suffix(server, client):
+    whole = client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=4, echo=True,
+                                      suffix=" [end]")
+    plain = client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=4)
+    assert whole.choices[0].text == "The sky is" + plain.choices[0].text + " [end]"
+    chunks = list(client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=4,
+                                            echo=True, suffix=" [end]", stream=True))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert texts[0] == "The sky is" and texts[-1] == " [end]"  # the prompt first, the suffix last
+    assert "".join(texts) == whole.choices[0].text
+    ids = client.completions.create(model="smollm", prompt=[504, 6376, 314], temperature=0, max_tokens=2, echo=True)
+    assert ids.choices[0].text.startswith("The sky is")  # token-id prompts echo as text
+
+
+def test_strict_model_name_restores_404():
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from mlc_llm.serve import protocol as P
+    from mlc_llm.serve.server import ServerSettings, create_app
+
+    seen = []
+
+    async def create(**body):
+        seen.append(body.get("model"))
+        if body.get("model") is not None:
+            raise P.ModelNotFoundError(f"model '{body['model']}' is not served here (served: m)")
+        raise P.BadRequestError("stop here")
+
+    endpoint = SimpleNamespace(create=create)
+    engine = SimpleNamespace(core=SimpleNamespace(observers=[]), chat=SimpleNamespace(completions=endpoint),
+                             completions=endpoint, terminate=lambda: None)
+    for strict, status in ((True, 404), (False, 400)):
+        with TestClient(create_app(lambda: engine, "m", ServerSettings(strict_model_name=strict))) as c:
+            while c.get("/health").status_code != 200:
+                pass
+            r = c.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": SHORT})
+            assert r.status_code == status, r.text
+    assert seen == ["gpt-4o-mini", None]
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 def test_bad_inputs_get_4xx_and_server_keeps_serving(server, client):
     r = requests.post(server.url + "/v1/chat/completions", data="{not json", headers={**AUTH, "Content-Type":
@@ -180,17 +231,62 @@ def test_bad_inputs_get_4xx_and_server_keeps_serving(server, client):
     assert r.status_code == 400 and "out of range" in error_of(r)["message"]
     r = post(server, "/v1/completions", {"prompt": "hi", "bogus_field": 1})
     assert r.status_code == 400 and "bogus_field" in error_of(r)["message"]
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-4", messages=SHORT)
-    assert "gpt-4" in str(e.value)
-    r = post(server, "/v1/chat/completions", {"model": "/etc/passwd", "messages": SHORT})
-    assert r.status_code == 404  # the model field never opens a path
+    # a client written for another model is served by this one, which names itself in the answer
+    other = client.chat.completions.create(model="gpt-4o-mini", messages=SHORT, max_tokens=2)
+    assert other.model == "smollm" and other.usage.completion_tokens == 2
+    r = post(server, "/v1/chat/completions", {"model": "/etc/passwd", "messages": SHORT, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "smollm"  # the model field never opens a path
+    r = post(server, "/v1/chat/completions", {"model": 7, "messages": SHORT})
+    assert r.status_code == 400 and "model" in error_of(r)["message"]
     r = requests.post(server.url + "/v1/completions", data=b"x" * (17 * 1024 * 1024),
                       headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413
     ok = client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=2)
     assert ok.usage.completion_tokens == 2
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def _nested(depth: int, obj: bool = False) -> str:
+    return '{"a":' * depth + "1" + "}" * depth if obj else "[" * depth + "]" * depth
+
+
+_DEEP_SCHEMA = json.loads('{"type":"object","properties":{"a":' * 200 + '{"type":"string"}' + "}}" * 200)
+_TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# Each of these once answered 500 "internal error".
+MALFORMED = {
+    "a field named self": json.dumps({"messages": SHORT, "self": 1}),
+    "max_tokens of 5,000 digits": '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "9" * 5000 + "}",
+    "seed -1": json.dumps({"messages": SHORT, "seed": -1}),
+    "an array nested 10,000 levels": '{"messages": [{"role": "user", "content": "hi"}], "x": ' + _nested(10000) + "}",
+    "an object nested 10,000 levels": '{"messages": [{"role": "user", "content": "hi"}], "x": ' + _nested(10000, True)
+                                      + "}",
+    "a lone surrogate": '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    "tool parameters: true": json.dumps({"messages": SHORT, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": True}}]}),
+    "tool parameters nested 200 levels": json.dumps({"messages": SHORT, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": _DEEP_SCHEMA}}]}),
+    "json_schema nested 300 levels": json.dumps({"messages": SHORT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(
+            '{"type":"array","items":' * 300 + '{"type":"string"}' + "}" * 300)}}}),
+    "tool-call arguments nested 10,000 levels": json.dumps({"tools": [_TOOL], "messages": SHORT + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": _nested(10000)}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "x"}]}),
+    "a json_object schema string nested 10,000 levels": json.dumps({"messages": SHORT, "response_format": {
+        "type": "json_object", "schema": _nested(10000)}}),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_400s_with_the_reason(server, case):
+    body = MALFORMED[case].encode("utf-8", "surrogatepass")
+    for stream in (False, True):
+        data = body if not stream else body[:-1] + b', "stream": true}'
+        r = requests.post(server.url + "/v1/chat/completions", data=data,
+                          headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 400, (case, r.status_code, r.text[:300])
+        message = error_of(r)["message"]
+        assert "internal error" not in message and len(message) > 10, message
 
 
 # ---- auth and CORS ----------------------------------------------------------------------------------------------
@@ -216,6 +312,55 @@ def test_cors(server):
     assert simple.headers["access-control-allow-origin"] == ORIGIN
     other = requests.get(server.url + "/v1/models", headers={"Origin": "http://evil.example", **AUTH}, timeout=10)
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_local_server_defaults_refuse_other_sites(server):
+    """No CORS unless --allowed-origins says so (the fixture allows one origin; the default allows none: see
+    test_server_settings_defaults), and a loopback server answers only to local Host names (DNS rebinding)."""
+    for host in ("127.0.0.1", f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"[::1]:{server.port}"):
+        assert requests.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 200, host
+    r = requests.get(server.url + "/v1/models", headers={"Host": f"attacker.example:{server.port}", **AUTH},
+                     timeout=10)
+    assert r.status_code == 400 and "attacker.example" in error_of(r)["message"]
+
+
+def test_server_settings_defaults():
+    from fastapi.testclient import TestClient
+
+    from mlc_llm.serve.server import ServerSettings, create_app
+
+    def load():
+        raise RuntimeError("no model here")
+
+    settings = ServerSettings()
+    assert settings.allowed_origins == [] and settings.allowed_hosts is None
+    with TestClient(create_app(load, "m", settings)) as c:
+        r = c.get("/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        pre = c.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
+                                                         "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in pre.headers
+    with pytest.raises(ValueError, match="--allow-credentials with every origin"):
+        create_app(load, "m", ServerSettings(allow_credentials=True, allowed_origins=["*"]))
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def test_body_limit_holds_for_a_chunked_upload(server):
+    """A chunked body (no Content-Length) is counted as it arrives: 256 MB sent, the server never holds more than
+    the 16 MB limit (it once read the whole body before checking)."""
+    def body():
+        for _ in range(256):
+            yield b" " * (1 << 20)
+
+    before = _peak_rss_mb(server.proc.pid)
+    r = requests.post(server.url + "/v1/completions", data=body(), headers={**AUTH, "Content-Type":
+                                                                            "application/json"}, timeout=60)
+    assert r.status_code == 413
+    assert _peak_rss_mb(server.proc.pid) - before < 100
 
 
 # ---- metrics and disconnects ---------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -49,6 +51,10 @@ def _resolve_model_dir(model: str) -> Path:
         raise FileNotFoundError(f"'{model}' is not a model folder (no mlc-chat-config.json); build it with "
                                 "`mlc_llm build` or `mlc_llm gen_config` + `convert_weight`")
     return path
+
+
+logger = logging.getLogger("mlc_llm.serve")
+_DEBUG_FIELDS_LOGGED: set[str] = set()  # debug_config fields without effect, each logged once
 
 
 class _EngineBase:
@@ -118,6 +124,11 @@ class _EngineBase:
             raise P.BadRequestError(P.explain_validation_error(e)) from None
         if req.model is not None and req.model not in self.model_names:
             raise P.ModelNotFoundError(f"model '{req.model}' is not served here (served: {self.model})")
+        if req.debug_config is not None:
+            for name in req.debug_config.model_fields_set - {"ignore_eos"}:
+                if name not in _DEBUG_FIELDS_LOGGED:
+                    _DEBUG_FIELDS_LOGGED.add(name)
+                    logger.info("debug_config.%s is accepted and has no effect in this engine", name)
         return req
 
     def _chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[list[int], Optional[Grammar], Optional[str]]:
@@ -167,14 +178,41 @@ class _EngineBase:
                 default = self.conv.system_message if self.conv else ""
                 messages.insert(0, {"role": "system", "content": (default + "\n\n" if default else "") + instructions})
         if self.conv is not None:
-            try:
-                text = self.conv.as_prompt(messages)
-            except ValueError as e:
-                raise P.BadRequestError(str(e)) from None
-            prompt = list(self.conv.system_prefix_token_ids or []) + self.tokenizer.encode(text)
+            def render(msgs):
+                try:
+                    return self.conv.as_prompt(msgs)
+                except ValueError as e:
+                    raise P.BadRequestError(str(e)) from None
+
+            prompt = list(self.conv.system_prefix_token_ids or []) + self._encode_chat(render, messages)
         else:
-            prompt = self.tokenizer.encode(self._render_jinja(messages))
+            prompt = self._encode_chat(self._render_jinja, messages)
         return prompt, grammar, (fmt if mode != "none" else None)
+
+    def _encode_chat(self, render, messages: list[dict[str, str]]) -> list[int]:
+        """The rendered conversation -> token ids, with message content tokenized as text: only the template's own
+        markers are control tokens, so "<|im_end|>" typed by a user cannot close its turn or open a fake one.
+        Content is found by rendering with placeholders; a template that rewrites content (strip, replace) and
+        gets control-token strings in it is refused."""
+        text = render(messages)
+        specials = self.tokenizer.special_strings
+        if not any(s in (m["content"] or "") for m in messages for s in specials):
+            return self.tokenizer.encode(text)  # the common case: nothing to escape, one pass as before
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        pieces = re.split("(\ue000\\d+\ue001)", render([{**m, "content": marks[i]} for i, m in enumerate(messages)]))
+        content = {marks[i]: m["content"] or "" for i, m in enumerate(messages)}
+        if "".join(content.get(p, p) for p in pieces) != text:
+            raise P.BadRequestError("a message contains a control-token string (e.g. "
+                                    f"{next(s for s in specials if any(s in (m['content'] or '') for m in messages))!r}) "
+                                    "and this model's chat template rewrites message text, so it cannot be kept "
+                                    "as plain text: remove it")
+        ids: list[int] = []
+        for p in pieces:
+            if p in content:
+                ids += self.tokenizer.encode_text(content[p])
+            elif p:
+                ids += self.tokenizer.encode(p)
+        return ids
 
     def _render_jinja(self, messages: list[dict[str, str]]) -> str:
         template = self.tokenizer.chat_template
@@ -219,7 +257,7 @@ class _EngineBase:
             logprobs=logprobs, top_logprobs=top_logprobs)
         stop = list(req.stop or []) + (list(self.conv.stop_str) if self.conv else [])
         return GenerationConfig(sampling=sampling, n=req.n, max_tokens=max_tokens, stop=stop,
-                                stop_token_ids=self.stop_token_ids, ignore_eos=req.ignore_eos, seed=req.seed)
+                                stop_token_ids=self.stop_token_ids, ignore_eos=req.ignores_eos, seed=req.seed)
 
     def _prepare_chat(self, kwargs) -> tuple[P.ChatCompletionRequest, list[int], GenerationConfig, Optional[str]]:
         req = self._parse(P.ChatCompletionRequest, kwargs)
@@ -231,8 +269,6 @@ class _EngineBase:
 
     def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig, None]:
         req = self._parse(P.CompletionRequest, kwargs)
-        if req.echo or req.suffix:
-            raise P.BadRequestError("echo and suffix are not supported")
         if isinstance(req.prompt, str):
             prompt = self.tokenizer.encode_prompt(req.prompt)
         else:
@@ -257,7 +293,7 @@ class _Endpoint:
     def __init__(self, engine: "_EngineBase", kind: str):
         self._engine, self._kind = engine, kind
 
-    def create(self, **kwargs):
+    def create(self, /, **kwargs):  # positional-only: a request field named "self" is a field (and refused)
         return self._engine._run(self._kind, kwargs)
 
 
@@ -305,6 +341,12 @@ class _Formatter:
         self.created = int(time.time())
         self.model = req.model or engine.model
         self.tool_format = tool_format
+        # completions: `echo` puts the prompt before each choice's text, `suffix` comes after it
+        self.echo = ""
+        if kind != "chat" and req.echo:
+            self.echo = req.prompt if isinstance(req.prompt, str) else engine.tokenizer.decode(list(req.prompt))
+        self.suffix = (req.suffix or "") if kind != "chat" else ""
+        self.started = False
         # per choice: splits the streamed text into content and tool-call deltas
         self.tool_streams = [T.ToolStream(tool_format) for _ in range(n)] if tool_format else None
 
@@ -335,6 +377,19 @@ class _Formatter:
             choices=[P.CompletionResponseChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
                                                 logprobs=_completion_logprobs(d.logprobs, tok, 0))])
 
+    def _texts(self, text: str):
+        return P.CompletionResponse(
+            id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
+            choices=[P.CompletionResponseChoice(index=i, text=text) for i in range(self.n)])
+
+    def first_chunks(self) -> list[Any]:
+        """Sent before the first token: the echoed prompt, one choice each."""
+        return [self._texts(self.echo)] if self.echo else []
+
+    def last_chunks(self) -> list[Any]:
+        """Sent after the last token (before usage): the suffix."""
+        return [self._texts(self.suffix)] if self.suffix else []
+
     def usage_chunk(self, usage: dict[str, Any]):
         cls = P.ChatCompletionStreamResponse if self.kind == "chat" else P.CompletionResponse
         return cls(id=self.id, created=self.created, model=self.model, system_fingerprint=self.engine.fingerprint,
@@ -359,8 +414,9 @@ class _Formatter:
                     logprobs=_chat_logprobs(Delta(i, "", c.logprobs[i]), tok) if self.req.logprobs else None))
             return P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model,
                                             system_fingerprint=self.engine.fingerprint, choices=choices, usage=u)
-        choices = [P.CompletionResponseChoice(index=i, text=c.text[i], finish_reason=c.finish[i],
-                                              logprobs=_completion_logprobs(c.logprobs[i], tok, 0)
+        choices = [P.CompletionResponseChoice(index=i, text=self.echo + c.text[i] + self.suffix,
+                                              finish_reason=c.finish[i],
+                                              logprobs=_completion_logprobs(c.logprobs[i], tok, len(self.echo))
                                               if self.req.logprobs is not None else None) for i in range(self.n)]
         return P.CompletionResponse(id=self.id, created=self.created, model=self.model,
                                     system_fingerprint=self.engine.fingerprint, choices=choices, usage=u)
@@ -381,11 +437,13 @@ def _completion_logprobs(entries, tok: Tokenizer, offset: int) -> Optional[P.Com
 
 def _stream_items(ev, fmt: _Formatter, include_usage: bool) -> tuple[list[Any], bool]:
     """One engine event of a streamed request -> (chunks to yield, finished). Raises the engine's error."""
+    first = [] if fmt.started else fmt.first_chunks()
+    fmt.started = True
     if isinstance(ev, Delta):
         chunk = fmt.chunk(ev)
-        return ([chunk] if chunk is not None else []), False
+        return first + ([chunk] if chunk is not None else []), False
     if isinstance(ev, Done):
-        return ([fmt.usage_chunk(ev.usage)] if include_usage else []), True
+        return first + fmt.last_chunks() + ([fmt.usage_chunk(ev.usage)] if include_usage else []), True
     raise ev.error
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .protocol import BadRequestError
+from .protocol import BadRequestError, check_json_value, parse_json
 
 # Compact JSON, no free whitespace: a small model cannot wander off into endless newlines, and the output is still
 # plain JSON that any parser reads.
@@ -30,6 +30,7 @@ def check_json_schema(schema: Any, where: str) -> None:
 
     if not isinstance(schema, (dict, bool)):
         raise BadRequestError(f"{where}: a JSON schema must be an object, got {type(schema).__name__}")
+    check_json_value(schema, where)  # the Python API gets no body check: the depth limit here too
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -147,10 +148,7 @@ def response_format_grammar(backend: GrammarBackend, fmt) -> tuple[Optional[Gram
     if fmt.type == "json_object":
         schema = fmt.schema_
         if isinstance(schema, str):  # MLC sends the schema as a JSON string
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise BadRequestError(f"response_format.schema is not valid JSON: {e}") from None
+            schema = parse_json(schema, "response_format.schema")
         where, strict = "response_format.schema", False
     else:  # json_schema
         spec = fmt.json_schema

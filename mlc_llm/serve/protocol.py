@@ -25,6 +25,44 @@ class ContextLengthError(BadRequestError):
     code = "context_length_exceeded"
 
 
+# Deeper JSON than this is refused: parsers, schema checkers and grammar compilers recurse on it.
+MAX_JSON_DEPTH = 64
+
+
+def check_json_value(value: Any, where: str) -> None:
+    """A 400 for a JSON value nested deeper than MAX_JSON_DEPTH or holding a string that is not valid Unicode (a lone
+    surrogate from a "\\ud800" escape); checked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequestError(f"{where}: a string holds a lone surrogate (\\ud800-\\udfff escapes must come "
+                                      "in pairs)") from None
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequestError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """json.loads with every way it fails (bad syntax, 10,000 levels of nesting, a 5,000-digit number) as a 400."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise BadRequestError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or the int conversion limit
+        raise BadRequestError(f"{where} is not valid JSON: {e}") from None
+    check_json_value(value, where)
+    return value
+
+
 def explain_validation_error(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -67,6 +105,16 @@ class ResponseFormat(BaseModel):
     schema_: Optional[Union[dict[str, Any], str]] = Field(default=None, alias="schema")
 
 
+class DebugConfig(BaseModel):
+    """MLC LLM's per-request `debug_config`. `ignore_eos` is honoured; the other fields are accepted (clients of the
+    original send them) and have no effect here."""
+    model_config = ConfigDict(extra="allow")
+    ignore_eos: bool = False
+    pinned_system_prompt: bool = False
+    special_request: Optional[str] = None
+    grammar_execution_mode: Optional[str] = None
+
+
 class SamplingFields(BaseModel):
     """Generation settings common to chat and completions (OpenAI names plus vLLM-style extras)."""
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -77,7 +125,7 @@ class SamplingFields(BaseModel):
     logit_bias: Optional[dict[int, float]] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**64 - 1)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -87,6 +135,11 @@ class SamplingFields(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     ignore_eos: bool = False
     user: Optional[str] = None
+    debug_config: Optional[DebugConfig] = None
+
+    @property
+    def ignores_eos(self) -> bool:
+        return self.ignore_eos or bool(self.debug_config and self.debug_config.ignore_eos)
 
     @field_validator("logit_bias")
     @classmethod

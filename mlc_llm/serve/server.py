@@ -16,6 +16,7 @@ aborts its request, which frees its KV pages in the engine's next iteration.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -46,10 +47,27 @@ UI_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self';
 class ServerSettings:
     api_key: Optional[str] = None
     allow_credentials: bool = False
-    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_origins: list[str] = field(default_factory=list)  # none: no web page of another origin may call us
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     ui: bool = True  # the chat page at /
+    strict_model_name: bool = False  # True: a request naming another model gets 404 (else the served model answers)
+    allowed_hosts: Optional[list[str]] = None  # Host header values accepted (None: any); "*" matches any
+
+    def check(self) -> None:
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError("--allow-credentials with every origin ('*') would let any web page act with the "
+                             "user's credentials: list the origins in --allowed-origins")
+
+
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1"]
+
+
+def _host_name(header: str) -> str:
+    """'Host: [::1]:8000' -> '::1', 'example.com:80' -> 'example.com'."""
+    if header.startswith("["):
+        return header[1:header.find("]")].lower() if "]" in header else header.lower()
+    return header.rsplit(":", 1)[0].lower() if header.count(":") == 1 else header.lower()
 
 
 class HTTPError(Exception):
@@ -151,16 +169,25 @@ class _AuthAndRequestId:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints): checks the bearer
     key on /v1/* and echoes an X-Request-Id header."""
 
-    def __init__(self, app, api_key: Optional[str], on_reject: Callable[[], None]):
+    def __init__(self, app, api_key: Optional[str], on_reject: Callable[[], None],
+                 allowed_hosts: Optional[list[str]] = None):
         self.app, self.api_key, self.on_reject = app, api_key, on_reject
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host")
+        if self.allowed_hosts is not None and "*" not in self.allowed_hosts and host is not None and \
+                _host_name(host) not in self.allowed_hosts:
+            # a page on another site that resolves its name to 127.0.0.1 (DNS rebinding) names its own host here
+            response = JSONResponse(error_body(f"Host '{host[:100]}' is not served here (--allowed-hosts)"),
+                                    status_code=400)
+            return await response(scope, receive, send)
         if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
-            if auth != f"Bearer {self.api_key}":
+            if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1")):
                 self.on_reject()
                 msg = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
                 response = JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"),
@@ -229,8 +256,9 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         state.metrics.errors.labels(model_name, "500").inc()
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
+    settings.check()
     app.add_middleware(_AuthAndRequestId, api_key=settings.api_key, on_reject=lambda: state.metrics.errors.labels(
-        model_name, "401").inc())
+        model_name, "401").inc(), allowed_hosts=settings.allowed_hosts)
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                        allow_credentials=settings.allow_credentials, allow_methods=settings.allowed_methods,
                        allow_headers=settings.allowed_headers)
@@ -246,13 +274,17 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise HTTPError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise HTTPError(413, f"request body of {len(raw)} bytes is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks, received = [], 0
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload is cut at the limit
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                raise HTTPError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+            body = P.parse_json(raw, "the request body")
+        except P.BadRequestError as e:
+            raise HTTPError(400, str(e)) from None
         if not isinstance(body, dict):
             raise HTTPError(400, f"the request body must be a JSON object, got {type(body).__name__}")
         return body
@@ -287,8 +319,10 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     async def generate(request: Request, create) -> Any:
         engine = ready_engine()
         body = await read_json(request)
-        if body.get("model") == model_name:
-            body["model"] = None  # the served name (whatever the engine calls it internally)
+        if body.get("model") == model_name or (not settings.strict_model_name and isinstance(body.get("model"), str)):
+            # the served model answers whatever name a client was written for (gpt-4o-mini...), as MLC LLM and
+            # llama-server do; the response names the served model
+            body["model"] = None
         try:
             result = await create(engine, body)
         except P.BadRequestError as e:
@@ -355,6 +389,8 @@ def serve(model: str, model_lib: Optional[str], device: str, mode: str, override
     from .engine import AsyncMLCEngine
 
     name = served_model_name or model
+    if settings.allowed_hosts is None and host in LOOPBACK_HOSTS:
+        settings.allowed_hosts = list(LOOPBACK_HOSTS)  # a local server answers only to local names
 
     def load():
         return AsyncMLCEngine(model, model_lib=model_lib, device=device, mode=mode, overrides=overrides)

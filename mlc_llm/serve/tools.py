@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from ..tokenizer import partial_suffix
 from .grammar import check_json_schema, close_objects, json_schema_rule
-from .protocol import BadRequestError
+from .protocol import BadRequestError, parse_json
 
 FORMATS = ("hermes", "llama3_json", "pythonic")
 TAGS = {"hermes": ("<tool_call>", "</tool_call>")}  # fixed text around a call, a single token in some vocabularies
@@ -53,6 +53,9 @@ def parse_tools(tools: list[Any]) -> list[Tool]:
         if name in out:
             raise BadRequestError(f"{where}: duplicate function name '{name}'")
         params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise BadRequestError(f"{where}.function.parameters must be a JSON schema object, got "
+                                  f"{json.dumps(params)[:40]}")
         check_json_schema(params, f"{where}.function.parameters")
         if params.get("type", "object") != "object":
             raise BadRequestError(f"{where}.function.parameters must describe an object (\"type\": \"object\")")
@@ -99,11 +102,8 @@ def parse_history_calls(calls: Any, where: str) -> list[tuple[str, str, str]]:
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
             raise BadRequestError(f"{w}.function.arguments must be a JSON string")
-        try:
-            if not isinstance(json.loads(args), dict):
-                raise ValueError
-        except ValueError:
-            raise BadRequestError(f"{w}.function.arguments is not a JSON object: {args[:80]!r}") from None
+        if not isinstance(parse_json(args, f"{w}.function.arguments"), dict):
+            raise BadRequestError(f"{w}.function.arguments is not a JSON object: {args[:80]!r}")
         out.append((c["id"], fn["name"], args))
     return out
 
