@@ -126,9 +126,29 @@ def _check_model_paths(a) -> None:
     _resolve_model_dir(a.model)
     if a.model_lib and not Path(a.model_lib).is_file():
         raise FileNotFoundError(f"--model-lib {a.model_lib}: no such file")
+    if a.model_lib:
+        from .serve.runner import _verify_library
+
+        _verify_library(Path(a.model_lib))  # a damaged library: one line now, not a crash once loading
     from .serve.config import EngineConfig
 
     EngineConfig(mode=a.mode).with_overrides(a.overrides)  # bad overrides fail here, before anything loads
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? --port)") from None
 
 
 def cmd_serve(a) -> None:
@@ -143,6 +163,7 @@ def cmd_serve(a) -> None:
                               allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui,
                               strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts)
     settings.check()
+    _check_port_free(a.host, a.port)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
           served_model_name=a.served_model_name, log_level=a.log_level)
 
@@ -307,7 +328,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ValueError, FileNotFoundError, KeyError]
     for module, name in ((".config", "ConfigError"), (".loader", "SourceError"), (".tensor_cache", "TensorCacheError"),
-                         (".steps.compile", "CompileError")):
+                         (".steps.compile", "CompileError"), (".serve.runner", "RuntimeLoadError")):
         try:
             errors.append(getattr(importlib.import_module(module, __package__), name))
         except ImportError:

@@ -166,8 +166,16 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
 def engine_overrides(cfg: BuildConfig) -> str:
     m = cfg.mode
     items = [(k, getattr(m, k)) for k in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size")]
-    items.append(("gpu_memory_utilization", m.gpu_memory_utilization))
+    if cfg.device.name.value != "cpu":  # a share of GPU memory; the CPU sizes from available RAM
+        items.append(("gpu_memory_utilization", m.gpu_memory_utilization))
     return ";".join(f"{k}={v}" for k, v in items if v is not None)
+
+
+def serve_mode(cfg: BuildConfig) -> str:
+    """The engine mode of serve_<deployment>: server.mode, else the deployment's, with `interactive` (one sequence,
+    for a terminal chat) raised to `local` so that a server batches concurrent requests."""
+    mode = cfg.mode.name.value
+    return cfg.server.mode or ("local" if mode == "interactive" else mode)
 
 
 def launch_command(cfg: BuildConfig, kind: str) -> str:
@@ -175,7 +183,7 @@ def launch_command(cfg: BuildConfig, kind: str) -> str:
     common = [cfg.model_dir, "--model-lib", cfg.model_lib, "--device", cfg.device.name.value,
               "--overrides", engine_overrides(cfg)]
     if kind == "serve":
-        return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", cfg.mode.name.value,
+        return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", serve_mode(cfg),
                     "--host", cfg.server.host, "--port", cfg.server.port, *([] if cfg.server.ui else ["--no-ui"]))
     if kind == "chat":
         return _cmd(*env, "python", "-m", "mlc_llm", "chat", *common)

@@ -113,3 +113,32 @@ def test_out_of_range_token_ids_are_refused(smollm_q4):
         runner.greedy_generate([1, 49152], 2)
     with pytest.raises(ValueError, match="exceeds the context window"):
         runner.greedy_generate([1] * 10, 10**6)
+
+
+def test_damaged_library_is_refused_before_loading(smollm_q4, tmp_path):
+    """A truncated .so used to kill the process with SIGBUS, a flipped byte to load and fail later: the checksum
+    `mlc_llm compile` writes beside the library is checked first."""
+    side = smollm_q4.lib.with_name(smollm_q4.lib.name + ".sha256")
+    assert side.exists()
+    data = smollm_q4.lib.read_bytes()
+    for name, damaged in (("truncated", data[: len(data) // 2]),
+                          ("flipped", data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])):
+        lib = tmp_path / name / "cpu.so"
+        lib.parent.mkdir()
+        lib.write_bytes(damaged)
+        (lib.parent / "cpu.so.sha256").write_text(side.read_text())
+        with pytest.raises(RuntimeLoadError, match="damaged or truncated"):
+            ModelRunner(smollm_q4.dir, lib)
+    r = run_cli("serve", str(smollm_q4.dir), "--model-lib", str(tmp_path / "flipped" / "cpu.so"), timeout=120)
+    assert "is damaged or truncated" in _err(r)  # before the socket opens
+
+
+def test_busy_port_is_one_line(smollm_q4):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run_cli("serve", str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--port",
+                    str(s.getsockname()[1]), timeout=120)
+    assert "cannot listen on 127.0.0.1:" in _err(r) and "in use" in _err(r)

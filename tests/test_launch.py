@@ -191,7 +191,13 @@ def test_launch_commands_from_the_plan():
                  "--port 8123", "--host 127.0.0.1", "max_num_sequence=4"):
         assert part in serve
     assert " chat " in plan.launch_cmd("smollm2_cpu", "chat")
-    assert "--no-ui" not in serve
+    assert "--no-ui" not in serve and "gpu_memory_utilization" not in serve  # a CPU sizes from RAM
+    default = make_plan({})
+    assert default.deployments["smollm2_cpu"].mode.name.value == "interactive"  # the terminal chat: one sequence
+    assert " --mode local " in default.launch_cmd("smollm2_cpu", "serve")  # a server batches
+    assert " --mode server " in make_plan({"deployment": "smollm2_cpu", "overrides": ["server.mode=server"]}) \
+        .launch_cmd("smollm2_cpu", "serve")
+    assert "gpu_memory_utilization=0.85" in default.launch_cmd("smollm2_cuda", "serve")
     no_ui = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.ui=false"]})
     assert no_ui.launch_cmd("smollm2_cpu", "serve").endswith(" --no-ui")
     assert plan.launch_target({"serve_smollm2_cpu"}) == ("smollm2_cpu", "serve")

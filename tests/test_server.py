@@ -386,6 +386,14 @@ def test_metrics_count_requests(server, client):
     key = 'mlc_llm:request_success_total{finished_reason="length",model_name="smollm"}'
     assert after[key] == before.get(key, 0) + 1
     assert after["mlc_llm:kv_cache_usage_perc"] == 0.0
+    # MLC LLM's engine counters: 3 prompt tokens prefilled (their logits give the first token), 2 decode steps
+    assert after["mlc_llm:prefill_tokens_sum_total"] - before["mlc_llm:prefill_tokens_sum_total"] == 3
+    assert after["mlc_llm:decode_tokens_sum_total"] - before["mlc_llm:decode_tokens_sum_total"] == 2
+    assert after["mlc_llm:engine_decode_time_sum_total"] > before["mlc_llm:engine_decode_time_sum_total"]
+    assert after["mlc_llm:decode_tokens_per_s"] > 0
+    steps = "mlc_llm:decode_steps_by_batch_size_total"
+    assert after[steps] - before.get(steps, 0) == 2
+    assert after['mlc_llm:decode_time_by_batch_size_total{batch_size="1",model_name="smollm"}'] > 0
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -426,6 +434,9 @@ def test_client_disconnect_aborts_and_frees_kv(server, stream):
     key = 'mlc_llm:request_success_total{finished_reason="abort",model_name="smollm"}'
     assert after[key] == idle.get(key, 0) + 1
     assert after["mlc_llm:generation_tokens_total"] - idle["mlc_llm:generation_tokens_total"] < max_tokens
+    if not stream:  # one line in the log, not an ERROR with a CancelledError traceback
+        assert "the client went away; request aborted" in server.log()
+        assert "CancelledError" not in server.log()
 
 
 def test_bench_serve_client_against_the_server(server):

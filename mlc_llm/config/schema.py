@@ -119,12 +119,17 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     ui: bool = True  # the chat page at http://host:port/
+    # engine mode of serve_<deployment> (null: the deployment's mode, but `local` for an `interactive` one: a server
+    # batches concurrent requests, a terminal chat has one)
+    mode: Optional[str] = None
 
     def check(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ValueError(f"server.port: must be a TCP port (1-65535), got {self.port}")
         if not self.host or any(c.isspace() for c in self.host):
             raise ValueError(f"server.host: '{self.host}' is not a host name or address")
+        if self.mode not in (None, "local", "interactive", "server"):
+            raise ValueError(f"server.mode: '{self.mode}' is not one of local, interactive, server (or null)")
 
 
 @dataclass

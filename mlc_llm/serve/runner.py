@@ -95,12 +95,29 @@ def _use_our_cuda_compiler() -> None:
                                  override=True)
 
 
+def _verify_library(lib: Path) -> None:
+    """Against the checksum `mlc_llm compile` wrote beside it (libraries from elsewhere have none and load as is)."""
+    import hashlib
+
+    side = lib.with_name(lib.name + ".sha256")
+    if not side.exists():
+        return
+    h = hashlib.sha256()
+    with open(lib, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != side.read_text().strip():
+        raise RuntimeLoadError(f"model library '{lib}' is damaged or truncated (its sha256 does not match "
+                               f"{side.name}): compile it again (`mlc_llm compile`, or rerun the build)")
+
+
 class ModelRunner:
     def __init__(self, model_dir: str | Path, model_lib: str | Path, device: str = "cpu", verify_md5: bool = True):
         self.model_dir = Path(model_dir)
         lib_path = Path(model_lib)
         if not lib_path.exists():
             raise RuntimeLoadError(f"model library '{lib_path}' does not exist (run `mlc_llm compile`)")
+        _verify_library(lib_path)
         index = tensor_cache.verify(self.model_dir, check_md5=verify_md5)
         chat_path = self.model_dir / "mlc-chat-config.json"
         if not chat_path.exists():

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import protocol as P
@@ -98,7 +98,7 @@ class Metrics:
 
     def __init__(self, model_name: str):
         from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         self.registry = CollectorRegistry()
         self.model_name = model_name
@@ -142,6 +142,29 @@ class Metrics:
                     g = GaugeMetricFamily(name, doc, labels=labels)
                     g.add_metric([metrics.model_name], value)
                     yield g
+                # MLC LLM's engine metrics, with its names under our prefix
+                for name, doc, value, kind in (
+                        ("engine_prefill_time_sum", "Seconds spent in prefill", m["prefill_time_s"], "counter"),
+                        ("engine_decode_time_sum", "Seconds spent in decode steps", m["decode_time_s"], "counter"),
+                        ("prefill_tokens_sum", "Prompt tokens prefilled", m["prefill_tokens"], "counter"),
+                        ("decode_tokens_sum", "Tokens decoded", m["decode_tokens"], "counter"),
+                        ("prefill_tokens_per_s", "Prefill tokens per second of prefill time",
+                         m["prefill_tokens_per_s"], "gauge"),
+                        ("decode_tokens_per_s", "Decoded tokens per second of decode time",
+                         m["decode_tokens_per_s"], "gauge")):
+                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    g = family(f"mlc_llm:{name}", doc, labels=labels)
+                    g.add_metric([metrics.model_name], value)
+                    yield g
+                steps = CounterMetricFamily("mlc_llm:decode_steps_by_batch_size", "Decode steps, by batch size",
+                                            labels=labels + ["batch_size"])
+                seconds = CounterMetricFamily("mlc_llm:decode_time_by_batch_size",
+                                              "Seconds of decode steps, by batch size", labels=labels + ["batch_size"])
+                for size in sorted(m["decode_batch_sizes"]):
+                    steps.add_metric([metrics.model_name, str(size)], m["decode_batch_sizes"][size])
+                    seconds.add_metric([metrics.model_name, str(size)], m["decode_time_by_batch_size"].get(size, 0.0))
+                yield steps
+                yield seconds
 
         r.register(_Gauges())
 
@@ -327,17 +350,20 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             result = await create(engine, body)
         except P.BadRequestError as e:
             raise _from_bad_request(e) from None
+        if isinstance(result, Response):  # the client went away
+            return result
         if hasattr(result, "__aiter__"):  # stream=true (as pydantic read it)
             return StreamingResponse(_sse(result, model_name), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return JSONResponse(_dump(result, model_name))
 
-    async def watch_disconnect(request: Request, task: asyncio.Task) -> None:
+    async def watch_disconnect(request: Request, task: asyncio.Task) -> bool:
         while not task.done():
             if await request.is_disconnected():
                 task.cancel()  # AsyncMLCEngine aborts the request on cancellation
-                return
+                return True
             await asyncio.sleep(0.25)
+        return False
 
     async def non_stream(request: Request, coro):
         """Await the engine call, cancelling it if the client goes away (for a stream request this covers only the
@@ -346,6 +372,11 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         watcher = asyncio.ensure_future(watch_disconnect(request, task))
         try:
             return await task
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                logger.info("%s %s: the client went away; request aborted", request.method, request.url.path)
+                return PlainTextResponse("client closed the request", status_code=499)  # nobody reads it
+            raise
         finally:
             watcher.cancel()
 

@@ -105,6 +105,25 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     return mod, target
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_library_checksum(lib: Path, digest: str) -> None:
+    """`<lib>.sha256`, checked by the runtime before it maps the library (a truncated or damaged .so otherwise
+    crashes the process or misbehaves)."""
+    side = lib.with_name(lib.name + ".sha256")
+    tmp = side.with_name(f".{side.name}.{os.getpid()}")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, side)
+
+
 def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
                   overrides: dict[str, int] | None = None, prefill_precision: str = "f32") -> Path:
     """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only.
@@ -119,6 +138,8 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
     os.close(fd)
     try:
         executable.export_library(tmp)
+        # the checksum lands first: an interrupted compile leaves a mismatch (reported), never a wrong library
+        write_library_checksum(out, sha256_file(Path(tmp)))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
