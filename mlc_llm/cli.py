@@ -161,7 +161,8 @@ def cmd_serve(a) -> None:
     settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None,
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
                               allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui,
-                              strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts)
+                              strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts,
+                              max_queued_requests=a.max_queued_requests)
     settings.check()
     _check_port_free(a.host, a.port)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
@@ -277,6 +278,9 @@ def make_parser() -> argparse.ArgumentParser:
                                      "flag shows in the process list)")
     s.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")
+    s.add_argument("--max-queued-requests", type=_positive_int, default=None,
+                   help="requests waiting for a slot before new ones get 429 + Retry-After (default: 8 per sequence "
+                        "slot of the engine's mode)")
     s.add_argument("--strict-model-name", action="store_true",
                    help="answer 404 to requests naming another model (default: the served model answers them)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

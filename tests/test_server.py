@@ -446,3 +446,30 @@ def test_bench_serve_client_against_the_server(server):
     assert s["completed"] == 2 and s["failed"] == 0 and s["model"] == "smollm"
     assert s["total_input_tokens"] == 8 and s["total_output_tokens"] == 6
     assert 0 < s["median_ttft_ms"] <= s["median_e2el_ms"] and s["median_itl_ms"] > 0 and s["output_throughput"] > 0
+
+
+def test_a_full_queue_answers_429_with_retry_after(smollm_q4, tmp_path):
+    srv = ServerProcess([str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu", "--mode",
+                         "interactive", "--max-queued-requests", "1"], free_port(), tmp_path / "server.log")
+    try:
+        srv.wait_health(200)
+        long = {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        streams = [requests.post(srv.url + "/v1/completions", json=long, stream=True, timeout=60) for _ in range(2)]
+        deadline = time.time() + 30
+        while scrape(srv.url)["mlc_llm:num_requests_waiting"] < 1:  # one running, one waiting for the only slot
+            assert time.time() < deadline
+            time.sleep(0.05)
+        r = requests.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert error_of(r)["code"] == "queue_full"
+        for s in streams:
+            s.close()
+        deadline = time.time() + 30
+        while True:  # the queue drains: served again
+            r = requests.post(srv.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 429 and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        srv.stop()

@@ -53,6 +53,8 @@ class ServerSettings:
     ui: bool = True  # the chat page at /
     strict_model_name: bool = False  # True: a request naming another model gets 404 (else the served model answers)
     allowed_hosts: Optional[list[str]] = None  # Host header values accepted (None: any); "*" matches any
+    # requests waiting for a sequence slot before new ones get 429 (None: 8 per slot of the engine)
+    max_queued_requests: Optional[int] = None
 
     def check(self) -> None:
         if self.allow_credentials and "*" in self.allowed_origins:
@@ -271,7 +273,10 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
         state.metrics.errors.labels(model_name, str(e.status)).inc()
-        return _error_response(e)
+        response = _error_response(e)
+        if e.status == 429:
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, e: Exception):
@@ -341,6 +346,13 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     async def generate(request: Request, create) -> Any:
         engine = ready_engine()
+        limit = settings.max_queued_requests
+        if limit is None:
+            limit = 8 * engine.config.max_num_sequence
+        waiting = engine.metrics()["num_waiting"]
+        if waiting >= limit:  # a bounded queue, not unbounded memory: the client retries
+            raise HTTPError(429, f"{waiting} requests are waiting (the limit is {limit}); retry shortly",
+                            "rate_limit_error", code="queue_full")
         body = await read_json(request)
         if body.get("model") == model_name or (not settings.strict_model_name and isinstance(body.get("model"), str)):
             # the served model answers whatever name a client was written for (gpt-4o-mini...), as MLC LLM and
