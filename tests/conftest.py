@@ -26,6 +26,20 @@ def run_cli(*args: str, timeout: int = 600, cwd: Path | None = None) -> subproce
                           timeout=timeout, cwd=cwd)
 
 
+# Tests that build or load a real model, compile kernels or drive a browser: `pytest -m "not slow"` leaves them out.
+SLOW_FIXTURES = {"pipeline_dir", "browser"}
+SLOW_MODULES = {"test_real_models", "test_cuda_compile", "test_gpu_scripts", "test_cpu_attention", "test_cpu_codegen",
+                "test_cpu_schedules", "test_cpu_activation", "test_families", "test_quantization", "test_jit",
+                "test_numerics", "test_pipeline", "test_gguf_tokenizers"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.split(".")[-1] in \
+                SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline")

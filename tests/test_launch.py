@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,8 +40,13 @@ def test_serve_target_builds_then_becomes_the_server(smollm_q4, pipeline_dir, tm
         requests.get(srv.url + "/health", timeout=5)
 
 
-def test_chat_target_rebuilds_a_missing_shard_and_reads_piped_stdin(smollm_q4, pipeline_dir):
-    shard = smollm_q4.dir / "params_shard_0.bin"
+def test_chat_target_rebuilds_a_missing_shard_and_reads_piped_stdin(smollm_q4, pipeline_dir, tmp_path):
+    # on a copy of the session's build (workdir state included): other tests keep an intact one whatever happens here
+    pipeline_dir = tmp_path / "work"
+    shutil.copytree(smollm_q4.dir.parent.parent / ".snakemake", pipeline_dir / ".snakemake")
+    model_dir = pipeline_dir / "artifacts" / smollm_q4.dir.name
+    shutil.copytree(smollm_q4.dir, model_dir)
+    shard = model_dir / "params_shard_0.bin"
     shard.unlink()
     script = "/set temperature=0;max_gen_len=12\nWhat is the capital of France?\n/stats\n/exit\n"
     r = subprocess.run([*SNAKEMAKE, "-d", str(pipeline_dir), "chat_smollm2_cpu"], input=script, text=True,
