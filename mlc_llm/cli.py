@@ -162,7 +162,7 @@ def cmd_serve(a) -> None:
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
                               allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui,
                               strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts,
-                              max_queued_requests=a.max_queued_requests)
+                              max_queued_requests=a.max_queued_requests, shutdown_timeout=a.shutdown_timeout)
     settings.check()
     _check_port_free(a.host, a.port)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
@@ -281,6 +281,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queued-requests", type=_positive_int, default=None,
                    help="requests waiting for a slot before new ones get 429 + Retry-After (default: 8 per sequence "
                         "slot of the engine's mode)")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds running requests get to finish before they end with an error (default 10)")
     s.add_argument("--strict-model-name", action="store_true",
                    help="answer 404 to requests naming another model (default: the served model answers them)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -472,3 +473,34 @@ def test_a_full_queue_answers_429_with_retry_after(smollm_q4, tmp_path):
             time.sleep(0.2)
     finally:
         srv.stop()
+
+
+def test_sigterm_lets_short_requests_finish_and_ends_long_streams_in_band(smollm_q4, tmp_path):
+    srv = ServerProcess([str(smollm_q4.dir), "--model-lib", str(smollm_q4.lib), "--device", "cpu", "--mode", "local",
+                         "--shutdown-timeout", "5"], free_port(), tmp_path / "server.log")
+    srv.wait_health(200)
+    events: dict[int, list[str]] = {}
+
+    def stream(i: int, max_tokens: int) -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        with requests.post(srv.url + "/v1/completions", json=body, stream=True, timeout=120) as r:
+            events[i] = [line.decode() for line in r.iter_lines() if line]
+
+    threads = [threading.Thread(target=stream, args=(i, n)) for i, n in enumerate((3000, 3000, 4))]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while scrape(srv.url)["mlc_llm:num_requests_running"] < 3:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(60) == 0  # exits 0, not by the signal
+    for t in threads:
+        t.join(60)
+    for i in (0, 1):  # ended by the grace period: an error event, then [DONE]
+        assert events[i][-1] == "data: [DONE]"
+        err = json.loads(events[i][-2][6:])["error"]
+        assert err["code"] == "shutting_down" and "shutting down" in err["message"]
+    assert events[2][-1] == "data: [DONE]" and "error" not in "".join(events[2])  # finished within the grace
+    assert "Traceback" not in srv.log()
+    srv.stop()

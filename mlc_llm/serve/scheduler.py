@@ -62,6 +62,10 @@ class EngineCore:
     def stop(self) -> None:
         self.inbox.put(("stop", None))
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every running and waiting request with `error` (a server's shutdown grace period is over)."""
+        self.inbox.put(("fail_all", error))
+
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             snap = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()}
@@ -108,6 +112,9 @@ class EngineCore:
                     with self._lock:
                         self.stats["requests_aborted"] += 1
                     self._finish_request(req, reason="abort")
+        elif kind == "fail_all":
+            for req in list(self.running) + list(self.waiting):
+                self._finish_request(req, error=payload)
         elif kind == "stop":
             for req in list(self.running) + list(self.waiting):
                 self._finish_request(req, error=RuntimeError("the engine was terminated"))

@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class ServerSettings:
     allowed_hosts: Optional[list[str]] = None  # Host header values accepted (None: any); "*" matches any
     # requests waiting for a sequence slot before new ones get 429 (None: 8 per slot of the engine)
     max_queued_requests: Optional[int] = None
+    shutdown_timeout: float = 10.0  # SIGTERM: seconds running requests get to finish before they end with an error
 
     def check(self) -> None:
         if self.allow_credentials and "*" in self.allowed_origins:
@@ -70,6 +72,10 @@ def _host_name(header: str) -> str:
     if header.startswith("["):
         return header[1:header.find("]")].lower() if "]" in header else header.lower()
     return header.rsplit(":", 1)[0].lower() if header.count(":") == 1 else header.lower()
+
+
+class ShuttingDown(RuntimeError):
+    """The server received SIGTERM and the grace period ended before this request did."""
 
 
 class HTTPError(Exception):
@@ -270,6 +276,15 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     app = FastAPI(title="MLC LLM (TVM) OpenAI-compatible server", lifespan=lifespan)
 
+    def end_requests() -> None:
+        """Called when the shutdown grace period is over: every request still running ends with an error (a stream
+        gets it as its last event), so the connections close cleanly."""
+        if state.engine is not None:
+            state.engine.core.fail_all(ShuttingDown(f"the server is shutting down (grace period of "
+                                                    f"{settings.shutdown_timeout:g} s over)"))
+
+    app.state.end_requests = end_requests
+
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError):
         state.metrics.errors.labels(model_name, str(e.status)).inc()
@@ -362,6 +377,8 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             result = await create(engine, body)
         except P.BadRequestError as e:
             raise _from_bad_request(e) from None
+        except ShuttingDown as e:
+            raise HTTPError(503, str(e), "server_error", code="shutting_down") from None
         if isinstance(result, Response):  # the client went away
             return result
         if hasattr(result, "__aiter__"):  # stream=true (as pydantic read it)
@@ -415,6 +432,8 @@ async def _sse(stream, model_name: str):
             yield f"data: {json.dumps(_dump(chunk, model_name), ensure_ascii=False)}\n\n"
     except P.BadRequestError as e:
         yield f"data: {json.dumps(error_body(str(e), param=e.param, code=e.code))}\n\n"
+    except ShuttingDown as e:
+        yield f"data: {json.dumps(error_body(str(e), 'server_error', code='shutting_down'))}\n\n"
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - the stream is already open: report in-band, as vLLM does
@@ -441,4 +460,19 @@ def serve(model: str, model_lib: Optional[str], device: str, mode: str, override
     app = create_app(load, name, settings)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    grace = settings.shutdown_timeout
+
+    class Server(uvicorn.Server):
+        """SIGTERM: stop accepting, give running requests `grace` seconds, then end the rest with an error event,
+        and exit 0 (uvicorn would re-raise the signal and die by it)."""
+
+        def handle_exit(self, sig, frame) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and first:
+                self._captured_signals.remove(sig)
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(loop.call_later, grace, app.state.end_requests)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 1)
+    Server(config).run()
