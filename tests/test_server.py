@@ -279,6 +279,17 @@ MALFORMED = {
 }
 
 
+def test_oversized_input_is_refused_before_tokenizing(server):
+    """Characters beyond what the context could hold are refused at once (tokenizing 10 MB took ~10 s of the event
+    loop before)."""
+    huge = "word " * 2_000_000
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
+                       ("/v1/completions", {"prompt": huge})):
+        r = post(server, path, body)
+        assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded", r.text[:200]
+        assert "characters" in error_of(r)["message"]
+
+
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_requests_are_400s_with_the_reason(server, case):
     body = MALFORMED[case].encode("utf-8", "surrogatepass")

@@ -264,7 +264,7 @@ def test_round_trip_tool_result_then_final_answer(client):
      "does not answer a tool call"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}]}, "needs tool_call_id"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
-        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "not a JSON object"),
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}]}, "arguments is not valid JSON"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "id is required"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "only assistant"),

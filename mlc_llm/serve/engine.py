@@ -131,8 +131,19 @@ class _EngineBase:
                     logger.info("debug_config.%s is accepted and has no effect in this engine", name)
         return req
 
+    # No tokenizer packs more characters than this into a token on average: longer input cannot fit the context
+    # and is refused before minutes of tokenizing (a 16 MB body is 16 million characters).
+    MAX_CHARS_PER_TOKEN = 32
+
+    def _check_size(self, chars: int) -> None:
+        limit = self.MAX_CHARS_PER_TOKEN * self.config.max_single_sequence_length
+        if chars > limit:
+            raise P.ContextLengthError(f"the input has {chars} characters, more than a context window of "
+                                       f"{self.config.max_single_sequence_length} tokens can hold")
+
     def _chat_prompt(self, req: P.ChatCompletionRequest) -> tuple[list[int], Optional[Grammar], Optional[str]]:
         """-> (prompt tokens, grammar or None, tool format when the answer may contain tool calls)."""
+        self._check_size(sum(len(m.text()) for m in req.messages))
         fmt = self.conv.effective_tool_format if self.conv else DEFAULT_TOOL_FORMATS[JINJA]
         tools = T.parse_tools(req.tools) if req.tools is not None else None
         if tools is None and req.tool_choice not in (None, "none"):
@@ -269,6 +280,7 @@ class _EngineBase:
 
     def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig, None]:
         req = self._parse(P.CompletionRequest, kwargs)
+        self._check_size(len(req.prompt))
         if isinstance(req.prompt, str):
             prompt = self.tokenizer.encode_prompt(req.prompt)
         else:
@@ -499,7 +511,9 @@ class AsyncMLCEngine(_EngineBase):
     """async for chunk in await engine.chat.completions.create(..., stream=True)"""
 
     async def _run(self, kind: str, kwargs: dict[str, Any]):
-        req, prompt, gen, tool_format = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
+        # validating, rendering, tokenizing and compiling a grammar take a while for big requests: off the event loop
+        prepare = self._prepare_chat if kind == "chat" else self._prepare_completion
+        req, prompt, gen, tool_format = await asyncio.to_thread(prepare, kwargs)
         if self._terminated:
             raise RuntimeError("the engine was terminated")
         loop = asyncio.get_running_loop()
