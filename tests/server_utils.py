@@ -79,3 +79,14 @@ def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
         out[name + labels] = value
         out[name] = out.get(name, 0.0) + value
     return out
+
+
+def wait_idle(server: ServerProcess, timeout: float = 60) -> dict[str, float]:
+    """Metrics once nothing runs or waits (asserting within `timeout` seconds: a bound against hanging)."""
+    deadline = time.time() + timeout
+    while True:
+        m = scrape(server.url)
+        if m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0:
+            return m
+        assert time.time() < deadline, m
+        time.sleep(0.1)

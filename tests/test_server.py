@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from .server_utils import ServerProcess, free_port, scrape
+from .server_utils import ServerProcess, free_port, scrape, wait_idle
 
 KEY = "sk-test-key"
 ORIGIN = "http://good.example"
@@ -377,16 +377,6 @@ def test_body_limit_holds_for_a_chunked_upload(server):
 
 
 # ---- metrics and disconnects ---------------------------------------------------------------------------------------
-def wait_idle(server, timeout=60) -> dict[str, float]:
-    deadline = time.time() + timeout
-    while True:
-        m = scrape(server.url)
-        if m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0:
-            return m
-        assert time.time() < deadline, m
-        time.sleep(0.1)
-
-
 def test_metrics_count_requests(server, client):
     before = wait_idle(server)
     client.completions.create(model="smollm", prompt="The sky is", temperature=0, max_tokens=3,

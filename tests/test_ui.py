@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import pytest
 
-from .server_utils import ServerProcess, free_port, scrape
+from .server_utils import ServerProcess, free_port, scrape, wait_idle
 
 KEY = "sk-ui-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -117,16 +116,6 @@ def tab(browser, server):
     t.close()
 
 
-def wait_idle(server, timeout: float = 30) -> dict[str, float]:
-    deadline = time.time() + timeout
-    while True:
-        m = scrape(server.url)
-        if m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0:
-            return m
-        assert time.time() < deadline, m
-        time.sleep(0.1)
-
-
 def test_answer_streams_in_with_speed_and_model_info(tab):
     p = tab.page
     assert "context 4,096 tokens" in p.inner_text("#model-ctx")
@@ -213,7 +202,8 @@ def test_markdown_renderer_builds_safe_elements(tab):
     html = p.evaluate("""() => {
         const d = document.createElement('div');
         MD.render('# Title\\n**bold** and `<i>code</i>`\\n\\n- [ok](https://example.com)\\n'
-                  + '- [bad](javascript:alert(1))\\n\\nkeep snake_case_name and a.__x = 1, b.__y\\n\\n```html\\n<script>x</script>\\n```\\n<img src=x onerror=alert(1)>', d);
+                  + '- [bad](javascript:alert(1))\\n\\nkeep snake_case_name and a.__x = 1, b.__y\\n\\n'
+                  + '```html\\n<script>x</script>\\n```\\n<img src=x onerror=alert(1)>', d);
         return d.innerHTML;
     }""")
     assert "<strong>bold</strong>" in html and "<code>&lt;i&gt;code&lt;/i&gt;</code>" in html

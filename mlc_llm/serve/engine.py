@@ -213,10 +213,9 @@ class _EngineBase:
         pieces = re.split("(\ue000\\d+\ue001)", render([{**m, "content": marks[i]} for i, m in enumerate(messages)]))
         content = {marks[i]: m["content"] or "" for i, m in enumerate(messages)}
         if "".join(content.get(p, p) for p in pieces) != text:
-            raise P.BadRequestError("a message contains a control-token string (e.g. "
-                                    f"{next(s for s in specials if any(s in (m['content'] or '') for m in messages))!r}) "
-                                    "and this model's chat template rewrites message text, so it cannot be kept "
-                                    "as plain text: remove it")
+            found = next(s for s in specials if any(s in c for c in content.values()))
+            raise P.BadRequestError(f"a message contains the control-token string {found!r} and this model's chat "
+                                    "template rewrites message text, so it cannot be kept as plain text: remove it")
         ids: list[int] = []
         for p in pieces:
             if p in content:

@@ -45,8 +45,8 @@ class EngineCore:
         self.observers: list = []
         self.stats: dict[str, Any] = {
             "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0,
-            "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0, "decode_batch_sizes": collections.Counter(),
-            "decode_time_by_batch_size": collections.Counter(),
+            "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0,
+            "decode_batch_sizes": collections.Counter(), "decode_time_by_batch_size": collections.Counter(),
             "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
             "requests_aborted": 0, "last_request": None,
             "num_running": 0, "num_waiting": 0, "kv_pages_total": self.total_pages, "kv_pages_free": self.total_pages,

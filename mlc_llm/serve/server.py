@@ -39,8 +39,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 UI_DIR = Path(__file__).with_name("ui")
 # The page loads only its own files and talks only to this server; a second guard (after the renderer that never
 # parses model output as HTML) against a script getting into the page.
-UI_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                         "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+UI_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                         "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                                         "base-uri 'none'; frame-ancestors 'none'",
               "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 

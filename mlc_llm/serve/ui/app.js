@@ -4,6 +4,12 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
+  function el(tag, cls, text) {  // text only ever through textContent
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
   const PREFIX = "mlc_llm.";
   const store = {
     get(key, fallback) {
@@ -142,17 +148,11 @@
     list.replaceChildren();
     const chats = Object.values(state.chats).sort((a, b) => b.updated - a.updated);
     for (const chat of chats) {
-      const li = document.createElement("li");
-      li.className = chat.id === state.current ? "active" : "";
-      const title = document.createElement("span");
-      title.className = "title";
-      title.textContent = chat.title;
-      li.appendChild(title);
-      const del = document.createElement("button");
-      del.className = "delete";
+      const li = el("li", chat.id === state.current ? "active" : "");
+      li.appendChild(el("span", "title", chat.title));
+      const del = el("button", "delete", "\u00d7");
       del.type = "button";
       del.title = "Delete this conversation";
-      del.textContent = "\u00d7";
       del.addEventListener("click", (ev) => {
         ev.stopPropagation();
         if (!confirm(`Delete "${chat.title}"?`)) return;
@@ -177,7 +177,9 @@
   function statsText(st, brief) {
     if (!st) return "";
     const parts = [];
-    if (st.ttft != null) parts.push(`TTFT ${st.ttft < 1 ? Math.round(st.ttft * 1000) + " ms" : st.ttft.toFixed(2) + " s"}`);
+    if (st.ttft != null) {
+      parts.push(`TTFT ${st.ttft < 1 ? Math.round(st.ttft * 1000) + " ms" : st.ttft.toFixed(2) + " s"}`);
+    }
     if (st.tps != null) parts.push(`${st.tps.toFixed(1)} tok/s`);
     if (st.prompt != null && !brief) parts.push(`${st.prompt} prompt + ${st.completion} generated tokens`);
     return parts.join(" \u00b7 ");
@@ -186,42 +188,24 @@
   function messageElement(msg, index, chat) {
     const last = index === chat.messages.length - 1;
     const lastUser = chat.messages.map((m) => m.role).lastIndexOf("user") === index;
-    const div = document.createElement("div");
-    div.className = `msg ${msg.role}`;
-    const role = document.createElement("div");
-    role.className = "role";
-    role.textContent = msg.role === "user" ? "You" : state.model || "Assistant";
-    div.appendChild(role);
-    const body = document.createElement("div");
-    body.className = "body";
+    const div = el("div", `msg ${msg.role}`);
+    div.appendChild(el("div", "role", msg.role === "user" ? "You" : state.model || "Assistant"));
+    const body = el("div", "body");
     if (msg.role === "assistant") renderMarkdown(msg.content, body);
     else body.textContent = msg.content;
     div.appendChild(body);
     for (const call of msg.toolCalls || []) {
-      const box = document.createElement("div");
-      box.className = "tool-call";
-      const name = document.createElement("div");
-      name.className = "name";
-      name.textContent = `tool call: ${call.name}`;
-      const args = document.createElement("pre");
-      args.textContent = call.arguments;
-      box.append(name, args);
+      const box = el("div", "tool-call");
+      box.append(el("div", "name", `tool call: ${call.name}`), el("pre", null, call.arguments));
       div.appendChild(box);
     }
-    if (msg.error) {
-      const err = document.createElement("div");
-      err.className = "error";
-      err.textContent = msg.error;
-      div.appendChild(err);
-    }
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const stats = document.createElement("span");
-    stats.className = "msg-stats";
+    if (msg.error) div.appendChild(el("div", "error", msg.error));
+    const meta = el("div", "meta");
     const notes = [msg.stopped && "stopped", msg.truncated && "max tokens reached", statsText(msg.stats)];
-    stats.textContent = notes.filter(Boolean).join(" \u00b7 ");
-    meta.appendChild(stats);
-    if (!state.controller && last && msg.role === "assistant") meta.appendChild(button("Regenerate", "regenerate", regenerate));
+    meta.appendChild(el("span", "msg-stats", notes.filter(Boolean).join(" \u00b7 ")));
+    if (!state.controller && last && msg.role === "assistant") {
+      meta.appendChild(button("Regenerate", "regenerate", regenerate));
+    }
     if (!state.controller && lastUser) meta.appendChild(button("Edit", "edit", () => editFrom(index)));
     div.appendChild(meta);
     return div;
@@ -236,10 +220,9 @@
   }
 
   function button(text, id, onClick) {
-    const b = document.createElement("button");
+    const b = el("button", null, text);
     b.type = "button";
     b.id = id;
-    b.textContent = text;
     b.addEventListener("click", onClick);
     return b;
   }
@@ -250,10 +233,7 @@
     box.replaceChildren();
     const chat = currentChat();
     if (!chat || !chat.messages.length) {
-      const empty = document.createElement("div");
-      empty.className = "empty";
-      empty.textContent = state.model ? `Ask ${state.model} anything.` : "";
-      box.appendChild(empty);
+      box.appendChild(el("div", "empty", state.model ? `Ask ${state.model} anything.` : ""));
       return;
     }
     chat.messages.forEach((m, i) => box.appendChild(messageElement(m, i, chat)));
@@ -443,8 +423,8 @@
     }
     if (chunk.usage) {
       const extra = chunk.usage.extra || {};
-      reply.stats = { ttft: extra.ttft_s != null ? extra.ttft_s : reply.stats && reply.stats.ttft,
-                      tps: extra.decode_tokens_per_s != null ? extra.decode_tokens_per_s : reply.stats && reply.stats.tps,
+      const live = reply.stats || {};
+      reply.stats = { ttft: extra.ttft_s ?? live.ttft, tps: extra.decode_tokens_per_s ?? live.tps,
                       prompt: chunk.usage.prompt_tokens, completion: chunk.usage.completion_tokens };
     }
   }
