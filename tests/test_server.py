@@ -337,6 +337,21 @@ def test_local_server_defaults_refuse_other_sites(server):
     assert r.status_code == 400 and "attacker.example" in error_of(r)["message"]
 
 
+def test_a_non_ascii_api_key_works():
+    from fastapi.testclient import TestClient
+
+    from mlc_llm.serve.server import ServerSettings, create_app
+
+    def load():
+        raise RuntimeError("no model here")
+
+    key = "sk-clé-ключ"
+    with TestClient(create_app(load, "m", ServerSettings(api_key=key))) as c:
+        ok = c.get("/v1/models", headers={"Authorization": f"Bearer {key}".encode("utf-8")})
+        assert ok.status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sk-clé".encode("utf-8")}).status_code == 401
+
+
 def test_server_settings_defaults():
     from fastapi.testclient import TestClient
 

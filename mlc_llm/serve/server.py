@@ -219,7 +219,8 @@ class _AuthAndRequestId:
             return await response(scope, receive, send)
         if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
-            if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("latin-1")):
+            # bytes as sent (the header was decoded as latin-1) against the key's UTF-8 bytes, in constant time
+            if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("utf-8")):
                 self.on_reject()
                 msg = "missing API key: send 'Authorization: Bearer <key>'" if not auth else "invalid API key"
                 response = JSONResponse(error_body(msg, "invalid_request_error", code="invalid_api_key"),
