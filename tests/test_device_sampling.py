@@ -157,7 +157,7 @@ def test_the_embedded_cuda_source_compiles_when_the_library_loads(tmp_path, monk
     code = _embedded_cuda_source(lib.read_bytes())
     assert "parallel_sampling_from_prob_kernel" in code
     monkeypatch.setenv("MLC_LLM_CUDA_ARCH", "sm_90a")
-    monkeypatch.setenv("MLC_LLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLC_LLM_HOME", str(tmp_path / "cache"))
     runner._use_our_cuda_compiler()
     fatbin = bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")(code))
     assert fatbin[:4] == bytes.fromhex("50ed55ba")  # the fatbin magic

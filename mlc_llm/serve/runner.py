@@ -67,7 +67,9 @@ def compile_cuda_source(code: str) -> bytes:
         raise RuntimeLoadError("this CUDA library holds CUDA source, compiled when it loads: nvcc (the CUDA toolkit) "
                                "must be on PATH")
     arch = cuda_arch()
-    cache = Path(os.environ.get("MLC_LLM_CACHE_DIR", Path.home() / ".cache" / "mlc_llm")) / "cuda"
+    from .jit import cache_dir  # the JIT's cache folder ($MLC_LLM_HOME, else ~/.cache/mlc_llm)
+
+    cache = cache_dir() / "cuda"
     key = hashlib.sha256(f"{arch}:{' '.join(NVCC_FLAGS)}:".encode() + code.encode()).hexdigest()[:32]
     hit = cache / f"{key}.fatbin"
     if hit.exists():
