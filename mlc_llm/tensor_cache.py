@@ -25,8 +25,9 @@ class TensorCacheError(Exception):
     pass
 
 
-def md5_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
+    """Hex digest of a file read in chunks (weight shards: md5; model libraries: sha256)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -133,7 +134,7 @@ def verify(model_dir: str | Path, check_md5: bool = True) -> dict[str, Any]:
             raise TensorCacheError(
                 f"weight shard '{p}' has {p.stat().st_size} bytes, expected {shard['nbytes']} (truncated or "
                 f"replaced): convert the weights again")
-        if check_md5 and "md5sum" in shard and md5_file(p) != shard["md5sum"]:
+        if check_md5 and "md5sum" in shard and file_digest(p) != shard["md5sum"]:
             raise TensorCacheError(f"weight shard '{p}' is corrupted (md5 mismatch): convert the weights again")
     return index
 

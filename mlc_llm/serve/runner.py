@@ -99,16 +99,8 @@ def _use_our_cuda_compiler() -> None:
 
 def _verify_library(lib: Path) -> None:
     """Against the checksum `mlc_llm compile` wrote beside it (libraries from elsewhere have none and load as is)."""
-    import hashlib
-
     side = lib.with_name(lib.name + ".sha256")
-    if not side.exists():
-        return
-    h = hashlib.sha256()
-    with open(lib, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != side.read_text().strip():
+    if side.exists() and tensor_cache.file_digest(lib, "sha256") != side.read_text().strip():
         raise RuntimeLoadError(f"model library '{lib}' is damaged or truncated (its sha256 does not match "
                                f"{side.name}): compile it again (`mlc_llm compile`, or rerun the build)")
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..tensor_cache import file_digest
 from .gen_config import read_chat_config
 
 METADATA_VERSION = 1
@@ -105,16 +106,6 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     return mod, target
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_library_checksum(lib: Path, digest: str) -> None:
     """`<lib>.sha256`, checked by the runtime before it maps the library (a truncated or damaged .so otherwise
     crashes the process or misbehaves)."""
@@ -139,7 +130,7 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
     try:
         executable.export_library(tmp)
         # the checksum lands first: an interrupted compile leaves a mismatch (reported), never a wrong library
-        write_library_checksum(out, sha256_file(Path(tmp)))
+        write_library_checksum(out, file_digest(Path(tmp), "sha256"))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

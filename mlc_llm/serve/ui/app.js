@@ -4,12 +4,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  function el(tag, cls, text) {  // text only ever through textContent
-    const e = document.createElement(tag);
-    if (cls) e.className = cls;
-    if (text !== undefined) e.textContent = text;
-    return e;
-  }
+  const el = MD.el;  // markdown.js's: text only ever through textContent
   const PREFIX = "mlc_llm.";
   const store = {
     get(key, fallback) {

@@ -202,5 +202,5 @@ const MD = (() => {
     flush();
   }
 
-  return { render: (text, parent) => render(String(text), parent) };
+  return { render: (text, parent) => render(String(text), parent), el };
 })();
