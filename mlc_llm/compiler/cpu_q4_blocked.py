@@ -11,12 +11,11 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
   3 instructions per 16 weights;
 - the zero point and the scale apply once per group: `acc += s * (partial - 7 * sum(x of the group))`, with the scale
   vector loaded contiguously.
-(../shared/docs/CPU_KERNELS.md: the probe that found this layout.) With several rows of x (batched decode, short
-prefill) one decoded weight vector feeds a tile of 4 rows, as in `cpu_gemv.py`: clamped rows on read, skipped on
-write. From PANEL_MIN rows (prefill) a task dequantizes its block once into a float32 panel and runs a 6 x 64
-register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.6x faster than the 4-row tiles at
-128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles instead (`_AMX`, x in two
-bfloat16 parts times the integer weights, scaled per group).
+With several rows of x (batched decode, short prefill) one decoded weight vector feeds a tile of 4 rows, as in
+`cpu_gemv.py`: clamped rows on read, skipped on write. From PANEL_MIN rows (prefill) a task dequantizes its block once
+into a float32 panel and runs a 6 x 64 register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.6x
+faster than the 4-row tiles at 128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles
+instead (`_AMX`, x in two bfloat16 parts times the integer weights, scaled per group).
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).

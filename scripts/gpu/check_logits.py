@@ -1,4 +1,4 @@
-"""Logits of a compiled library against a float64 numpy reference recorded beforehand (issue 7's correctness check).
+"""Logits of a compiled library against a float64 numpy reference recorded beforehand (the CUDA correctness check).
 
     # here (CPU machine, build side installed): the reference, from the numpy Llama of tests/reference.py on the
     # same dequantized weights; 4 prompts, 4 greedy steps (the greedy path of the reference itself)
