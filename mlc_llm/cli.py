@@ -74,6 +74,7 @@ def cmd_generate(a) -> None:
     from .conversation import Conversation
     from .serve.runner import ModelRunner
 
+    _check_model_paths(a, chat=True)
     model_lib = a.model_lib or str(Path(a.model) / "lib" / f"{a.device}.so")
     runner = ModelRunner(a.model, model_lib, a.device)
     tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
@@ -120,10 +121,17 @@ def _check_unsupported_runtime_flags(a) -> None:
                          "usage.extra and in GET /metrics")
 
 
-def _check_model_paths(a) -> None:
+def _check_model_paths(a, chat: bool = False) -> None:
+    """`chat`: the command generates text, which an embedding model cannot."""
+    import json
+
     from .serve.engine import _resolve_model_dir
 
-    _resolve_model_dir(a.model)
+    model_dir = _resolve_model_dir(a.model)
+    task = json.loads((model_dir / "mlc-chat-config.json").read_text(encoding="utf-8")).get("model_task", "chat")
+    if chat and task == "embedding":
+        raise ValueError(f"'{a.model}' is an embedding model: it generates no text; serve it (`mlc_llm serve`) for "
+                         "/v1/embeddings")
     if a.model_lib and not Path(a.model_lib).is_file():
         raise FileNotFoundError(f"--model-lib {a.model_lib}: no such file")
     if a.model_lib:
@@ -132,7 +140,8 @@ def _check_model_paths(a) -> None:
         _verify_library(Path(a.model_lib))  # a damaged library: one line now, not a crash once loading
     from .serve.config import EngineConfig
 
-    EngineConfig(mode=a.mode).with_overrides(a.overrides)  # bad overrides fail here, before anything loads
+    if hasattr(a, "mode"):  # bad engine overrides fail here, before anything loads
+        EngineConfig(mode=a.mode).with_overrides(a.overrides)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -172,7 +181,7 @@ def cmd_serve(a) -> None:
 def cmd_chat(a) -> int:
     from .chat import run_chat
 
-    _check_model_paths(a)
+    _check_model_paths(a, chat=True)
     return run_chat(a.model, a.model_lib, a.device, a.overrides)
 
 
@@ -186,7 +195,7 @@ def cmd_bench(a) -> int:
     if a.bench == "latency":
         from .bench_latency import bench_latency
 
-        _check_model_paths(a)
+        _check_model_paths(a, chat=True)
         bench_latency(a.model, a.model_lib, a.device, a.prompt_len, a.gen_len, a.repeat, a.profile,
                       a.profile_context, a.profile_batch, a.result_json, a.profile_prefill or 0)
         return 0

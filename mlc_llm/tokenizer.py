@@ -16,6 +16,9 @@ class Tokenizer:
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer.json in '{model_dir}' (run `mlc_llm gen_config`)")
         self._tok = _HFTokenizer.from_file(str(path))
+        # a tokenizer.json may carry fixed padding / truncation (all-MiniLM's pads to 128): inputs are taken whole
+        self._tok.no_padding()
+        self._tok.no_truncation()
         cfg_path = Path(model_dir) / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
         jinja = Path(model_dir) / "chat_template.jinja"
@@ -33,6 +36,10 @@ class Tokenizer:
     def encode_text(self, text: str) -> list[int]:
         """`text` with any control-token strings in it tokenized as plain characters (user-written content)."""
         return self._as_text.encode(text, add_special_tokens=False).ids
+
+    def encode_input(self, text: str) -> list[int]:
+        """An encoder's input, with the special tokens its tokenizer adds ([CLS] ... [SEP] for BERT)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """A raw completion prompt: with the BOS token first where the tokenizer asks for it (`add_bos_token`: Gemma,

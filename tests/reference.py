@@ -129,3 +129,37 @@ class NumpyLlama:
             mlp = (activation(gate, self.cfg.get("hidden_act", "silu")) * up) @ L["down"].T
             h = h + (rms_norm(mlp, L["post_ffn"], eps) if L["post_ffn"] is not None else mlp)
         return rms_norm(h, self.norm, eps) @ self.lm_head.T
+
+
+def bert_embedding(w: dict, ids: list[int], heads: int, eps: float = 1e-12) -> np.ndarray:
+    """sentence-transformers' BERT embedding in float64 from the checkpoint's own (Hugging Face) tensor names: token
+    type 0, post-norm layers, exact (erf) GELU, mean pooling over the tokens, L2 normalisation."""
+    erf = np.vectorize(math.erf)
+
+    def norm(x, p):
+        m = x.mean(-1, keepdims=True)
+        return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * w[p + ".weight"] + w[p + ".bias"]
+
+    def linear(x, p):
+        return x @ w[p + ".weight"].astype(np.float64).T + w[p + ".bias"]
+
+    s = len(ids)
+    e = "embeddings."
+    h = w[e + "word_embeddings.weight"][ids] + w[e + "position_embeddings.weight"][:s] + \
+        w[e + "token_type_embeddings.weight"][0]
+    h = norm(h.astype(np.float64), e + "LayerNorm")
+    layer = 0
+    while f"encoder.layer.{layer}.attention.self.query.weight" in w:
+        p = f"encoder.layer.{layer}."
+        q, k, v = (linear(h, p + "attention.self." + n).reshape(s, heads, -1).transpose(1, 0, 2)
+                   for n in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        ctx = (probs @ v).transpose(1, 0, 2).reshape(s, -1)
+        h = norm(linear(ctx, p + "attention.output.dense") + h, p + "attention.output.LayerNorm")
+        inner = linear(h, p + "intermediate.dense")
+        h = norm(linear(0.5 * inner * (1 + erf(inner / math.sqrt(2))), p + "output.dense") + h, p + "output.LayerNorm")
+        layer += 1
+    pooled = h.mean(0)
+    return pooled / np.linalg.norm(pooled)

@@ -132,3 +132,13 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
     sampler = cfg.sampler if cfg.sampler != "auto" else ("device" if device_kind != "cpu" else "host")
     return ResolvedConfig(cfg.mode, num_seq, total, min(single, total), chunk, cfg.kv_cache_page_size, kv_per_token,
                           budget, sampler)
+
+
+def resolve_embedding(cfg: EngineConfig, metadata: dict[str, Any]) -> ResolvedConfig:
+    """An encoder has no KV cache: max_num_sequence bounds the inputs of one `encode` call, prefill_chunk_size its
+    padded tokens (at least one longest input), max_single_sequence_length the tokens of one input."""
+    ctx = int(metadata["context_window_size"])
+    single = min(cfg.max_single_sequence_length or ctx, ctx)
+    tokens = max(cfg.prefill_chunk_size or int(metadata["prefill_chunk_size"]), single)
+    num_seq = cfg.max_num_sequence or int(metadata["max_batch_size"])
+    return ResolvedConfig(cfg.mode, num_seq, tokens, single, tokens, 0, 0, 0, "host")

@@ -7,6 +7,7 @@ asyncio.Queue fed with call_soon_threadsafe for the async one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
+import numpy as np
 from pydantic import ValidationError
 
 from .. import __version__
@@ -25,7 +27,8 @@ from ..conversation import DEFAULT_TOOL_FORMATS, JINJA, Conversation
 from ..tokenizer import Tokenizer
 from . import protocol as P
 from . import tools as T
-from .config import EngineConfig, resolve
+from .config import EngineConfig, resolve, resolve_embedding
+from .embedding import EmbeddingCore, EmbeddingJob
 from .grammar import Grammar, GrammarBackend, response_format_grammar
 from .request import Delta, Done, GenerationConfig, Request
 from .runner import ModelRunner
@@ -73,27 +76,36 @@ class _EngineBase:
             raise ValueError(f"mode='{mode}' and engine_config.mode='{engine_config.mode}' disagree")
         cfg = cfg.with_overrides(overrides)
         self.runner = ModelRunner(self.model_dir, model_lib, self.device)
+        self.task = self.runner.task
+        self.tokenizer = Tokenizer(self.model_dir)
+        self.fingerprint = f"mlc-{__version__}-{self.chat_config['quantization']}-{self.device}"
+        self._terminated = False
+        self.chat = _Chat(self)
+        self.completions = _Endpoint(self, "completion")
+        self.embeddings = _Endpoint(self, "embedding")
+        if self.task == "embedding":
+            self.config = resolve_embedding(cfg, self.runner.metadata)
+            normalize = bool((self.chat_config.get("embedding_metadata") or {}).get("normalize", False))
+            self.core = EmbeddingCore(self.runner, self.config, normalize)
+        else:
+            self._init_chat(cfg, model_lib)
+        self._thread = threading.Thread(target=self.core.run_forever, name="mlc-engine", daemon=True)
+        self._thread.start()
+
+    def _init_chat(self, cfg: EngineConfig, model_lib: str) -> None:
         self.config = resolve(cfg, self.runner.metadata, self.device.split(":")[0])
         if self.config.sampler == "device" and not self.runner.has_device_sampler:
             if cfg.sampler == "device":
                 raise ValueError(f"sampler=device: the model library '{model_lib}' has no sampling functions "
                                  "(compiled by an older version): recompile it with `mlc_llm compile`")
             self.config = dataclasses.replace(self.config, sampler="host")
-        self.tokenizer = Tokenizer(self.model_dir)
         conv = self.chat_config.get("conv_template")
         self.conv = Conversation.from_dict(conv) if conv and conv.get("name") != JINJA else None
         eos = self.chat_config.get("eos_token_id")
         self.stop_token_ids = sorted(set((self.conv.stop_token_ids if self.conv else []) +
                                          ([eos] if isinstance(eos, int) else list(eos or []))))
         self.grammars = GrammarBackend(self.model_dir, self.runner.vocab_size, self.stop_token_ids)
-        self.fingerprint = f"mlc-{__version__}-{self.chat_config['quantization']}-{self.device}"
         self.core = EngineCore(self.runner, self.config)
-        self._thread = threading.Thread(target=self.core.run_forever, name="mlc-engine", daemon=True)
-        self._thread.start()
-        self._terminated = False
-        # OpenAI's namespaces: engine.chat.completions.create(...) and engine.completions.create(...)
-        self.chat = _Chat(self)
-        self.completions = _Endpoint(self, "completion")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -124,8 +136,9 @@ class _EngineBase:
             raise P.BadRequestError(P.explain_validation_error(e)) from None
         if req.model is not None and req.model not in self.model_names:
             raise P.ModelNotFoundError(f"model '{req.model}' is not served here (served: {self.model})")
-        if req.debug_config is not None:
-            for name in req.debug_config.model_fields_set - {"ignore_eos"}:
+        debug = getattr(req, "debug_config", None)
+        if debug is not None:
+            for name in debug.model_fields_set - {"ignore_eos"}:
                 if name not in _DEBUG_FIELDS_LOGGED:
                     _DEBUG_FIELDS_LOGGED.add(name)
                     logger.info("debug_config.%s is accepted and has no effect in this engine", name)
@@ -269,7 +282,13 @@ class _EngineBase:
         return GenerationConfig(sampling=sampling, n=req.n, max_tokens=max_tokens, stop=stop,
                                 stop_token_ids=self.stop_token_ids, ignore_eos=req.ignores_eos, seed=req.seed)
 
+    def _require_chat(self) -> None:
+        if self.task != "chat":
+            raise P.BadRequestError(f"model '{self.model}' is an embedding model: it serves embeddings "
+                                    "(/v1/embeddings, engine.embeddings.create), not chat or completions")
+
     def _prepare_chat(self, kwargs) -> tuple[P.ChatCompletionRequest, list[int], GenerationConfig, Optional[str]]:
+        self._require_chat()
         req = self._parse(P.ChatCompletionRequest, kwargs)
         prompt, grammar, tool_format = self._chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -278,6 +297,7 @@ class _EngineBase:
         return req, prompt, gen, tool_format
 
     def _prepare_completion(self, kwargs) -> tuple[P.CompletionRequest, list[int], GenerationConfig, None]:
+        self._require_chat()
         req = self._parse(P.CompletionRequest, kwargs)
         self._check_size(len(req.prompt))
         if isinstance(req.prompt, str):
@@ -295,6 +315,49 @@ class _EngineBase:
 
     def _new_request(self, prompt: list[int], gen: GenerationConfig, sink) -> Request:
         return Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
+
+    # ---- embeddings -----------------------------------------------------------------------------------------------
+    def _prepare_embedding(self, kwargs) -> tuple[P.EmbeddingRequest, list[list[int]]]:
+        if self.task != "embedding":
+            raise P.BadRequestError(f"model '{self.model}' is a chat model: it has no embeddings (serve an embedding "
+                                    "model, e.g. the minilm_cpu deployment)")
+        req = self._parse(P.EmbeddingRequest, kwargs)
+        hidden = self.runner.hidden_size
+        if req.dimensions is not None and req.dimensions > hidden:
+            raise P.BadRequestError(f"dimensions must be at most {hidden} for this model, got {req.dimensions}")
+        limit = self.config.max_single_sequence_length
+        inputs = []
+        for i, item in enumerate(req.inputs):
+            if isinstance(item, str):
+                self._check_size(len(item))
+                ids = self.tokenizer.encode_input(item)
+            else:
+                ids = list(item)
+                bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
+                if bad:
+                    raise P.BadRequestError(f"input {i}: token id {bad[0]} is out of range "
+                                            f"[0, {self.runner.vocab_size})")
+            if len(ids) > limit:
+                raise P.ContextLengthError(f"input {i} has {len(ids)} tokens, more than this model's limit of "
+                                           f"{limit}")
+            inputs.append(ids)
+        return req, inputs
+
+    def _embedding_response(self, req: P.EmbeddingRequest, inputs: list[list[int]], result) -> P.EmbeddingResponse:
+        if isinstance(result, BaseException):
+            raise result
+        vectors = result
+        if req.dimensions is not None and req.dimensions < vectors.shape[1]:  # truncated, then unit length again
+            vectors = vectors[:, :req.dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        if req.encoding_format == "base64":  # little-endian float32, as OpenAI's
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = [v.tolist() for v in vectors]
+        tokens = sum(len(i) for i in inputs)
+        return P.EmbeddingResponse(data=[P.Embedding(index=i, embedding=d) for i, d in enumerate(data)],
+                                   model=self.model, usage=P.EmbeddingUsage(prompt_tokens=tokens,
+                                                                             total_tokens=tokens))
 
 
 class _Endpoint:
@@ -473,6 +536,13 @@ class MLCEngine(_EngineBase):
     """from mlc_llm import MLCEngine; engine = MLCEngine(model_dir, model_lib=...)"""
 
     def _run(self, kind: str, kwargs: dict[str, Any]) -> Union[Any, Iterator[Any]]:
+        if kind == "embedding":
+            req, inputs = self._prepare_embedding(kwargs)
+            if self._terminated:
+                raise RuntimeError("the engine was terminated")
+            box: queue.Queue = queue.Queue()
+            self.core.submit(EmbeddingJob(uuid.uuid4().hex, inputs, box.put))
+            return self._embedding_response(req, inputs, box.get())
         req, prompt, gen, tool_format = (self._prepare_chat if kind == "chat" else self._prepare_completion)(kwargs)
         if self._terminated:
             raise RuntimeError("the engine was terminated")
@@ -510,6 +580,8 @@ class AsyncMLCEngine(_EngineBase):
     """async for chunk in await engine.chat.completions.create(..., stream=True)"""
 
     async def _run(self, kind: str, kwargs: dict[str, Any]):
+        if kind == "embedding":
+            return await self._embed(kwargs)
         # validating, rendering, tokenizing and compiling a grammar take a while for big requests: off the event loop
         prepare = self._prepare_chat if kind == "chat" else self._prepare_completion
         req, prompt, gen, tool_format = await asyncio.to_thread(prepare, kwargs)
@@ -530,6 +602,22 @@ class AsyncMLCEngine(_EngineBase):
         except asyncio.CancelledError:
             self.core.abort(request.id)
             raise
+
+    async def _embed(self, kwargs: dict[str, Any]) -> P.EmbeddingResponse:
+        req, inputs = await asyncio.to_thread(self._prepare_embedding, kwargs)
+        if self._terminated:
+            raise RuntimeError("the engine was terminated")
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future = loop.create_future()
+        job = EmbeddingJob(uuid.uuid4().hex, inputs,
+                           lambda r: loop.call_soon_threadsafe(lambda: result.done() or result.set_result(r)))
+        self.core.submit(job)
+        try:
+            vectors = await result
+        except asyncio.CancelledError:
+            self.core.abort(job.id)
+            raise
+        return await asyncio.to_thread(self._embedding_response, req, inputs, vectors)
 
     async def _stream(self, request: Request, events: asyncio.Queue, fmt: _Formatter,
                       include_usage: bool) -> AsyncIterator[Any]:

@@ -194,6 +194,54 @@ class CompletionRequest(SamplingFields):
         return v
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request: one text, a list of texts, one token-id list or a list of them."""
+    model_config = ConfigDict(extra="forbid")
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v):
+        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else list(v)
+        if not items:
+            raise ValueError("input must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(items)}")
+        for i, item in enumerate(items):
+            if not item:
+                raise ValueError(f"input {i} is empty")
+        return items
+
+    @property
+    def inputs(self) -> list[Union[str, list[int]]]:
+        return self.input  # normalised to a list by the validator
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
 # ---- responses ----------------------------------------------------------------------------------------------------
 class TopLogprob(BaseModel):
     token: str

@@ -127,6 +127,10 @@ class ModelRunner:
         self.vocab_size = int(self.metadata["vocab_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
         self.dtype = self.metadata["model_dtype"]
+        self.task = self.metadata.get("model_task", "chat")
+        if self.task == "embedding":  # an encoder: one `encode` function, no KV cache
+            self._fn, self._sample, self._kv = {"encode": self.vm["encode"]}, {}, {}
+            return
         self._fn = {n: self.vm[n] for n in ("embed", "batch_prefill", "batch_decode", "create_paged_kv_cache")}
         try:
             self._sample = {n: self.vm[n] for n in DEVICE_SAMPLING_FUNCTIONS}
@@ -192,6 +196,18 @@ class ModelRunner:
         arr = np.asarray(ids, dtype=np.int32)
         self._check_ids(arr)
         return self._fn["embed"](tvm.runtime.tensor(arr, self.device), self.params)
+
+    def encode(self, token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Encoder models: the pooled (not normalised) float32 [B, hidden] of a batch of inputs, right-padded here."""
+        width = max(len(t) for t in token_lists)
+        ids = np.zeros((len(token_lists), width), np.int32)
+        mask = np.zeros((len(token_lists), width), np.float32)
+        for i, t in enumerate(token_lists):
+            ids[i, :len(t)], mask[i, :len(t)] = t, 1.0
+        self._check_ids(ids)
+        out = self._fn["encode"](tvm.runtime.tensor(ids, self.device), tvm.runtime.tensor(mask, self.device),
+                                 self.params)
+        return out.numpy()
 
     def batch_prefill(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Append each sequence's tokens; return the logits after the last token of each: float32 [B, vocab]."""

@@ -419,6 +419,10 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     async def completions(request: Request):
         return await generate(request, lambda engine, body: non_stream(request, engine.completions.create(**body)))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await generate(request, lambda engine, body: non_stream(request, engine.embeddings.create(**body)))
+
     return app
 
 

@@ -50,6 +50,17 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
     }
 
 
+def _encoder_metadata(chat: dict[str, Any], cfg, quant, device: str, target, params) -> dict[str, Any]:
+    return {
+        "version": METADATA_VERSION, "model_type": chat["model_type"], "quantization": quant.name,
+        "model_dtype": quant.model_dtype, "device": device, "target": str(target),
+        "context_window_size": cfg.context_window_size, "prefill_chunk_size": cfg.prefill_chunk_size,
+        "max_batch_size": cfg.max_batch_size, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "model_task": "embedding", "kv_state_kind": "none", "pooling": cfg.pooling,
+        "params": [{"name": n, "shape": [int(d) for d in p.shape], "dtype": p.dtype} for n, p in params],
+    }
+
+
 def _attach_metadata(mod, metadata: dict[str, Any]):
     import tvm
     from tvm import relax
@@ -79,25 +90,28 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
-    from ..model import DecoderConfig
     from ..compiler.target import is_gpu, make_target
-    from ..model import build_module, get_family
+    from ..model import build_module, config_from_dict, get_family, model_task
     from ..quantization import get_quantization
 
     check_prefill_precision(device, prefill_precision)
     chat = read_chat_config(model_dir)
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
-    cfg = DecoderConfig.from_dict({**chat["model_config"], **(overrides or {})})
+    cfg = config_from_dict(family, {**chat["model_config"], **(overrides or {})})
     target = make_target(device)
     if quant.block_rows and is_gpu(target):
         raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
                            f"use q4f16_1 (or q4f32_1) for {device}")
     model = build_module(family, cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
-    metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision)
-    mod = add_sampling_functions(_attach_metadata(mod, metadata), cfg.vocab_size)
-    mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"])
+    if model_task(family) == "embedding":
+        metadata = _encoder_metadata(chat, cfg, quant, device, target, params)
+        mod = pipeline.optimize(_attach_metadata(mod, metadata), target, prefill_precision)
+    else:
+        metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision)
+        mod = add_sampling_functions(_attach_metadata(mod, metadata), cfg.vocab_size)
+        mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"])
     if is_gpu(target):
         unbound = unbound_gpu_kernels(mod)
         if unbound:

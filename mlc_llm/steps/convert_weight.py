@@ -26,6 +26,13 @@ def make_quantizer(quant):
     return quantize
 
 
+def check_quantization(family, quantization: str) -> None:
+    allowed = getattr(family, "quantizations", None)
+    if allowed and quantization not in allowed:
+        raise ValueError(f"quantization {quantization} is not supported for {family.name} models "
+                         f"(allowed: {', '.join(allowed)})")
+
+
 def check_tensors(src, expected: dict[str, tuple[int, ...]], family: str) -> None:
     """Every tensor the family reads is in the source, at its shape: else say which one, before anything is written."""
     missing = [n for n in expected if not src.has(n)]
@@ -45,15 +52,16 @@ def convert_weight(source: str, quantization: str, output: str | Path, *, instal
     quant = get_quantization(quantization)
     src = open_source(source, install_hint)
     family = family_for_hf(src.hf_config)
+    check_quantization(family, quant.name)
     cfg = family.config(src.hf_config)
-    check_tensors(src, hf_shapes(family, cfg), family.name)
+    check_tensors(src, hf_shapes(family, cfg, src.has), family.name)
     norm_dtype = np.dtype(quant.model_dtype)
     groups = source_to_mlc(family, cfg, make_quantizer(quant), src.get, src.has)
     writer = TensorCacheWriter(output)
     try:
         from tqdm import tqdm
 
-        for group in tqdm(groups, total=num_groups(cfg), desc=f"convert {quant.name}", unit="tensor",
+        for group in tqdm(groups, total=num_groups(family, cfg), desc=f"convert {quant.name}", unit="tensor",
                           disable=not progress):
             for name, arr in group.items():
                 if arr.dtype == np.float32 and norm_dtype != np.float32:

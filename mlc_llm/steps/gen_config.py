@@ -9,7 +9,7 @@ from typing import Any
 
 from ..conversation import get_conv_template
 from ..loader import open_source
-from ..model import family_for_hf
+from ..model import family_for_hf, model_task
 from ..quantization import get_quantization
 from ..support import atomic_write_json
 
@@ -54,8 +54,14 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
             raise ValueError(f"{name} must be a positive integer, got {v}")
     src = open_source(source, install_hint)
     family = family_for_hf(src.hf_config)
+    task = model_task(family)
+    if task == "embedding":
+        from .convert_weight import check_quantization
+
+        check_quantization(family, quant.name)
+    folder = {"folder": src.path} if task == "embedding" else {}  # sentence-transformers pooling etc.
     model_cfg = family.config(src.hf_config, context_window_size=context_window_size,
-                              prefill_chunk_size=prefill_chunk_size, max_batch_size=max_batch_size)
+                              prefill_chunk_size=prefill_chunk_size, max_batch_size=max_batch_size, **folder)
     if system_message is not None:
         conv.system_message = system_message
     out = Path(output)
@@ -85,13 +91,16 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
             "tokenizer_files": files,
             "tokenizer_info": {"token_postproc_method": "byte_level", "prepend_space_in_encode": False,
                                "strip_space_in_decode": False},
-            "conv_template": conv.to_dict(),
+            "conv_template": conv.to_dict() if task == "chat" else None,
             "pad_token_id": hf.get("pad_token_id") or 0,
             "bos_token_id": hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
             "eos_token_id": hf.get("eos_token_id") if hf.get("eos_token_id") is not None else 2,
-            "model_task": "chat",
+            "model_task": task,
             "source": {"kind": src.kind, "path": src.path},
         }
+        if task == "embedding":  # the original's field: how `encode`'s output becomes the embedding
+            chat_config["embedding_metadata"] = {"model_type": "encoder", "pooling_strategy": model_cfg.pooling,
+                                                 "normalize": model_cfg.normalize}
         for name in files:
             shutil.move(str(tmp / name), out / name)
         atomic_write_json(out / CHAT_CONFIG, chat_config)  # last: marks the step complete
