@@ -171,7 +171,9 @@ def cmd_serve(a) -> None:
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
                               allowed_methods=a.allowed_methods, allowed_headers=a.allowed_headers, ui=not a.no_ui,
                               strict_model_name=a.strict_model_name, allowed_hosts=a.allowed_hosts,
-                              max_queued_requests=a.max_queued_requests, shutdown_timeout=a.shutdown_timeout)
+                              max_queued_requests=a.max_queued_requests, shutdown_timeout=a.shutdown_timeout,
+                              header_timeout=a.header_timeout, body_timeout=a.body_timeout,
+                              request_timeout=a.request_timeout)
     settings.check()
     _check_port_free(a.host, a.port)
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
@@ -292,6 +294,13 @@ def make_parser() -> argparse.ArgumentParser:
                         "slot of the engine's mode)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM, seconds running requests get to finish before they end with an error (default 10)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="close a connection whose request headers are not all in after this many seconds (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="answer 408 when no part of a request body arrives for this many seconds (default 30)")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="end a request that takes longer than this many seconds, queue included (504, or an in-band "
+                        "error event in a stream; default: no limit)")
     s.add_argument("--strict-model-name", action="store_true",
                    help="answer 404 to requests naming another model (default: the served model answers them)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -13,7 +13,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from ..quantization.layers import make_embedding, make_linear
+from ..quantization.layers import make_embedding, make_linear, take
 from .base import DecoderConfig
 
 
@@ -141,7 +141,7 @@ class DecoderForCausalLM(nn.Module):
 
     def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache):
         h = self.model(input_embeds, paged_kv_cache)
-        return self._logits(op.take(h, logit_positions, axis=1)), paged_kv_cache
+        return self._logits(take(h, logit_positions, axis=1)), paged_kv_cache
 
     def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache):
         return self._logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache

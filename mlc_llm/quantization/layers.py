@@ -41,6 +41,14 @@ def _q4_params(quant: Quantization, rows: int, k: int) -> tuple[nn.Parameter, nn
     return nn.Parameter((rows, words), "uint32"), nn.Parameter((rows, groups), quant.model_dtype), False
 
 
+def take(x: Tensor, indices: Tensor, axis: int) -> Tensor:
+    """Rows of `x`, indices clamped to its range: TVM's default "fast" take warns at every compile that
+    out-of-range indices segfault (the runtime refuses such token ids before they get here)."""
+    from tvm import relax
+
+    return op.wrap_nested(relax.op.take(x._expr, indices._expr, axis, mode="clip"), "take")
+
+
 def _add_bias(y: Tensor, bias: nn.Parameter | None) -> Tensor:
     return y if bias is None else op.add(y, bias)  # fused into the matmul kernel as its epilogue
 
@@ -77,7 +85,7 @@ class PlainEmbedding(nn.Module):
         self.weight = nn.Parameter((vocab, dim), dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return op.take(self.weight, ids, axis=0)
+        return take(self.weight, ids, axis=0)
 
     def lm_head(self, x: Tensor) -> Tensor:
         return op.matmul(x, op.permute_dims(self.weight))
@@ -97,8 +105,8 @@ class GroupQ4Embedding(nn.Module):
                     qw, qs, idx[t].astype("int64"), j, self.dtype, True), name="dequantize_take")
 
             return op.tensor_expr_op(compute, "dequantize_take", [self.q_weight, self.q_scale, ids])
-        qw = op.take(self.q_weight, ids, axis=0)
-        qs = op.take(self.q_scale, ids, axis=0)
+        qw = take(self.q_weight, ids, axis=0)
+        qs = take(self.q_scale, ids, axis=0)
         return _dequantize(qw, qs, ids.shape[0], self.dim, self.dtype, "dequantize_take", False)
 
     def lm_head(self, x: Tensor) -> Tensor:

@@ -29,6 +29,10 @@ class EngineConfig:
     kv_cache_page_size: int = PAGE_SIZE
     tensor_parallel_shards: Optional[int] = None
     sampler: str = "auto"
+    # While other requests run or wait, one prompt's prefill chunk is capped at this many tokens (vLLM's name), so a
+    # short request is answered between the chunks of a long one. None: 512 on the CPU (a chunk of ~0.3 s there),
+    # prefill_chunk_size elsewhere.
+    long_prefill_token_threshold: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -36,7 +40,7 @@ class EngineConfig:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{self.sampler}' (allowed: {', '.join(SAMPLERS)})")
         for name in ("max_num_sequence", "max_total_sequence_length", "max_single_sequence_length",
-                     "prefill_chunk_size"):
+                     "prefill_chunk_size", "long_prefill_token_threshold"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -89,6 +93,7 @@ class ResolvedConfig:
     kv_bytes_per_token: int
     memory_budget_bytes: int
     sampler: str = "host"  # "host" or "device" once resolved
+    long_prefill_token_threshold: int = 0  # 0: prefill_chunk_size
 
 
 def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
@@ -130,8 +135,9 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
         raise ValueError(f"prefill_chunk_size {chunk} exceeds the library's compile-time prefill_chunk_size "
                          f"{compile_chunk}")
     sampler = cfg.sampler if cfg.sampler != "auto" else ("device" if device_kind != "cpu" else "host")
+    long_prefill = min(cfg.long_prefill_token_threshold or (512 if device_kind == "cpu" else chunk), chunk)
     return ResolvedConfig(cfg.mode, num_seq, total, min(single, total), chunk, cfg.kv_cache_page_size, kv_per_token,
-                          budget, sampler)
+                          budget, sampler, long_prefill)
 
 
 def resolve_embedding(cfg: EngineConfig, metadata: dict[str, Any]) -> ResolvedConfig:

@@ -61,6 +61,9 @@ _DEBUG_FIELDS_LOGGED: set[str] = set()  # debug_config fields without effect, ea
 
 
 class _EngineBase:
+    # seconds a request may take, queue included, before the engine ends it with RequestTimeout (None: no limit)
+    request_timeout: Optional[float] = None
+
     def __init__(self, model: str, model_lib: Optional[str] = None, device: str = "auto", mode: str = "local",
                  engine_config: Optional[EngineConfig] = None, overrides: Optional[str] = None):
         self.model = model
@@ -264,8 +267,6 @@ class _EngineBase:
         elif len(prompt) + max_tokens > ctx:
             raise P.ContextLengthError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context "
                                     f"window ({ctx} tokens)")
-        if req.n > self.config.max_num_sequence:
-            raise P.BadRequestError(f"n={req.n} exceeds the engine's max_num_sequence ({self.config.max_num_sequence})")
         vocab = self.runner.vocab_size
         for t in req.logit_bias or {}:
             if t >= vocab:
@@ -314,7 +315,10 @@ class _EngineBase:
         return req, prompt, gen, None
 
     def _new_request(self, prompt: list[int], gen: GenerationConfig, sink) -> Request:
-        return Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
+        req = Request(uuid.uuid4().hex, prompt, gen, self.tokenizer, sink)
+        if self.request_timeout is not None:
+            req.deadline = req.arrival + self.request_timeout
+        return req
 
     # ---- embeddings -----------------------------------------------------------------------------------------------
     def _prepare_embedding(self, kwargs) -> tuple[P.EmbeddingRequest, list[list[int]]]:

@@ -42,6 +42,10 @@ class Failed:
     error: BaseException
 
 
+class RequestTimeout(RuntimeError):
+    """The request ran (queue included) past its time limit; it was ended and its KV freed."""
+
+
 class Sequence:
     def __init__(self, index: int, tokens: list[int], num_prompt: int, tokenizer: Tokenizer, gen: GenerationConfig,
                  rng: np.random.Generator):
@@ -86,6 +90,7 @@ class Request:
         self.first_token_time: Optional[float] = None
         self.prefill_tokens = 0  # including re-prefill after preemption
         self.admitted_at = -1  # admission order, for choosing whom to preempt
+        self.deadline: Optional[float] = None  # perf_counter time after which the engine ends it (RequestTimeout)
 
     def _new_seq(self, index: int, tokens: list[int]) -> Sequence:
         rng = np.random.Generator(np.random.PCG64([self._seed, index]))

@@ -4,6 +4,12 @@ Each step is either a prefill (new or preempted sequences, ragged, at most prefi
 than that are prefilled in chunks over several steps) or one decode of every running sequence in a single
 batch_decode call. When decode has no free KV pages, the most recently admitted request is preempted: its KV is
 dropped and it goes back to the front of the queue with its tokens kept, to be prefilled again later.
+
+Sharing between requests: while both prefill and decode work exist the two kinds of step alternate (running streams
+keep flowing during a long prompt); a prefill takes the shortest remaining prompts first, and while other requests
+run or wait one prompt's chunk is capped at `long_prefill_token_threshold` (a short request is answered between the
+chunks of a long one). Choices 2..n of a request fork choice 1's prompt KV as slots allow; while other requests wait,
+one request keeps at most half the sequence slots.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .config import ResolvedConfig
-from .request import Delta, Done, Failed, Request, Sequence
+from .request import Delta, Done, Failed, Request, RequestTimeout, Sequence
 from .runner import ModelRunner
 from .sampler import SampleRow, Sampled, device_inputs, on_device, sample_batch
 
@@ -34,6 +40,7 @@ class EngineCore:
         self.free_seq_ids = list(range(cfg.max_num_sequence - 1, -1, -1))
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._admissions = 0
+        self._prefilled_last = False
         self._lock = threading.Lock()
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
         # forward pass. On the CPU the forward pass already uses every core: measured slower (bench/grammar.py:
@@ -94,6 +101,7 @@ class EngineCore:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     item = None
+            self._expire()
             if self.waiting or self.running:
                 try:
                     self.step()
@@ -101,6 +109,12 @@ class EngineCore:
                     for req in list(self.running) + list(self.waiting):
                         self._finish_request(req, error=e)
             self._publish_gauges()
+
+    def _expire(self) -> None:
+        now = time.perf_counter()
+        for req in [r for r in list(self.running) + list(self.waiting) if r.deadline is not None and now > r.deadline]:
+            self._finish_request(req, error=RequestTimeout(
+                f"the request took longer than the server's limit of {req.deadline - req.arrival:g} s"))
 
     def _handle(self, item) -> bool:
         kind, payload = item
@@ -122,8 +136,14 @@ class EngineCore:
         return True
 
     def step(self) -> None:
-        if not self._prefill_step():
-            self._decode_step()
+        self._admit()
+        self._fork_choices()
+        order = (self._decode_step, self._prefill_step) if self._prefilled_last else \
+            (self._prefill_step, self._decode_step)
+        for run in order:
+            if run():
+                self._prefilled_last = run == self._prefill_step
+                return
 
     # ---- prefill --------------------------------------------------------------------------------------------------
     def _running_seqs(self) -> list[Sequence]:
@@ -142,7 +162,7 @@ class EngineCore:
         """Move waiting requests to running while sequences, pages and total length allow (FIFO)."""
         while self.waiting:
             req = self.waiting[0]
-            seqs_after = len(self._running_seqs()) + len(req.seqs) + req.unforked
+            seqs_after = len(self._running_seqs()) + sum(not s.finished for s in req.seqs)
             need_tokens = sum(len(s.tokens) for s in req.seqs)
             headroom = seqs_after  # one new page per sequence for its next decode step
             if seqs_after > self.cfg.max_num_sequence:
@@ -161,19 +181,46 @@ class EngineCore:
             self._admissions += 1
             self.running.append(req)
 
+    def _fork_choices(self) -> None:
+        """Start choices 2..n of running requests: a fork of a sibling's KV up to the prompt's last token (which the
+        next decode step reads, so each choice samples its first token itself), or, when no sibling holds the prompt
+        any more, a fresh sequence that prefills it again."""
+        share = max(1, self.cfg.max_num_sequence // 2)
+        for req in self.running:
+            if not req.unforked:
+                continue
+            live = [s for s in req.seqs if not s.finished and s.seq_id is not None]
+            keep = len(req.prompt) - 1
+            parent = next((s for s in live if s.kv_len >= keep), None) if keep > 0 else None
+            if parent is None and live:
+                continue  # the prompt is still being prefilled
+            free = len(self.free_seq_ids)
+            if self.waiting:  # others are queued: this request keeps at most `share` slots
+                free = min(free, share - len(live))
+            for _ in range(max(0, min(req.unforked, free))):
+                child = req.fork(req.gen.n - req.unforked)
+                child.seq_id = self.free_seq_ids.pop()
+                if parent is not None:
+                    self.runner.fork_sequence(self.cache, parent.seq_id, child.seq_id, keep)
+                    child.kv_len = keep
+                else:
+                    self.runner.add_sequence(self.cache, child.seq_id)
+                req.unforked -= 1
+
     def _prefill_step(self) -> bool:
-        self._admit()
+        todo = [(req, s) for req in self.running for s in req.seqs
+                if not s.finished and len(s.pending) > 1 and s.seq_id is not None]
+        todo.sort(key=lambda rs: len(rs[1].pending))  # shortest remaining prompt first
+        busy = len(todo) > 1 or bool(self.waiting) or any(len(s.pending) == 1 for s in self._running_seqs())
+        cap = self.cfg.long_prefill_token_threshold if busy else self.cfg.prefill_chunk_size
         budget = self.cfg.prefill_chunk_size
         batch: list[tuple[Request, Sequence, list[int]]] = []
-        for req in self.running:
-            for s in req.seqs:
-                if s.finished or len(s.pending) <= 1 or s.seq_id is None:
-                    continue
-                if budget <= 0:
-                    break
-                chunk = s.pending[:budget]
-                budget -= len(chunk)
-                batch.append((req, s, chunk))
+        for req, s in todo:
+            if budget <= 0:
+                break
+            chunk = s.pending[:min(budget, cap)]
+            budget -= len(chunk)
+            batch.append((req, s, chunk))
         if not batch:
             return False
         start = time.perf_counter()
@@ -212,7 +259,7 @@ class EngineCore:
         start = time.perf_counter()
         # the library's sampler, when it takes every row (no forks to make: those copy logits rows on the host)
         on_dev = self.cfg.sampler == "device" and all(
-            on_device(r.gen.sampling, s.matcher is not None) and not (r.unforked and s.index == 0) for r, s in seqs)
+            on_device(r.gen.sampling, s.matcher is not None) for r, s in seqs)
         masks = self._masks_ahead([s for _, s in seqs]) if self._masks_overlap and not on_dev else None
         tokens = [s.pending[0] for _, s in seqs]
         logits = self.runner.batch_decode(self.cache, [s.seq_id for _, s in seqs], tokens, to_host=not on_dev)
@@ -261,24 +308,12 @@ class EngineCore:
 
     def _sample_and_commit(self, logits: np.ndarray, seqs: list[tuple[Request, Sequence]],
                            masks: Optional[dict[int, np.ndarray]] = None) -> None:
-        rows: list[tuple[Request, Sequence, np.ndarray]] = []
-        for i, (req, s) in enumerate(seqs):
-            rows.append((req, s, logits[i]))
-            if req.unforked and s.index == 0:  # prompt done: the other choices fork its KV and sample too
-                for k in range(1, req.unforked + 1):
-                    child = req.fork(k)
-                    child.kv_len = s.kv_len
-                    child.seq_id = self.free_seq_ids.pop()
-                    self.runner.fork_sequence(self.cache, s.seq_id, child.seq_id)
-                    rows.append((req, child, logits[i]))
-                req.unforked = 0
-        matrix = np.stack([row for _, _, row in rows]) if len(rows) != len(seqs) else logits
-        sample_rows = [SampleRow(r.gen.sampling, s.rng, s.counts, s.matcher) for r, s, _ in rows]
-        for i, mask in (masks or {}).items():  # decode steps only: rows == seqs there
+        sample_rows = [SampleRow(r.gen.sampling, s.rng, s.counts, s.matcher) for r, s in seqs]
+        for i, mask in (masks or {}).items():
             sample_rows[i].allowed = mask
-        sampled = sample_batch(matrix, sample_rows)
+        sampled = sample_batch(logits, sample_rows)
         now = time.perf_counter()
-        for (req, s, _), out in zip(rows, sampled):
+        for (req, s), out in zip(seqs, sampled):
             if req.first_token_time is None:
                 req.first_token_time = now
             self._commit(req, s, out)

@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 
 from . import protocol as P
+from .request import RequestTimeout
 
 logger = logging.getLogger("mlc_llm.serve")
 
@@ -58,8 +59,15 @@ class ServerSettings:
     # requests waiting for a sequence slot before new ones get 429 (None: 8 per slot of the engine)
     max_queued_requests: Optional[int] = None
     shutdown_timeout: float = 10.0  # SIGTERM: seconds running requests get to finish before they end with an error
+    header_timeout: float = 10.0  # a connection whose request headers are not all in after this many seconds closes
+    body_timeout: float = 30.0  # seconds without a byte of a request body arriving: 408
+    request_timeout: Optional[float] = None  # seconds a request may run (queue included); None: no limit
 
     def check(self) -> None:
+        for name in ("shutdown_timeout", "header_timeout", "body_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a positive number of seconds, got {value}")
         if self.allow_credentials and "*" in self.allowed_origins:
             raise ValueError("--allow-credentials with every origin ('*') would let any web page act with the "
                              "user's credentials: list the origins in --allowed-origins")
@@ -262,6 +270,7 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             state.error = f"{type(e).__name__}: {e}"
             logger.error("loading the model failed: %s", state.error)
             return
+        engine.request_timeout = settings.request_timeout
         engine.core.observers.append(state.metrics.observe)
         state.metrics.engine = engine
         state.engine = engine
@@ -320,7 +329,15 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise HTTPError(413, f"request body of {size} bytes is over the limit of {MAX_BODY_BYTES} bytes")
         chunks, received = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a chunked upload is cut at the limit
+        body = request.stream()
+        while True:  # counted as it arrives: a chunked upload is cut at the limit; a stalled one times out
+            try:
+                chunk = await asyncio.wait_for(body.__anext__(), settings.body_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise HTTPError(408, f"no part of the request body arrived for {settings.body_timeout:g} s",
+                                code="body_timeout") from None
             received += len(chunk)
             if received > MAX_BODY_BYTES:
                 raise HTTPError(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")
@@ -381,6 +398,8 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             raise _from_bad_request(e) from None
         except ShuttingDown as e:
             raise HTTPError(503, str(e), "server_error", code="shutting_down") from None
+        except RequestTimeout as e:
+            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from None
         if isinstance(result, Response):  # the client went away
             return result
         if hasattr(result, "__aiter__"):  # stream=true (as pydantic read it)
@@ -440,12 +459,53 @@ async def _sse(stream, model_name: str):
         yield f"data: {json.dumps(error_body(str(e), param=e.param, code=e.code))}\n\n"
     except ShuttingDown as e:
         yield f"data: {json.dumps(error_body(str(e), 'server_error', code='shutting_down'))}\n\n"
+    except RequestTimeout as e:
+        yield f"data: {json.dumps(error_body(str(e), 'timeout_error', code='request_timeout'))}\n\n"
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - the stream is already open: report in-band, as vLLM does
         logger.exception("error while streaming")
         yield f"data: {json.dumps(error_body(f'{type(e).__name__}: {e}', 'server_error'))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _header_timeout_protocol(timeout: float):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not all in `timeout` seconds after
+    it opened or after its previous response (a client sending its headers byte by byte would otherwise hold the
+    connection for ever; other clients are never stalled by it, the loop serves them meanwhile)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 # ---- process entry (mlc_llm serve) --------------------------------------------------------------------------------
@@ -480,5 +540,6 @@ def serve(model: str, model_lib: Optional[str], device: str, mode: str, override
                 loop = asyncio.get_event_loop()
                 loop.call_soon_threadsafe(loop.call_later, grace, app.state.end_requests)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 1)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 1,
+                            http=_header_timeout_protocol(settings.header_timeout))
     Server(config).run()
