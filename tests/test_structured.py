@@ -170,3 +170,70 @@ def test_masks_built_during_the_forward_pass_give_the_same_answer(engine):
         engine.core._masks_overlap = False
     assert overlapped == inline
     jsonschema.validate(json.loads(inline), schema)
+
+
+class _BreaksAfter:
+    """An llguidance matcher that breaks after `n` tokens, the way a grammar can fail at run time: `mode` "consume"
+    refuses the next token, "mask" makes computing its token mask raise (a fault injected into the real engine)."""
+
+    def __init__(self, inner, n: int, mode: str):
+        self._inner, self._left, self._mode = inner, n, mode
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def consume_token(self, t):
+        self._left -= 1
+        return self._inner.consume_token(t) and not (self._mode == "consume" and self._left < 0)
+
+    def get_error(self):
+        return "injected failure" if self._left < 0 else self._inner.get_error()
+
+    def unwrap(self):
+        if self._mode == "mask" and self._left < 0:
+            raise RuntimeError("injected mask failure")
+        return self._inner
+
+
+@pytest.mark.parametrize("mode", ["consume", "mask"])
+def test_a_grammar_failing_mid_answer_ends_only_its_request(engine, monkeypatch, mode):
+    from mlc_llm.serve import grammar as G
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    plain = dict(messages=[{"role": "user", "content": "Name three colours."}], temperature=0, max_tokens=24)
+    good = dict(messages=[{"role": "user", "content": "Give me a JSON object."}], temperature=0, max_tokens=24,
+                response_format=fmt)
+    alone = [engine.chat.completions.create(**kw).choices[0].message.content for kw in (plain, good)]
+    bad_text = "Give a JSON object, please."
+    real_allowed = G.allowed_tokens
+    broken: list[_BreaksAfter] = []
+
+    def allowed(matchers, vocab):
+        return real_allowed([m.unwrap() if isinstance(m, _BreaksAfter) else m for m in matchers], vocab)
+
+    class Breaking:  # the request's grammar, handing out matchers that break
+        def __init__(self, grammar):
+            self.grammar = grammar
+
+        def matcher(self):
+            broken.append(_BreaksAfter(self.grammar.matcher(), 4, mode))
+            return broken[-1]
+
+    def prepare(kwargs, _orig=engine._prepare_chat):
+        req, prompt, gen, tools = _orig(kwargs)
+        if kwargs["messages"][0]["content"] == bad_text:
+            gen.grammar = Breaking(gen.grammar)
+        return req, prompt, gen, tools
+
+    monkeypatch.setattr(G, "allowed_tokens", allowed)
+    monkeypatch.setattr(engine, "_prepare_chat", prepare)
+    bad = dict(good, messages=[{"role": "user", "content": bad_text}])
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(engine.chat.completions.create, **kw) for kw in (plain, bad, good)]
+        with pytest.raises(RuntimeError, match="response grammar failed: injected"):
+            futures[1].result()
+        results = [futures[0].result().choices[0].message.content, futures[2].result().choices[0].message.content]
+    assert broken and results == alone  # the bystanders (one constrained, one not) got exactly their own answers
+    m = engine.metrics()
+    assert m["num_running"] == 0 and m["kv_pages_free"] == m["kv_pages_total"]

@@ -276,7 +276,11 @@ class EngineCore:
         if on_dev:
             self._sample_on_device_and_commit(logits, seqs)
         else:
-            self._sample_and_commit(logits, seqs, masks.result() if masks is not None else None)
+            try:
+                ahead = masks.result() if masks is not None else None
+            except Exception:  # a grammar failed: the sampling below finds which one, row by row
+                ahead = None
+            self._sample_and_commit(logits, seqs, ahead)
         with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
         return True
@@ -311,12 +315,33 @@ class EngineCore:
         sample_rows = [SampleRow(r.gen.sampling, s.rng, s.counts, s.matcher) for r, s in seqs]
         for i, mask in (masks or {}).items():
             sample_rows[i].allowed = mask
-        sampled = sample_batch(logits, sample_rows)
+        sampled = self._sample(logits, seqs, sample_rows)
         now = time.perf_counter()
         for (req, s), out in zip(seqs, sampled):
+            if out is None or s.finished:  # its request ended with an error while sampling
+                continue
             if req.first_token_time is None:
                 req.first_token_time = now
             self._commit(req, s, out)
+
+    def _sample(self, logits: np.ndarray, seqs: list[tuple[Request, Sequence]],
+                rows: list[SampleRow]) -> list[Optional[Sampled]]:
+        """sample_batch; if it fails (a grammar that breaks at run time, say), row by row, ending only the requests
+        whose rows fail (None in their place)."""
+        try:
+            return sample_batch(logits, rows)
+        except Exception:  # noqa: BLE001 - which row failed is found below
+            pass
+        out: list[Optional[Sampled]] = []
+        for i, ((req, s), row) in enumerate(zip(seqs, rows)):
+            try:
+                row.allowed = None
+                out.append(sample_batch(logits[i:i + 1], [row])[0])
+            except Exception as e:  # noqa: BLE001 - reported to that request's client
+                what = "its response grammar failed" if s.matcher is not None else "sampling failed"
+                self._finish_request(req, error=RuntimeError(f"the request ended: {what}: {e}"))
+                out.append(None)
+        return out
 
     def _sample_on_device_and_commit(self, logits, seqs: list[tuple[Request, Sequence]]) -> None:
         rows = [SampleRow(r.gen.sampling, s.rng, s.counts) for r, s in seqs]
@@ -331,8 +356,9 @@ class EngineCore:
         t = out.token
         s.tokens.append(t)
         s.counts[t] = s.counts.get(t, 0) + 1
-        if s.matcher is not None and not s.matcher.consume_token(t):  # cannot happen with masked sampling
-            self._finish_request(req, error=RuntimeError(f"grammar: {s.matcher.get_error()}"))
+        if s.matcher is not None and not s.matcher.consume_token(t):  # the grammar broke at run time
+            self._finish_request(req, error=RuntimeError(
+                f"the request ended: its response grammar failed: {s.matcher.get_error()}"))
             return
         logprobs = [(out, req.tokenizer.token_text(t))] if out.logprob is not None else []
         if t in req.gen.stop_token_ids and not req.gen.ignore_eos:
