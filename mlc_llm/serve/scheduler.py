@@ -219,6 +219,8 @@ class EngineCore:
             if budget <= 0:
                 break
             chunk = s.pending[:min(budget, cap)]
+            if batch and len(chunk) < len(s.pending) and busy:
+                break  # short prompts finish in a step of their own, not behind a long one's chunk
             budget -= len(chunk)
             batch.append((req, s, chunk))
         if not batch:
