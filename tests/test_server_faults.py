@@ -145,3 +145,51 @@ def test_a_storm_of_disconnects_leaves_nothing_running(server):
     assert _completion(server).json()["choices"][0]["text"] == before
     m = scrape(server.url)
     assert m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0
+
+
+def test_an_unexpected_error_is_a_500_before_a_stream_and_an_in_band_event_after(smollm_q4, monkeypatch):
+    """Faults injected into the real engine behind the real app: a bug while preparing a request answers an
+    OpenAI-shaped 500 (logged with its traceback); a bug after a stream has started ends it with an error event and
+    [DONE]; the server goes on serving."""
+    from fastapi.testclient import TestClient
+
+    from mlc_llm import AsyncMLCEngine
+    from mlc_llm.serve import engine as E
+    from mlc_llm.serve.server import ServerSettings, create_app
+
+    app = create_app(lambda: AsyncMLCEngine(str(smollm_q4.dir), model_lib=str(smollm_q4.lib), device="cpu"),
+                     "smollm", ServerSettings())
+    body = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 12, "temperature": 0}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        deadline = time.time() + 120
+        while client.get("/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.1)
+        normal = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        with monkeypatch.context() as m:
+            def broken(self, kwargs):
+                raise ZeroDivisionError("injected")
+            m.setattr(E._EngineBase, "_prepare_chat", broken)
+            r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 500, r.text
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "ZeroDivisionError: injected" in error["message"]
+        real_chunk, seen = E._Formatter.chunk, [0]
+
+        def failing_chunk(self, d):
+            seen[0] += 1
+            if seen[0] > 3:
+                raise KeyError("injected after the stream started")
+            return real_chunk(self, d)
+
+        with monkeypatch.context() as m:
+            m.setattr(E._Formatter, "chunk", failing_chunk)
+            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+                assert s.status_code == 200
+                events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "server_error" and "injected after the stream started" in err["message"]
+        assert any("choices" in json.loads(e) for e in events[:-2])  # tokens came first
+        after = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert after == normal
