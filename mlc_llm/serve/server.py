@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 
 from . import protocol as P
+from .openapi import describe_request_bodies
 from .request import RequestTimeout
 
 logger = logging.getLogger("mlc_llm.serve")
@@ -441,6 +442,8 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await generate(request, lambda engine, body: non_stream(request, engine.embeddings.create(**body)))
+
+    describe_request_bodies(app)  # the bodies these endpoints read themselves, in /openapi.json
 
     return app
 
