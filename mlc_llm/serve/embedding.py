@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import ResolvedConfig
 from .runner import ModelRunner
+from .scheduler import trim_heap
 
 
 @dataclass
@@ -100,6 +101,9 @@ class EmbeddingCore:
             jobs = [j for j in jobs if j not in aborted]
             if jobs:
                 self._run(jobs)
+                self.runner.release_pool()  # every batch shape is new to the pool: keep nothing
+                if self.inbox.empty():
+                    trim_heap()  # idle again: hand the freed memory back
 
     def _batches(self, rows: list[tuple[int, int, Sequence[int]]]) -> list[list[tuple[int, int, Sequence[int]]]]:
         rows = sorted(rows, key=lambda r: len(r[2]))

@@ -124,6 +124,7 @@ class ModelRunner:
         self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
         self._check_params(index)
         self.params = self._load_params()
+        self._clear_pool = tvm.get_global_func("vm.builtin.memory_manager.clear")
         self.vocab_size = int(self.metadata["vocab_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
         self.dtype = self.metadata["model_dtype"]
@@ -161,6 +162,12 @@ class ModelRunner:
         params = by_name([p["name"] for p in self.metadata["params"]])
         clear()
         return params
+
+    def release_pool(self) -> None:
+        """Free the buffers TVM's pooled allocator keeps for reuse. It reuses a buffer only for the same size and
+        never returns one, so every new prompt length would grow the process for good; the engine calls this after
+        each prefill step on the CPU (decode steps, with few distinct sizes, keep their pooled buffers)."""
+        self._clear_pool()
 
     # ---- KV cache -------------------------------------------------------------------------------------------------
     def create_kv_cache(self, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int | None = None,

@@ -28,6 +28,24 @@ from .runner import ModelRunner
 from .sampler import SampleRow, Sampled, device_inputs, on_device, sample_batch
 
 
+_malloc_trim = None
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): the heap's free pages go back to the OS (about a millisecond; nothing without glibc),
+    so the process does not keep the peak of the last burst of requests."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 class EngineCore:
     def __init__(self, runner: ModelRunner, cfg: ResolvedConfig):
         self.runner = runner
@@ -46,6 +64,9 @@ class EngineCore:
         # forward pass. On the CPU the forward pass already uses every core: measured slower (bench/grammar.py:
         # 0.77x of plain decode overlapped vs 0.975x in line), so there they are built in line when sampling.
         self._masks_overlap = runner.device.dlpack_device_type() != 1  # 1 = kDLCPU
+        # On the CPU the allocator's pool is emptied after each prefill step (see ModelRunner.release_pool); a GPU
+        # keeps it (a device malloc per step costs more).
+        self._release_after_prefill = runner.device.dlpack_device_type() == 1
         self._mask_pool: Optional[ThreadPoolExecutor] = None
         # Called in the engine thread as fn(usage, finish_reasons) when a request ends without an error
         # (normally or aborted); the server's Prometheus metrics hang here. Must be quick and must not raise.
@@ -108,6 +129,8 @@ class EngineCore:
                 except Exception as e:  # a failed forward fails its requests, not the engine
                     for req in list(self.running) + list(self.waiting):
                         self._finish_request(req, error=e)
+                if not (self.waiting or self.running):
+                    trim_heap()  # the engine just went idle
             self._publish_gauges()
 
     def _expire(self) -> None:
@@ -227,6 +250,8 @@ class EngineCore:
             return False
         start = time.perf_counter()
         logits = self.runner.batch_prefill(self.cache, [s.seq_id for _, s, _ in batch], [c for _, _, c in batch])
+        if self._release_after_prefill:
+            self.runner.release_pool()
         elapsed = time.perf_counter() - start
         n_tokens = sum(len(c) for _, _, c in batch)
         with self._lock:
