@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 
 from .config import ResolvedConfig
 from .runner import ModelRunner
-from .scheduler import trim_heap
+from .scheduler import CoreInbox, trim_heap
 
 
 @dataclass
@@ -30,43 +29,23 @@ class EmbeddingJob:
     arrived: float = field(default_factory=time.perf_counter)
 
 
-class EmbeddingCore:
+class EmbeddingCore(CoreInbox):
     def __init__(self, runner: ModelRunner, cfg: ResolvedConfig, normalize: bool):
         self.runner, self.cfg, self.normalize = runner, cfg, normalize
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._aborted: set[str] = set()
-        self._lock = threading.Lock()
-        self.observers: list = []  # fn(usage, finish_reasons) per finished job, as EngineCore's
-        self.stats: dict[str, Any] = {
+        super().__init__({
             "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0, "decode_time_s": 0.0,
             "decode_steps": 0, "decode_batch_sizes": collections.Counter(),
             "decode_time_by_batch_size": collections.Counter(), "preemptions": 0, "requests_finished": 0,
             "requests_aborted": 0, "num_running": 0, "num_waiting": 0, "kv_pages_total": 0, "kv_pages_free": 0,
             # inputs per `encode` call, and requests per round of batching (> 1: requests were batched together)
             "embedding_batch_sizes": collections.Counter(), "embedding_requests_per_round": collections.Counter(),
-        }
+        })
 
-    # ---- thread-safe entry points (as EngineCore's) -------------------------------------------------------------
     def submit(self, job: EmbeddingJob) -> None:
         with self._lock:
             self.stats["num_waiting"] += 1
-        self.inbox.put(("add", job))
-
-    def abort(self, job_id: str) -> None:
-        self.inbox.put(("abort", job_id))
-
-    def stop(self) -> None:
-        self.inbox.put(("stop", None))
-
-    def fail_all(self, error: BaseException) -> None:
-        self.inbox.put(("fail_all", error))
-
-    def metrics(self) -> dict[str, Any]:
-        with self._lock:
-            snap = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()}
-        snap["prefill_tokens_per_s"] = snap["prefill_tokens"] / snap["prefill_time_s"] if snap["prefill_time_s"] else 0
-        snap["decode_tokens_per_s"] = 0
-        return snap
+        super().submit(job)
 
     # ---- loop -----------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:

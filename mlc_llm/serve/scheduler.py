@@ -46,43 +46,20 @@ def trim_heap() -> None:
         _malloc_trim(0)
 
 
-class EngineCore:
-    def __init__(self, runner: ModelRunner, cfg: ResolvedConfig):
-        self.runner = runner
-        self.cfg = cfg
-        self.cache = runner.create_kv_cache(cfg.max_num_sequence, cfg.max_total_sequence_length,
-                                            cfg.prefill_chunk_size, cfg.page_size)
-        self.total_pages = runner.num_available_pages(self.cache)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
-        self.free_seq_ids = list(range(cfg.max_num_sequence - 1, -1, -1))
+class CoreInbox:
+    """What an engine thread offers other threads: messages into its inbox, a snapshot of its stats, and observers
+    it calls when a request ends. EngineCore (generation) and EmbeddingCore (embeddings) are both one."""
+
+    def __init__(self, stats: dict[str, Any]):
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._admissions = 0
-        self._prefilled_last = False
         self._lock = threading.Lock()
-        # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
-        # forward pass. On the CPU the forward pass already uses every core: measured slower (bench/grammar.py:
-        # 0.77x of plain decode overlapped vs 0.975x in line), so there they are built in line when sampling.
-        self._masks_overlap = runner.device.dlpack_device_type() != 1  # 1 = kDLCPU
-        # On the CPU the allocator's pool is emptied after each prefill step (see ModelRunner.release_pool); a GPU
-        # keeps it (a device malloc per step costs more).
-        self._release_after_prefill = runner.device.dlpack_device_type() == 1
-        self._mask_pool: Optional[ThreadPoolExecutor] = None
         # Called in the engine thread as fn(usage, finish_reasons) when a request ends without an error
         # (normally or aborted); the server's Prometheus metrics hang here. Must be quick and must not raise.
         self.observers: list = []
-        self.stats: dict[str, Any] = {
-            "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0,
-            "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0,
-            "decode_batch_sizes": collections.Counter(), "decode_time_by_batch_size": collections.Counter(),
-            "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
-            "requests_aborted": 0, "last_request": None,
-            "num_running": 0, "num_waiting": 0, "kv_pages_total": self.total_pages, "kv_pages_free": self.total_pages,
-        }
+        self.stats = stats
 
-    # ---- thread-safe entry points ------------------------------------------------------------------------------
-    def submit(self, req: Request) -> None:
-        self.inbox.put(("add", req))
+    def submit(self, request) -> None:
+        self.inbox.put(("add", request))
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -97,9 +74,40 @@ class EngineCore:
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             snap = {k: (dict(v) if isinstance(v, collections.Counter) else v) for k, v in self.stats.items()}
-        snap["prefill_tokens_per_s"] = snap["prefill_tokens"] / snap["prefill_time_s"] if snap["prefill_time_s"] else 0
-        snap["decode_tokens_per_s"] = snap["decode_tokens"] / snap["decode_time_s"] if snap["decode_time_s"] else 0
+        for kind in ("prefill", "decode"):
+            seconds = snap[f"{kind}_time_s"]
+            snap[f"{kind}_tokens_per_s"] = snap[f"{kind}_tokens"] / seconds if seconds else 0
         return snap
+
+
+class EngineCore(CoreInbox):
+    def __init__(self, runner: ModelRunner, cfg: ResolvedConfig):
+        self.runner = runner
+        self.cfg = cfg
+        self.cache = runner.create_kv_cache(cfg.max_num_sequence, cfg.max_total_sequence_length,
+                                            cfg.prefill_chunk_size, cfg.page_size)
+        self.total_pages = runner.num_available_pages(self.cache)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.free_seq_ids = list(range(cfg.max_num_sequence - 1, -1, -1))
+        self._admissions = 0
+        self._prefilled_last = False
+        # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
+        # forward pass. On the CPU the forward pass already uses every core: measured slower (bench/grammar.py:
+        # 0.77x of plain decode overlapped vs 0.975x in line), so there they are built in line when sampling.
+        self._masks_overlap = runner.device.dlpack_device_type() != 1  # 1 = kDLCPU
+        # On the CPU the allocator's pool is emptied after each prefill step (see ModelRunner.release_pool); a GPU
+        # keeps it (a device malloc per step costs more).
+        self._release_after_prefill = runner.device.dlpack_device_type() == 1
+        self._mask_pool: Optional[ThreadPoolExecutor] = None
+        super().__init__({
+            "prefill_tokens": 0, "prefill_time_s": 0.0, "prefill_steps": 0, "decode_tokens": 0,
+            "decode_time_s": 0.0, "decode_steps": 0, "decode_host_time_s": 0.0,
+            "decode_batch_sizes": collections.Counter(), "decode_time_by_batch_size": collections.Counter(),
+            "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
+            "requests_aborted": 0, "last_request": None,
+            "num_running": 0, "num_waiting": 0, "kv_pages_total": self.total_pages, "kv_pages_free": self.total_pages,
+        })
 
     def _publish_gauges(self) -> None:
         """Queue and KV gauges, read here in the engine thread (the KV cache is not touched from other threads)."""
