@@ -4,10 +4,10 @@ prefilled (MLCEngine on a built model, one process).
     python bench/fairness.py artifacts/SmolLM2-135M-Instruct-q4f32_cpu --long-tokens 7000 --rounds 3
 
 Each round: a stream starts (greedy, 200 tokens); once it is flowing, a prompt of --long-tokens random token ids is
-submitted; 0.5 s later a short request is. Reported per setting of `long_prefill_token_threshold` (the cap on one
-prompt's prefill chunk while other requests run or wait; the engine's default, and prefill_chunk_size for
-comparison): the long prompt's time to first token, the short request's, and the stream's longest gap between tokens
-during the long prefill. Medians over the rounds.
+submitted; --short-delay seconds later a short request is (late in the long prefill, where its chunks cost the most).
+Reported per setting of `long_prefill_token_threshold` (the cap on one prompt's prefill chunk while other requests
+run or wait; the engine's default, and prefill_chunk_size for comparison): the long prompt's time to first token, the
+short request's, and the stream's longest gap between tokens during the long prefill. Medians over the rounds.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 
-def one_round(engine, long_tokens: int, seed: int) -> dict[str, float]:
+def one_round(engine, long_tokens: int, seed: int, short_delay: float) -> dict[str, float]:
     prompt = [int(t) for t in np.random.default_rng(seed).integers(1000, 20000, size=long_tokens)]
     stamps: list[float] = []
     out: dict[str, float] = {}
@@ -46,7 +46,7 @@ def one_round(engine, long_tokens: int, seed: int) -> dict[str, float]:
     long = threading.Thread(target=first_token, args=("long_ttft_s",), kwargs=dict(prompt=prompt, max_tokens=2))
     long_start = time.perf_counter()
     long.start()
-    time.sleep(0.5)
+    time.sleep(short_delay)
     first_token("short_ttft_s", prompt="The capital of France is", max_tokens=4)
     long.join()
     s.join()
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--model-lib", default=None)
     ap.add_argument("--long-tokens", type=int, default=7000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--short-delay", type=float, default=0.5, help="seconds after the long prompt")
     ap.add_argument("--thresholds", type=int, nargs="*", default=[0, 2048],
                     help="long_prefill_token_threshold values (0: the engine's default)")
     ap.add_argument("--json-out")
@@ -78,7 +79,7 @@ def main() -> None:
         with MLCEngine(a.model, model_lib=lib, device="cpu", mode="local", overrides=overrides) as engine:
             name = f"threshold={engine.config.long_prefill_token_threshold}"
             engine.completions.create(prompt="warm up", max_tokens=2)
-            rounds = [one_round(engine, a.long_tokens, seed) for seed in range(a.rounds)]
+            rounds = [one_round(engine, a.long_tokens, seed, a.short_delay) for seed in range(a.rounds)]
         results[name] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
         results[name]["rounds"] = rounds
         print(name, {k: round(v, 3) for k, v in results[name].items() if k != "rounds"}, flush=True)
