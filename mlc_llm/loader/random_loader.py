@@ -17,7 +17,7 @@ class RandomSource(Source):
     kind = "random"
 
     def __init__(self, preset: str, seed: int = 0, config: dict[str, Any] | None = None):
-        from ..model import family_for_hf, hf_shapes, random_presets
+        from ..model import family_for_hf, random_presets
 
         presets = random_presets()
         if config is None:
@@ -31,7 +31,7 @@ class RandomSource(Source):
         self.seed = seed
         self.hf_config = config
         fam = family_for_hf(config)
-        self._shapes = hf_shapes(fam, fam.config(config))
+        self._shapes = fam.hf_shapes(fam.config(config))
 
     def has(self, name: str) -> bool:
         return name in self._shapes

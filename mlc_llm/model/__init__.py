@@ -3,15 +3,15 @@
 A family is one short file (`llama.py`, `qwen2.py`, `phi3.py`, `gemma3.py`) holding a `Family` record: its config
 parsing, how its checkpoint differs from Llama's, and its `random:` presets. The network itself (`decoder.py`) and the weight mapping
 (`base.py`) are shared; target-specific kernels are chosen by compiler passes, never here. Adding a family: one file
-and one line in FAMILIES. An encoder (`task = "embedding"`) brings its own config, mapping and network; the functions
-below dispatch on the family so that the pipeline steps treat both alike.
+and one line in FAMILIES. An encoder (`task = "embedding"`, in ENCODERS) brings its own config, mapping and network
+behind the same methods as a `Family` (config, config_from_dict, hf_shapes, source_to_mlc, num_groups, build_module),
+so the pipeline steps treat both alike.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from . import base
-from .base import DecoderConfig, Family
+from .base import DecoderConfig, Family, hf_shapes
 from .bert import BERT, BertConfig
 from .gemma3 import GEMMA3
 from .llama import LLAMA, MISTRAL
@@ -21,37 +21,14 @@ from .qwen2 import QWEN2, QWEN3
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA3)}
 ENCODERS = {BERT.name: BERT}
 
-__all__ = ["BertConfig", "DecoderConfig", "ENCODERS", "FAMILIES", "Family", "build_module", "config_from_dict",
-           "get_family", "family_for_hf", "family_for_gguf", "hf_shapes", "model_task", "num_groups",
-           "random_presets", "source_to_mlc"]
+__all__ = ["BertConfig", "DecoderConfig", "ENCODERS", "FAMILIES", "Family", "check_quantization", "get_family",
+           "family_for_hf", "family_for_gguf", "hf_shapes", "random_presets"]
 
 
-def model_task(fam) -> str:
-    """"chat" for decoders, "embedding" for encoders."""
-    return getattr(fam, "task", "chat")
-
-
-def hf_shapes(fam, cfg, has=None) -> dict[str, tuple[int, ...]]:
-    """Every tensor the family reads from an HF checkpoint, with its shape (`has`: the checkpoint's names, where
-    they decide a prefix)."""
-    if model_task(fam) == "embedding":
-        return fam.checkpoint_shapes(cfg, has) if has is not None else fam.hf_shapes(cfg)
-    return base.hf_shapes(fam, cfg)
-
-
-def source_to_mlc(fam, cfg, quantize, get, has):
-    if model_task(fam) == "embedding":
-        return fam.source_to_mlc(cfg, quantize, get, has)
-    return base.source_to_mlc(fam, cfg, quantize, get, has)
-
-
-def num_groups(fam, cfg) -> int:
-    return fam.num_groups(cfg) if model_task(fam) == "embedding" else base.num_groups(cfg)
-
-
-def config_from_dict(fam, values: dict[str, Any]):
-    """The family's config from mlc-chat-config.json's `model_config`."""
-    return fam.config_from_dict(values) if model_task(fam) == "embedding" else DecoderConfig.from_dict(values)
+def check_quantization(family, quantization: str) -> None:
+    if family.quantizations and quantization not in family.quantizations:
+        raise ValueError(f"quantization {quantization} is not supported for {family.name} models "
+                         f"(allowed: {', '.join(family.quantizations)})")
 
 
 def get_family(name: str) -> Family:
@@ -85,11 +62,3 @@ def family_for_gguf(arch: str | None) -> Family:
 def random_presets() -> dict[str, tuple[Family, dict[str, Any]]]:
     return {name: (fam, cfg) for fam in FAMILIES.values() for name, cfg in fam.presets.items()}
 
-
-def build_module(fam, cfg, quant, target):
-    """The nn.Module to compile; imports TVM's compiler, which the runtime side never needs."""
-    if model_task(fam) == "embedding":
-        return fam.build_module(cfg, quant, target)
-    from .decoder import DecoderForCausalLM
-
-    return DecoderForCausalLM(cfg, quant, target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 
@@ -156,11 +156,32 @@ class Family:
     gguf_names: dict[str, str] = field(default_factory=dict)  # GGUF layer names that differ from the common table
     norm_offset: float = 0.0  # RMSNorm weights stored as w - offset (folded back at conversion)
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)  # `random:<preset>` shapes (HF config keys)
+    # What the pipeline steps call on any family (an encoder, model/bert.py, answers the same):
+    task: ClassVar[str] = "chat"
+    quantizations: ClassVar[tuple[str, ...]] = ()  # empty: every quantization
 
     def config(self, hf: dict[str, Any], **overrides) -> DecoderConfig:
         values = self.from_hf(hf)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return DecoderConfig(**values)
+
+    def config_from_dict(self, values: dict[str, Any]) -> DecoderConfig:
+        return DecoderConfig.from_dict(values)
+
+    def hf_shapes(self, cfg: DecoderConfig, has: Callable[[str], bool] | None = None) -> dict[str, tuple[int, ...]]:
+        return hf_shapes(self, cfg)
+
+    def source_to_mlc(self, cfg: DecoderConfig, quantize, get, has) -> Iterator[dict[str, np.ndarray]]:
+        return source_to_mlc(self, cfg, quantize, get, has)
+
+    def num_groups(self, cfg: DecoderConfig) -> int:
+        return num_groups(cfg)
+
+    def build_module(self, cfg: DecoderConfig, quant, target):
+        """The nn.Module to compile; imports TVM's compiler, which the runtime side never needs."""
+        from .decoder import DecoderForCausalLM
+
+        return DecoderForCausalLM(cfg, quant, target)
 
 
 def hf_shapes(fam: Family, cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:

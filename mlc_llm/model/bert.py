@@ -112,7 +112,9 @@ class BertFamily:
     def _prefix(has: Callable[[str], bool]) -> str:
         return "bert." if has("bert.embeddings.word_embeddings.weight") else ""  # BertForXxx checkpoints
 
-    def hf_shapes(self, cfg: BertConfig, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    def hf_shapes(self, cfg: BertConfig, has: Callable[[str], bool] | None = None) -> dict[str, tuple[int, ...]]:
+        """`has`: the checkpoint's names, which say whether they carry the `bert.` prefix."""
+        prefix = self._prefix(has) if has is not None else ""
         h, inter = cfg.hidden_size, cfg.intermediate_size
         e = prefix + "embeddings."
         shapes = {e + "word_embeddings.weight": (cfg.vocab_size, h),
@@ -128,9 +130,6 @@ class BertFamily:
             for n in ("attention.output.LayerNorm", "output.LayerNorm"):
                 shapes[p + n + ".weight"], shapes[p + n + ".bias"] = (h,), (h,)
         return shapes
-
-    def checkpoint_shapes(self, cfg: BertConfig, has: Callable[[str], bool]) -> dict[str, tuple[int, ...]]:
-        return self.hf_shapes(cfg, self._prefix(has))
 
     def source_to_mlc(self, cfg: BertConfig, quantize, get: Callable[[str], np.ndarray],
                       has: Callable[[str], bool]) -> Iterator[dict[str, np.ndarray]]:

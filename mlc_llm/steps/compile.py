@@ -91,21 +91,21 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
     from ..compiler.target import is_gpu, make_target
-    from ..model import build_module, config_from_dict, get_family, model_task
+    from ..model import get_family
     from ..quantization import get_quantization
 
     check_prefill_precision(device, prefill_precision)
     chat = read_chat_config(model_dir)
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
-    cfg = config_from_dict(family, {**chat["model_config"], **(overrides or {})})
+    cfg = family.config_from_dict({**chat["model_config"], **(overrides or {})})
     target = make_target(device)
     if quant.block_rows and is_gpu(target):
         raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
                            f"use q4f16_1 (or q4f32_1) for {device}")
-    model = build_module(family, cfg, quant, target)
+    model = family.build_module(cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
-    if model_task(family) == "embedding":
+    if family.task == "embedding":
         metadata = _encoder_metadata(chat, cfg, quant, device, target, params)
         mod = pipeline.optimize(_attach_metadata(mod, metadata), target, prefill_precision)
     else:

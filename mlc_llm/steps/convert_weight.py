@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from ..loader import open_source
-from ..model import family_for_hf, hf_shapes, num_groups, source_to_mlc
+from ..model import check_quantization, family_for_hf
 from ..quantization import get_quantization
 from ..quantization.scheme import block_rows, quantize_q4
 from ..tensor_cache import TensorCacheWriter
@@ -24,13 +24,6 @@ def make_quantizer(quant):
         return {f"{mlc_prefix}.weight": w.astype(dtype)}
 
     return quantize
-
-
-def check_quantization(family, quantization: str) -> None:
-    allowed = getattr(family, "quantizations", None)
-    if allowed and quantization not in allowed:
-        raise ValueError(f"quantization {quantization} is not supported for {family.name} models "
-                         f"(allowed: {', '.join(allowed)})")
 
 
 def check_tensors(src, expected: dict[str, tuple[int, ...]], family: str) -> None:
@@ -54,14 +47,14 @@ def convert_weight(source: str, quantization: str, output: str | Path, *, instal
     family = family_for_hf(src.hf_config)
     check_quantization(family, quant.name)
     cfg = family.config(src.hf_config)
-    check_tensors(src, hf_shapes(family, cfg, src.has), family.name)
+    check_tensors(src, family.hf_shapes(cfg, src.has), family.name)
     norm_dtype = np.dtype(quant.model_dtype)
-    groups = source_to_mlc(family, cfg, make_quantizer(quant), src.get, src.has)
+    groups = family.source_to_mlc(cfg, make_quantizer(quant), src.get, src.has)
     writer = TensorCacheWriter(output)
     try:
         from tqdm import tqdm
 
-        for group in tqdm(groups, total=num_groups(family, cfg), desc=f"convert {quant.name}", unit="tensor",
+        for group in tqdm(groups, total=family.num_groups(cfg), desc=f"convert {quant.name}", unit="tensor",
                           disable=not progress):
             for name, arr in group.items():
                 if arr.dtype == np.float32 and norm_dtype != np.float32:

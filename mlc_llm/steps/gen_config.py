@@ -9,7 +9,7 @@ from typing import Any
 
 from ..conversation import get_conv_template
 from ..loader import open_source
-from ..model import family_for_hf, model_task
+from ..model import check_quantization, family_for_hf
 from ..quantization import get_quantization
 from ..support import atomic_write_json
 
@@ -54,11 +54,8 @@ def gen_config(source: str, quantization: str, conv_template: str, output: str |
             raise ValueError(f"{name} must be a positive integer, got {v}")
     src = open_source(source, install_hint)
     family = family_for_hf(src.hf_config)
-    task = model_task(family)
-    if task == "embedding":
-        from .convert_weight import check_quantization
-
-        check_quantization(family, quant.name)
+    task = family.task
+    check_quantization(family, quant.name)
     folder = {"folder": src.path} if task == "embedding" else {}  # sentence-transformers pooling etc.
     model_cfg = family.config(src.hf_config, context_window_size=context_window_size,
                               prefill_chunk_size=prefill_chunk_size, max_batch_size=max_batch_size, **folder)
