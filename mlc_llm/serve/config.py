@@ -30,8 +30,8 @@ class EngineConfig:
     tensor_parallel_shards: Optional[int] = None
     sampler: str = "auto"
     # While other requests run or wait, one prompt's prefill chunk is capped at this many tokens (vLLM's name), so a
-    # short request is answered between the chunks of a long one. None: 512 on the CPU (a chunk of ~0.3 s there),
-    # prefill_chunk_size elsewhere.
+    # short request is answered between the chunks of a long one. None: 512 on the CPU (where a prefill chunk is
+    # slow), prefill_chunk_size elsewhere.
     long_prefill_token_threshold: Optional[int] = None
 
     def __post_init__(self):

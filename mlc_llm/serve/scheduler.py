@@ -243,7 +243,7 @@ class EngineCore(CoreInbox):
                 if not s.finished and len(s.pending) > 1 and s.seq_id is not None]
         todo.sort(key=lambda rs: len(rs[1].pending))  # shortest remaining prompt first
         busy = len(todo) > 1 or bool(self.waiting) or any(len(s.pending) == 1 for s in self._running_seqs())
-        cap = self.cfg.long_prefill_token_threshold if busy else self.cfg.prefill_chunk_size
+        cap = (busy and self.cfg.long_prefill_token_threshold) or self.cfg.prefill_chunk_size
         budget = self.cfg.prefill_chunk_size
         batch: list[tuple[Request, Sequence, list[int]]] = []
         for req, s in todo:
