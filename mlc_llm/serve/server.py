@@ -88,6 +88,11 @@ class ShuttingDown(RuntimeError):
     """The server received SIGTERM and the grace period ended before this request did."""
 
 
+# Requests the server itself ended: (HTTP status, error type, code), also the in-band error of a started stream
+ENDED: dict[type, tuple[int, str, str]] = {ShuttingDown: (503, "server_error", "shutting_down"),
+                                           RequestTimeout: (504, "timeout_error", "request_timeout")}
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
                  code: Optional[str] = None):
@@ -397,10 +402,9 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             result = await create(engine, body)
         except P.BadRequestError as e:
             raise _from_bad_request(e) from None
-        except ShuttingDown as e:
-            raise HTTPError(503, str(e), "server_error", code="shutting_down") from None
-        except RequestTimeout as e:
-            raise HTTPError(504, str(e), "timeout_error", code="request_timeout") from None
+        except tuple(ENDED) as e:
+            status, type_, code = ENDED[type(e)]
+            raise HTTPError(status, str(e), type_, code=code) from None
         if isinstance(result, Response):  # the client went away
             return result
         if hasattr(result, "__aiter__"):  # stream=true (as pydantic read it)
@@ -460,10 +464,9 @@ async def _sse(stream, model_name: str):
             yield f"data: {json.dumps(_dump(chunk, model_name), ensure_ascii=False)}\n\n"
     except P.BadRequestError as e:
         yield f"data: {json.dumps(error_body(str(e), param=e.param, code=e.code))}\n\n"
-    except ShuttingDown as e:
-        yield f"data: {json.dumps(error_body(str(e), 'server_error', code='shutting_down'))}\n\n"
-    except RequestTimeout as e:
-        yield f"data: {json.dumps(error_body(str(e), 'timeout_error', code='request_timeout'))}\n\n"
+    except tuple(ENDED) as e:
+        _, type_, code = ENDED[type(e)]
+        yield f"data: {json.dumps(error_body(str(e), type_, code=code))}\n\n"
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - the stream is already open: report in-band, as vLLM does
