@@ -13,6 +13,8 @@ MODES = ("local", "interactive", "server")
 # Where tokens are drawn: "device" runs the library's sampling functions next to the logits (only token ids cross to
 # the host), "host" copies the logits and samples in numpy, "auto" is device on GPUs and host on the CPU.
 SAMPLERS = ("auto", "host", "device")
+PREFIX_CACHE_MODES = ("radix", "disable")
+_STRING_FIELDS = ("sampler", "prefix_cache_mode", "speculative_mode")
 PAGE_SIZE = 16
 _ALIASES = {"max_total_seq_length": "max_total_sequence_length", "max_single_seq_length": "max_single_sequence_length",
             "max_batch_size": "max_num_sequence"}
@@ -33,6 +35,15 @@ class EngineConfig:
     # short request is answered between the chunks of a long one. None: 512 on the CPU (where a prefill chunk is
     # slow), prefill_chunk_size elsewhere.
     long_prefill_token_threshold: Optional[int] = None
+    # Prefix cache (MLC's names): "radix" keeps finished sequences' KV and lets new requests fork the longest cached
+    # prefix; at most prefix_cache_max_num_recycling_seqs finished sequences are kept (None: max_num_sequence, -1: no
+    # limit), evicted LRU when pages are needed.
+    prefix_cache_mode: str = "radix"
+    prefix_cache_max_num_recycling_seqs: Optional[int] = None
+    # Speculative decoding: "ngram" drafts from the sequence's own earlier tokens (prompt lookup), verified by the
+    # model in one batch_verify call; spec_draft_length is the most draft tokens per step (None: 4).
+    speculative_mode: str = "disable"
+    spec_draft_length: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -44,6 +55,21 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.prefix_cache_mode not in PREFIX_CACHE_MODES:
+            raise ValueError(f"unknown prefix_cache_mode '{self.prefix_cache_mode}' (allowed: "
+                             f"{', '.join(PREFIX_CACHE_MODES)})")
+        v = self.prefix_cache_max_num_recycling_seqs
+        if v is not None and (not isinstance(v, int) or v < -1):
+            raise ValueError(f"prefix_cache_max_num_recycling_seqs must be an integer >= -1, got {v!r}")
+        from .speculative import MAX_DRAFT_LENGTH, MODES as SPEC_MODES
+
+        if self.speculative_mode not in SPEC_MODES:
+            raise ValueError(f"unknown speculative_mode '{self.speculative_mode}' (allowed: {', '.join(SPEC_MODES)})")
+        if self.speculative_mode == "small_draft":
+            raise ValueError("speculative_mode 'small_draft' (a draft model) is not supported yet: use 'ngram'")
+        v = self.spec_draft_length
+        if v is not None and (not isinstance(v, int) or not 1 <= v <= MAX_DRAFT_LENGTH):
+            raise ValueError(f"spec_draft_length must be an integer in [1, {MAX_DRAFT_LENGTH}], got {v!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_shards not in (None, 1):
@@ -62,7 +88,7 @@ class EngineConfig:
             if not sep or key not in fields or key == "mode":
                 allowed = sorted(set(fields) - {"mode"} | set(_ALIASES))
                 raise ValueError(f"bad override '{item}' (allowed keys: {', '.join(allowed)})")
-            if key == "sampler":
+            if key in _STRING_FIELDS:
                 values[key] = raw.strip()
                 continue
             try:
@@ -94,6 +120,10 @@ class ResolvedConfig:
     memory_budget_bytes: int
     sampler: str = "host"  # "host" or "device" once resolved
     long_prefill_token_threshold: int = 0  # 0: prefill_chunk_size
+    prefix_cache: bool = False
+    prefix_cache_max_num_recycling_seqs: int = 0  # -1: no limit
+    speculative_mode: str = "disable"
+    spec_draft_length: int = 0  # 0: no speculation
 
 
 def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
@@ -136,8 +166,13 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
                          f"{compile_chunk}")
     sampler = cfg.sampler if cfg.sampler != "auto" else ("device" if device_kind != "cpu" else "host")
     long_prefill = min(cfg.long_prefill_token_threshold or (512 if device_kind == "cpu" else chunk), chunk)
+    recycle = cfg.prefix_cache_max_num_recycling_seqs
+    spec = cfg.speculative_mode != "disable"
     return ResolvedConfig(cfg.mode, num_seq, total, min(single, total), chunk, cfg.kv_cache_page_size, kv_per_token,
-                          budget, sampler, long_prefill)
+                          budget, sampler, long_prefill, prefix_cache=cfg.prefix_cache_mode == "radix",
+                          prefix_cache_max_num_recycling_seqs=num_seq if recycle is None else recycle,
+                          speculative_mode=cfg.speculative_mode, spec_draft_length=(cfg.spec_draft_length or 4) if spec
+                          else 0)
 
 
 def resolve_embedding(cfg: EngineConfig, metadata: dict[str, Any]) -> ResolvedConfig:

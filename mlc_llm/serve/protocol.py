@@ -257,10 +257,15 @@ class ChatLogprobs(BaseModel):
     content: list[LogprobsContent] = []
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
     extra: Optional[dict[str, Any]] = None
 
 

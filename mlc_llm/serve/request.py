@@ -89,6 +89,7 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: Optional[float] = None
         self.prefill_tokens = 0  # including re-prefill after preemption
+        self.cached_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.admitted_at = -1  # admission order, for choosing whom to preempt
         self.deadline: Optional[float] = None  # perf_counter time after which the engine ends it (RequestTimeout)
 
@@ -117,4 +118,5 @@ class Request:
                  "decode_tokens_per_s": decode_tokens / decode_time if decode_time > 0 else None,
                  "prefill_tokens_per_s": self.prefill_tokens / ttft if ttft else None}
         return {"prompt_tokens": len(self.prompt), "completion_tokens": completion,
-                "total_tokens": len(self.prompt) + completion, "extra": extra}
+                "total_tokens": len(self.prompt) + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}, "extra": extra}

@@ -132,7 +132,8 @@ class ModelRunner:
         if self.task == "embedding":  # an encoder: one `encode` function, no KV cache
             self._fn, self._sample, self._kv = {"encode": self.vm["encode"]}, {}, {}
             return
-        self._fn = {n: self.vm[n] for n in ("embed", "batch_prefill", "batch_decode", "create_paged_kv_cache")}
+        self._fn = {n: self.vm[n] for n in ("embed", "batch_prefill", "batch_decode", "batch_verify",
+                                            "create_paged_kv_cache")}
         try:
             self._sample = {n: self.vm[n] for n in DEVICE_SAMPLING_FUNCTIONS}
         except (AttributeError, KeyError, RuntimeError, ValueError):  # a library compiled without them
@@ -246,6 +247,21 @@ class ModelRunner:
         if not to_host:
             return logits._create_view(tvm_ffi.Shape([len(tokens), self.vocab_size]))
         return logits.numpy()[:, 0]
+
+    def batch_verify(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each sequence's tokens (speculative decoding: the last sampled token and the drafts); return the
+        logits after every appended token: float32 [total tokens, vocab], sequences in order."""
+        lengths = [len(t) for t in token_lists]
+        if min(lengths) <= 0:
+            raise ValueError("every sequence in a verify step needs at least one token")
+        flat = [t for ts in token_lists for t in ts]
+        emb = self.embed(flat)._create_view(tvm_ffi.Shape([1, len(flat), self.hidden_size]))
+        self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(lengths))
+        try:
+            logits, _ = self._fn["batch_verify"](emb, cache, self.params)
+        finally:
+            self._kv["kv_state_end_forward"](cache)
+        return logits.numpy()[0]
 
     @property
     def has_device_sampler(self) -> bool:

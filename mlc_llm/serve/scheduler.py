@@ -1,15 +1,10 @@
 """EngineCore: continuous batching over the paged KV cache. One thread owns the model and calls step().
 
-Each step is either a prefill (new or preempted sequences, ragged, at most prefill_chunk_size tokens; prompts longer
-than that are prefilled in chunks over several steps) or one decode of every running sequence in a single
-batch_decode call. When decode has no free KV pages, the most recently admitted request is preempted: its KV is
-dropped and it goes back to the front of the queue with its tokens kept, to be prefilled again later.
-
-Sharing between requests: while both prefill and decode work exist the two kinds of step alternate (running streams
-keep flowing during a long prompt); a prefill takes the shortest remaining prompts first, and while other requests
-run or wait one prompt's chunk is capped at `long_prefill_token_threshold` (a short request is answered between the
-chunks of a long one). Choices 2..n of a request fork choice 1's prompt KV as slots allow; while other requests wait,
-one request keeps at most half the sequence slots.
+Each step first admits waiting requests (reusing cached prefixes) and forks choices 2..n, then runs one forward
+pass: a prefill (new or preempted sequences, ragged, at most prefill_chunk_size tokens; longer prompts in chunks) or
+one decode of every running sequence (batch_decode, or batch_verify when speculative drafts are proposed). What to do
+is decided by policy.py from a snapshot of the state; this file carries the decisions out on the model and the KV
+cache. A preempted request's KV is dropped and it goes back to the front of the queue with its tokens kept.
 """
 from __future__ import annotations
 
@@ -22,10 +17,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import policy
 from .config import ResolvedConfig
+from .prefix_cache import PrefixCache
 from .request import Delta, Done, Failed, Request, RequestTimeout, Sequence
 from .runner import ModelRunner
 from .sampler import SampleRow, Sampled, device_inputs, on_device, sample_batch
+from .speculative import ngram_propose
 
 
 _malloc_trim = None
@@ -77,7 +75,15 @@ class CoreInbox:
         for kind in ("prefill", "decode"):
             seconds = snap[f"{kind}_time_s"]
             snap[f"{kind}_tokens_per_s"] = snap[f"{kind}_tokens"] / seconds if seconds else 0
+        if "spec_draft_tokens" in snap:
+            proposed, rows = snap["spec_draft_tokens"], snap["spec_verify_rows"]
+            # MLC's names: share of draft tokens accepted; tokens a sequence gains per verify step (accepted + 1)
+            snap["spec_accept_rate"] = snap["spec_accepted_tokens"] / proposed if proposed else 0.0
+            snap["spec_accept_len"] = (snap["spec_accepted_tokens"] + rows) / rows if rows else 0.0
+            prompt = snap["prefix_cache_prompt_tokens"]
+            snap["prefix_cache_hit_rate"] = snap["prefix_cache_hit_tokens"] / prompt if prompt else 0.0
         return snap
+
 
 
 class EngineCore(CoreInbox):
@@ -89,7 +95,11 @@ class EngineCore(CoreInbox):
         self.total_pages = runner.num_available_pages(self.cache)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.free_seq_ids = list(range(cfg.max_num_sequence - 1, -1, -1))
+        # KV sequence ids are any integers: running sequences are bounded by max_num_sequence, recycled ones (the
+        # prefix cache) by their own limit
+        self._next_seq_id = 0
+        self.prefix_cache = PrefixCache(cfg.prefix_cache_max_num_recycling_seqs) if cfg.prefix_cache else None
+        self._propose = (lambda s, k: ngram_propose(s.tokens, k)) if cfg.speculative_mode == "ngram" else None
         self._admissions = 0
         self._prefilled_last = False
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
@@ -107,13 +117,19 @@ class EngineCore(CoreInbox):
             "prefill_batch_sizes": collections.Counter(), "preemptions": 0, "requests_finished": 0,
             "requests_aborted": 0, "last_request": None,
             "num_running": 0, "num_waiting": 0, "kv_pages_total": self.total_pages, "kv_pages_free": self.total_pages,
+            # prefix cache: prompt tokens of admitted requests, how many came from the cache, cached sequences
+            "prefix_cache_prompt_tokens": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_sequences": 0,
+            "prefix_cache_evictions": 0,
+            # speculative decoding: draft tokens proposed / accepted, and (sequence, step) pairs that verified drafts
+            "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0,
         })
 
     def _publish_gauges(self) -> None:
         """Queue and KV gauges, read here in the engine thread (the KV cache is not touched from other threads)."""
         free = self.runner.num_available_pages(self.cache)
         with self._lock:
-            self.stats.update(num_running=len(self.running), num_waiting=len(self.waiting), kv_pages_free=free)
+            self.stats.update(num_running=len(self.running), num_waiting=len(self.waiting), kv_pages_free=free,
+                              prefix_cache_sequences=len(self.prefix_cache.recycled) if self.prefix_cache else 0)
 
     # ---- loop -----------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -160,102 +176,123 @@ class EngineCore(CoreInbox):
         elif kind == "fail_all":
             for req in list(self.running) + list(self.waiting):
                 self._finish_request(req, error=payload)
+        elif kind == "reset_prefix_cache":
+            self.reset_prefix_cache()
+            payload.set()
         elif kind == "stop":
             for req in list(self.running) + list(self.waiting):
                 self._finish_request(req, error=RuntimeError("the engine was terminated"))
+            self.reset_prefix_cache()
             return False
         return True
 
+    def request_prefix_cache_reset(self) -> threading.Event:
+        """From another thread: drop every cached sequence; the event is set when done."""
+        done = threading.Event()
+        self.inbox.put(("reset_prefix_cache", done))
+        return done
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached (finished) sequence's KV. Running requests keep theirs."""
+        if self.prefix_cache is None:
+            return
+        while (seq_id := self.prefix_cache.evict()) is not None:
+            self.runner.remove_sequence(self.cache, seq_id)
+        self._publish_gauges()
+
+    def state(self) -> policy.SchedulerState:
+        pc = self.prefix_cache
+        return policy.SchedulerState(
+            self.cfg, list(self.waiting), self.running, self.runner.num_available_pages(self.cache),
+            recycled=list(pc.recycled) if pc else [], match=pc.match if pc else (lambda tokens: (0, None)),
+            prefilled_last=self._prefilled_last, propose=self._propose)
+
     def step(self) -> None:
-        self._admit()
-        self._fork_choices()
-        order = (self._decode_step, self._prefill_step) if self._prefilled_last else \
-            (self._prefill_step, self._decode_step)
-        for run in order:
-            if run():
-                self._prefilled_last = run == self._prefill_step
+        while (action := policy.admission_action(self.state())) is not None:
+            self._apply(action)
+        while (action := policy.forward_action(self.state())) is not None:
+            self._apply(action)
+            if not isinstance(action, (policy.Evict, policy.Preempt)):
+                self._prefilled_last = isinstance(action, policy.Prefill)
                 return
+
+    def _apply(self, action) -> None:
+        if isinstance(action, policy.Evict):
+            self.prefix_cache.forget(action.seq_id)
+            self.runner.remove_sequence(self.cache, action.seq_id)
+            with self._lock:
+                self.stats["prefix_cache_evictions"] += 1
+        elif isinstance(action, policy.Admit):
+            self._admit(action)
+        elif isinstance(action, policy.Fork):
+            self._fork(action)
+        elif isinstance(action, policy.Preempt):
+            self._preempt(action.req)
+        elif isinstance(action, policy.EndLength):
+            for r, s in action.rows:  # one request alone does not fit: the KV cache is full
+                self._finish_seq(r, s, "length")
+        elif isinstance(action, policy.Prefill):
+            self._prefill(action.batch)
+        elif isinstance(action, policy.Decode):
+            if any(action.drafts):
+                self._verify(action.rows, action.drafts)
+            else:
+                self._decode(action.rows)
+        else:
+            raise TypeError(f"unknown scheduler action {action!r}")
+
+    def _new_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id - 1
+
+    # ---- admission --------------------------------------------------------------------------------------------------
+    def _admit(self, action: policy.Admit) -> None:
+        req = action.req
+        self.waiting.remove(req)
+        first = req.admitted_at < 0
+        taken: dict[int, int] = {}  # recycled sequences taken over by an earlier choice -> tokens kept
+        for s, n, src in action.reuse:
+            if src in taken:
+                n = min(n, taken[src])
+            if src is not None and self.prefix_cache.is_recycled(src):  # take the cached sequence over
+                held = len(self.prefix_cache.take(src))
+                s.seq_id = src
+                taken[src] = n
+                if held > n:
+                    self.runner.popn(self.cache, src, held - n)
+            elif src is not None:  # share a running sequence's KV
+                s.seq_id = self._new_seq_id()
+                self.runner.fork_sequence(self.cache, src, s.seq_id, n)
+            else:
+                s.seq_id = self._new_seq_id()
+                self.runner.add_sequence(self.cache, s.seq_id)
+            s.kv_len = n
+            if n and self.prefix_cache is not None:
+                self.prefix_cache.index(s.seq_id, s.tokens[:n])
+        if first:
+            req.cached_tokens = action.reuse[0][1] if action.reuse else 0
+            with self._lock:
+                self.stats["prefix_cache_prompt_tokens"] += len(req.prompt)
+                self.stats["prefix_cache_hit_tokens"] += req.cached_tokens
+        req.admitted_at = self._admissions
+        self._admissions += 1
+        self.running.append(req)
+
+    def _fork(self, action: policy.Fork) -> None:
+        req = action.req
+        for _ in range(action.count):
+            child = req.fork(req.gen.n - req.unforked)
+            child.seq_id = self._new_seq_id()
+            if action.parent is not None:
+                self.runner.fork_sequence(self.cache, action.parent.seq_id, child.seq_id, action.keep)
+                child.kv_len = action.keep
+            else:
+                self.runner.add_sequence(self.cache, child.seq_id)
+            req.unforked -= 1
 
     # ---- prefill --------------------------------------------------------------------------------------------------
-    def _running_seqs(self) -> list[Sequence]:
-        return [s for r in self.running for s in r.seqs if not s.finished]
-
-    def _free_pages(self) -> int:
-        return self.runner.num_available_pages(self.cache)
-
-    def _pages_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.cfg.page_size)
-
-    def _kv_tokens(self) -> int:
-        return sum(s.kv_len for s in self._running_seqs())
-
-    def _admit(self) -> None:
-        """Move waiting requests to running while sequences, pages and total length allow (FIFO)."""
-        while self.waiting:
-            req = self.waiting[0]
-            seqs_after = len(self._running_seqs()) + sum(not s.finished for s in req.seqs)
-            need_tokens = sum(len(s.tokens) for s in req.seqs)
-            headroom = seqs_after  # one new page per sequence for its next decode step
-            if seqs_after > self.cfg.max_num_sequence:
-                return
-            if self._kv_tokens() + need_tokens + 8 * seqs_after > self.cfg.max_total_sequence_length and self.running:
-                return
-            if self._pages_for(need_tokens) + headroom > self._free_pages() and self.running:
-                return
-            self.waiting.popleft()
-            for s in req.seqs:
-                if not s.finished:
-                    s.seq_id = self.free_seq_ids.pop()
-                    s.kv_len = 0
-                    self.runner.add_sequence(self.cache, s.seq_id)
-            req.admitted_at = self._admissions
-            self._admissions += 1
-            self.running.append(req)
-
-    def _fork_choices(self) -> None:
-        """Start choices 2..n of running requests: a fork of a sibling's KV up to the prompt's last token (which the
-        next decode step reads, so each choice samples its first token itself), or, when no sibling holds the prompt
-        any more, a fresh sequence that prefills it again."""
-        share = max(1, self.cfg.max_num_sequence // 2)
-        for req in self.running:
-            if not req.unforked:
-                continue
-            live = [s for s in req.seqs if not s.finished and s.seq_id is not None]
-            keep = len(req.prompt) - 1
-            parent = next((s for s in live if s.kv_len >= keep), None) if keep > 0 else None
-            if parent is None and live:
-                continue  # the prompt is still being prefilled
-            free = len(self.free_seq_ids)
-            if self.waiting:  # others are queued: this request keeps at most `share` slots
-                free = min(free, share - len(live))
-            for _ in range(max(0, min(req.unforked, free))):
-                child = req.fork(req.gen.n - req.unforked)
-                child.seq_id = self.free_seq_ids.pop()
-                if parent is not None:
-                    self.runner.fork_sequence(self.cache, parent.seq_id, child.seq_id, keep)
-                    child.kv_len = keep
-                else:
-                    self.runner.add_sequence(self.cache, child.seq_id)
-                req.unforked -= 1
-
-    def _prefill_step(self) -> bool:
-        todo = [(req, s) for req in self.running for s in req.seqs
-                if not s.finished and len(s.pending) > 1 and s.seq_id is not None]
-        todo.sort(key=lambda rs: len(rs[1].pending))  # shortest remaining prompt first
-        busy = len(todo) > 1 or bool(self.waiting) or any(len(s.pending) == 1 for s in self._running_seqs())
-        cap = (busy and self.cfg.long_prefill_token_threshold) or self.cfg.prefill_chunk_size
-        budget = self.cfg.prefill_chunk_size
-        batch: list[tuple[Request, Sequence, list[int]]] = []
-        for req, s in todo:
-            if budget <= 0:
-                break
-            chunk = s.pending[:min(budget, cap)]
-            if batch and len(chunk) < len(s.pending) and busy:
-                break  # short prompts finish in a step of their own, not behind a long one's chunk
-            budget -= len(chunk)
-            batch.append((req, s, chunk))
-        if not batch:
-            return False
+    def _prefill(self, plan: list[tuple[Request, Sequence, int]]) -> None:
+        batch = [(req, s, s.pending[:n]) for req, s, n in plan]
         start = time.perf_counter()
         logits = self.runner.batch_prefill(self.cache, [s.seq_id for _, s, _ in batch], [c for _, _, c in batch])
         if self._release_after_prefill:
@@ -274,23 +311,13 @@ class EngineCore(CoreInbox):
             if not s.pending:  # all known tokens are in: these logits predict the next one
                 ready_rows.append(row)
                 ready.append((req, s))
+                if self.prefix_cache is not None:  # later requests may fork this prompt's KV
+                    self.prefix_cache.index(s.seq_id, s.tokens)
         if ready:
             self._sample_and_commit(logits[ready_rows], ready)
-        return True
 
     # ---- decode ---------------------------------------------------------------------------------------------------
-    def _decode_step(self) -> bool:
-        seqs = [(r, s) for r in self.running for s in r.seqs if not s.finished and len(s.pending) == 1]
-        if not seqs:
-            return False
-        while len(seqs) > self._free_pages() and len(self.running) > 1:
-            victim = max(self.running, key=lambda r: r.admitted_at)
-            self._preempt(victim)
-            seqs = [(r, s) for r, s in seqs if r is not victim]
-        if len(seqs) > self._free_pages():
-            for r, s in seqs:  # one request alone does not fit: the KV cache is full
-                self._finish_seq(r, s, "length")
-            return True
+    def _decode(self, seqs: list[tuple[Request, Sequence]]) -> None:
         start = time.perf_counter()
         # the library's sampler, when it takes every row (no forks to make: those copy logits rows on the host)
         on_dev = self.cfg.sampler == "device" and all(
@@ -301,12 +328,7 @@ class EngineCore(CoreInbox):
         elapsed = time.perf_counter() - start
         for _, s in seqs:
             s.kv_len += 1
-        with self._lock:
-            self.stats["decode_tokens"] += len(seqs)
-            self.stats["decode_time_s"] += elapsed
-            self.stats["decode_steps"] += 1
-            self.stats["decode_batch_sizes"][len(seqs)] += 1
-            self.stats["decode_time_by_batch_size"][len(seqs)] += elapsed
+        self._count_decode(len(seqs), len(seqs), elapsed)
         host_start = time.perf_counter()
         if on_dev:
             self._sample_on_device_and_commit(logits, seqs)
@@ -318,17 +340,71 @@ class EngineCore(CoreInbox):
             self._sample_and_commit(logits, seqs, ahead)
         with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
-        return True
+
+    def _count_decode(self, rows: int, tokens: int, elapsed: float) -> None:
+        with self._lock:
+            self.stats["decode_tokens"] += tokens
+            self.stats["decode_time_s"] += elapsed
+            self.stats["decode_steps"] += 1
+            self.stats["decode_batch_sizes"][rows] += 1
+            self.stats["decode_time_by_batch_size"][rows] += elapsed
+
+    def _verify(self, seqs: list[tuple[Request, Sequence]], drafts: list[list[int]]) -> None:
+        """One batch_verify of each row's last token + drafts. Position j of a row is sampled (its own sampler,
+        penalties and grammar as they stand after positions < j) and committed; the row goes on to j+1 while the
+        sampled token equals draft j. Afterwards the KV of the rejected drafts is popped."""
+        start = time.perf_counter()
+        inputs = [[s.pending[0]] + d for (_, s), d in zip(seqs, drafts)]
+        logits = self.runner.batch_verify(self.cache, [s.seq_id for _, s in seqs], inputs)
+        elapsed = time.perf_counter() - start
+        offsets = np.cumsum([0] + [len(t) for t in inputs])
+        for (_, s), t in zip(seqs, inputs):
+            s.kv_len += len(t)  # the rejected tail is popped below (or when the sequence is released)
+        host_start = time.perf_counter()
+        active = list(range(len(seqs)))
+        committed = accepted = 0
+        j = 0
+        while active:
+            before = [len(seqs[i][1].tokens) for i in active]
+            self._sample_and_commit(logits[[offsets[i] + j for i in active]], [seqs[i] for i in active])
+            nxt = []
+            for i, n0 in zip(active, before):
+                s = seqs[i][1]
+                if len(s.tokens) == n0:  # its request ended while sampling
+                    continue
+                committed += 1
+                if j < len(drafts[i]) and s.tokens[-1] == drafts[i][j]:
+                    accepted += 1
+                    if not s.finished:
+                        nxt.append(i)
+            active, j = nxt, j + 1
+        for _, s in seqs:
+            if s.seq_id is not None:
+                self._trim_kv(s)
+        proposed = sum(len(d) for d in drafts)
+        self._count_decode(len(seqs), committed, elapsed)
+        with self._lock:
+            self.stats["spec_draft_tokens"] += proposed
+            self.stats["spec_accepted_tokens"] += accepted
+            self.stats["spec_verify_rows"] += sum(bool(d) for d in drafts)
+            self.stats["decode_host_time_s"] += time.perf_counter() - host_start
+
+    def _trim_kv(self, s: Sequence) -> None:
+        """Pop KV entries past the sequence's tokens but its last (rejected drafts, or drafts accepted after the
+        sequence finished)."""
+        extra = s.kv_len - (len(s.tokens) - 1)
+        if extra > 0:
+            self.runner.popn(self.cache, s.seq_id, extra)
+            s.kv_len -= extra
 
     def _preempt(self, req: Request) -> None:
         for s in req.seqs:
-            self._release(s)
+            self._release(s, keep=False)
             s.kv_len = 0  # its tokens are kept and prefilled again on readmission
         self.running.remove(req)
         self.waiting.appendleft(req)
         with self._lock:
             self.stats["preemptions"] += 1
-
     # ---- sampling and output --------------------------------------------------------------------------------------
     def _masks_ahead(self, seqs: list[Sequence]):
         """Future of {sequence index in seqs: allowed-token mask} for the grammar-constrained ones, or None."""
@@ -410,11 +486,19 @@ class EngineCore(CoreInbox):
         if reason:
             self._finish_seq(req, s, reason)
 
-    def _release(self, s: Sequence) -> None:
-        if s.seq_id is not None:
+    def _release(self, s: Sequence, keep: bool = True) -> None:
+        """The sequence gives up its KV: into the prefix cache (keep, when on) or freed at once."""
+        if s.seq_id is None:
+            return
+        if keep and self.prefix_cache is not None and s.kv_len > 0:
+            self._trim_kv(s)
+            for seq_id in self.prefix_cache.recycle(s.seq_id, s.tokens[:s.kv_len]):
+                self.runner.remove_sequence(self.cache, seq_id)
+        else:
+            if self.prefix_cache is not None:
+                self.prefix_cache.forget(s.seq_id)
             self.runner.remove_sequence(self.cache, s.seq_id)  # frees its KV pages at once
-            self.free_seq_ids.append(s.seq_id)
-            s.seq_id = None
+        s.seq_id = None
 
     def _finish_seq(self, req: Request, s: Sequence, reason: str) -> None:
         tail = "" if s.stopper.stopped else s.stopper.put(s.streamer.finish()) + s.stopper.finish()
@@ -436,7 +520,7 @@ class EngineCore(CoreInbox):
         for s in req.seqs:
             if not s.finished:
                 s.finish_reason = "error" if error else reason
-                self._release(s)
+                self._release(s, keep=error is None)  # after an error the KV may not hold what the tokens say
                 if error is None:
                     self._deliver(req, Delta(s.index, "", [], reason))
         self._publish_gauges()  # before the final event: a caller that got its answer sees current gauges
