@@ -109,6 +109,8 @@ def rss_mb(pid: int) -> tuple[float, float]:
 
 
 async def kv_usage(client: httpx.AsyncClient) -> float:
+    """KV usage once the prefix cache is dropped: what the finished requests left behind (0 unless a leak)."""
+    (await client.post("/reset_prefix_cache")).raise_for_status()
     text = (await client.get("/metrics")).text
     for line in text.splitlines():
         if line.startswith("mlc_llm:kv_cache_usage_perc"):

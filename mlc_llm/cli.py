@@ -110,12 +110,20 @@ def _port(text: str) -> int:
     return value
 
 
+_ENGINE_FLAGS = ("prefix_cache_mode", "prefix_cache_max_num_recycling_seqs", "speculative_mode", "spec_draft_length")
+
+
+def _fold_engine_flags(a) -> None:
+    """--speculative-mode X etc. become engine overrides (checked with the others by EngineConfig)."""
+    items = [f"{k}={getattr(a, k)}" for k in _ENGINE_FLAGS if getattr(a, k, None) is not None]
+    if items:
+        a.overrides = ";".join(filter(None, [a.overrides, *items]))
+
+
 def _check_unsupported_runtime_flags(a) -> None:
     if getattr(a, "additional_models", None):
-        raise ValueError("--additional-models is not supported yet (it serves draft models for speculative "
-                         "decoding, which this engine does not have)")
-    if getattr(a, "speculative_mode", "disable") != "disable":
-        raise ValueError(f"--speculative-mode {a.speculative_mode} is not supported yet (only 'disable')")
+        raise ValueError("--additional-models is not supported yet (draft models for speculative_mode=small_draft); "
+                         "--speculative-mode ngram needs no second model")
     if getattr(a, "enable_tracing", False):
         raise ValueError("--enable-tracing is not supported yet; per-request timings are in each response's "
                          "usage.extra and in GET /metrics")
@@ -166,6 +174,7 @@ def cmd_serve(a) -> None:
     import os
 
     _check_unsupported_runtime_flags(a)
+    _fold_engine_flags(a)
     _check_model_paths(a)
     settings = ServerSettings(api_key=a.api_key or os.environ.get("MLC_LLM_API_KEY") or None,
                               allow_credentials=a.allow_credentials, allowed_origins=a.allowed_origins,
@@ -183,6 +192,7 @@ def cmd_serve(a) -> None:
 def cmd_chat(a) -> int:
     from .chat import run_chat
 
+    _fold_engine_flags(a)
     _check_model_paths(a, chat=True)
     return run_chat(a.model, a.model_lib, a.device, a.overrides)
 
@@ -209,6 +219,12 @@ def _runtime_flags(p: argparse.ArgumentParser, default_mode: str) -> None:
     p.add_argument("--model-lib", help="compiled library (default: compiled on first use into $MLC_LLM_HOME)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--overrides", help='engine settings, e.g. "max_num_sequence=8;max_total_seq_length=4096"')
+    p.add_argument("--prefix-cache-mode", choices=["radix", "disable"],
+                   help="keep finished sequences' KV for requests sharing a prefix (default: radix)")
+    p.add_argument("--prefix-cache-max-num-recycling-seqs", type=int,
+                   help="finished sequences the prefix cache keeps (default: max_num_sequence; -1: no limit)")
+    p.add_argument("--speculative-mode", help="disable (default) | ngram (drafts from the sequence's own tokens)")
+    p.add_argument("--spec-draft-length", type=int, help="most draft tokens per step (default: 4)")
     if default_mode:
         p.add_argument("--mode", default=default_mode, choices=["local", "interactive", "server"])
 
@@ -273,7 +289,6 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible REST server")
     _runtime_flags(s, "local")
     s.add_argument("--additional-models", nargs="*", help="(not supported yet)")
-    s.add_argument("--speculative-mode", default="disable", help="(only 'disable' is supported)")
     s.add_argument("--enable-tracing", action="store_true", help="(not supported yet)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)

@@ -165,7 +165,10 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
 
 def engine_overrides(cfg: BuildConfig) -> str:
     m = cfg.mode
-    items = [(k, getattr(m, k)) for k in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size")]
+    items = [(k, getattr(m, k)) for k in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size",
+                                          "spec_draft_length")]
+    items += [(k, getattr(m, k)) for k, default in (("prefix_cache_mode", "radix"), ("speculative_mode", "disable"))
+              if getattr(m, k) != default]
     if cfg.device.name.value != "cpu":  # a share of GPU memory; the CPU sizes from available RAM
         items.append(("gpu_memory_utilization", m.gpu_memory_utilization))
     return ";".join(f"{k}={v}" for k, v in items if v is not None)

@@ -25,6 +25,8 @@ class ServerProcess:
     def __init__(self, args: list[str], port: int, log: Path, cmd: list[str] | None = None, cwd: Path | None = None):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        key = args[args.index("--api-key") + 1] if "--api-key" in args else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.log_path = log
         self._log = open(log, "w")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -82,11 +84,14 @@ def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
 
 
 def wait_idle(server: ServerProcess, timeout: float = 60) -> dict[str, float]:
-    """Metrics once nothing runs or waits (asserting within `timeout` seconds: a bound against hanging)."""
+    """Metrics once nothing runs or waits (asserting within `timeout` seconds: a bound against hanging), after the
+    prefix cache is dropped: KV usage is then 0 unless a request's KV leaked."""
     deadline = time.time() + timeout
     while True:
         m = scrape(server.url)
         if m["mlc_llm:num_requests_running"] == 0 and m["mlc_llm:num_requests_waiting"] == 0:
-            return m
+            r = requests.post(f"{server.url}/reset_prefix_cache", headers=server.headers, timeout=60)
+            assert r.status_code == 200, r.text
+            return scrape(server.url)
         assert time.time() < deadline, m
         time.sleep(0.1)

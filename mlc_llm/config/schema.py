@@ -105,10 +105,20 @@ class ModeConfig:
     max_total_sequence_length: Optional[int] = None
     prefill_chunk_size: Optional[int] = None
     gpu_memory_utilization: float = 0.85
+    prefix_cache_mode: str = "radix"  # radix | disable
+    speculative_mode: str = "disable"  # disable | ngram
+    spec_draft_length: Optional[int] = None  # None: 4
 
     def check(self) -> None:
         for key in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size"):
             _positive(f"mode.{key}", getattr(self, key))
+        from ..serve.config import EngineConfig
+
+        try:  # the engine's own rules, named as the config names them
+            EngineConfig(prefix_cache_mode=self.prefix_cache_mode, speculative_mode=self.speculative_mode,
+                         spec_draft_length=self.spec_draft_length)
+        except ValueError as e:
+            raise ValueError(f"mode: {e}") from None
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"mode.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 

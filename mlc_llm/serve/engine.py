@@ -125,6 +125,13 @@ class _EngineBase:
     def metrics(self) -> dict[str, Any]:
         return self.core.metrics()
 
+    def reset_prefix_cache(self) -> None:
+        """Drop the KV of every cached (finished) sequence (vLLM's name); running requests keep theirs."""
+        if self.task == "embedding" or self._terminated:
+            return
+        if not self.core.request_prefix_cache_reset().wait(60):
+            raise RuntimeError("the engine did not reset its prefix cache within 60 s")
+
     def __enter__(self):
         return self
 

@@ -40,6 +40,11 @@ class SchedulerState:
     def pages_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.cfg.page_size)
 
+    def pages_to_grow(self, kv_len: int, n_tokens: int) -> int:
+        """At most how many free pages appending n_tokens to a sequence of kv_len takes: its partly filled last page
+        counts as new (it may be shared with a fork, and is then copied before it is written)."""
+        return self.pages_for(kv_len + n_tokens) - kv_len // self.cfg.page_size
+
 
 # ---- actions ------------------------------------------------------------------------------------------------------
 @dataclass
@@ -95,8 +100,8 @@ def admission_action(st: SchedulerState):
             for s in live:  # at least the last token is prefilled: its logits start the generation
                 n, src = st.match(s.tokens[:len(s.tokens) - 1])
                 reuse.append((s, n, src) if n > 0 else (s, 0, None))
-            need_tokens = sum(len(s.tokens) - n for s, n, _ in reuse)
-            pages_needed = st.pages_for(need_tokens) + seqs_after  # plus one page per sequence for its next decode
+            # the prompt's pages, plus one page per running sequence for its next decode
+            pages_needed = sum(st.pages_to_grow(n, len(s.tokens) - n) for s, n, _ in reuse) + seqs_after
             kv_tokens = sum(s.kv_len for s in st.running_seqs())
             fits_length = kv_tokens + sum(len(s.tokens) for s in live) + 8 * seqs_after \
                 <= st.cfg.max_total_sequence_length
@@ -148,17 +153,33 @@ def _prefill_action(st: SchedulerState) -> Optional[Prefill]:
     todo.sort(key=lambda rs: len(rs[1].pending))  # shortest remaining prompt first
     busy = len(todo) > 1 or bool(st.waiting) or any(len(s.pending) == 1 for s in st.running_seqs())
     cap = (busy and st.cfg.long_prefill_token_threshold) or st.cfg.prefill_chunk_size
-    budget = st.cfg.prefill_chunk_size
+    budget, free, ps = st.cfg.prefill_chunk_size, st.free_pages, st.cfg.page_size
     batch: list[tuple[Request, Sequence, int]] = []
     for req, s in todo:
         if budget <= 0:
             break
-        n = min(budget, cap, len(s.pending))
-        if batch and n < len(s.pending) and busy:
+        fits = (free + s.kv_len // ps) * ps - s.kv_len  # tokens the free pages take
+        n = min(budget, cap, len(s.pending), fits)
+        if n <= 0 or (batch and n < len(s.pending) and busy):
             break  # short prompts finish in a step of their own, not behind a long one's chunk
         budget -= n
+        free -= st.pages_to_grow(s.kv_len, n)
         batch.append((req, s, n))
-    return Prefill(batch) if batch else None
+    if batch:
+        return Prefill(batch)
+    if not todo:
+        return None
+    return _make_room(st, [(req, s) for req, s in todo])
+
+
+def _make_room(st: SchedulerState, rows: list[tuple[Request, Sequence]]):
+    """No pages for the step: drop a cached sequence, else preempt the newest request, else (one request alone
+    does not fit) end its sequences with "length"."""
+    if st.recycled:
+        return Evict(st.recycled[0])
+    if len(st.running) > 1:
+        return Preempt(max(st.running, key=lambda r: r.admitted_at))
+    return EndLength(rows)
 
 
 def _decode_action(st: SchedulerState):
@@ -166,11 +187,7 @@ def _decode_action(st: SchedulerState):
     if not rows:
         return None
     if len(rows) > st.free_pages:  # one new page per sequence at most
-        if st.recycled:
-            return Evict(st.recycled[0])
-        if len(st.running) > 1:
-            return Preempt(max(st.running, key=lambda r: r.admitted_at))
-        return EndLength(rows)
+        return _make_room(st, rows)
     drafts = [[] for _ in rows]
     if st.propose is not None and st.cfg.spec_draft_length > 0:
         drafts = _plan_drafts(st, rows)
@@ -188,7 +205,7 @@ def _plan_drafts(st: SchedulerState, rows: list[tuple[Request, Sequence]]) -> li
         k = min(cfg.spec_draft_length, req.gen.max_tokens - s.num_generated - 1,
                 cfg.max_single_sequence_length - len(s.tokens) - 1, budget)
         draft = st.propose(s, k) if k > 0 else []
-        extra = st.pages_for(s.kv_len + 1 + len(draft)) - st.pages_for(s.kv_len + 1) if draft else 0
+        extra = st.pages_to_grow(s.kv_len, 1 + len(draft)) - 1 if draft else 0  # beyond the page kept for it
         if extra > spare_pages:
             draft = []
         spare_pages -= extra

@@ -133,29 +133,34 @@ class EngineCore(CoreInbox):
 
     # ---- loop -----------------------------------------------------------------------------------------------------
     def run_forever(self) -> None:
-        while True:
-            busy = bool(self.waiting or self.running)
+        while self.run_once(block=True):
+            pass
+
+    def run_once(self, block: bool = False) -> bool:
+        """Take the inbox's messages (waiting for one if idle and `block`), then run one step; False once stopped."""
+        busy = bool(self.waiting or self.running)
+        try:
+            item = self.inbox.get(block=block and not busy)
+        except queue.Empty:
+            item = None
+        while item is not None:
+            if not self._handle(item):
+                return False
             try:
-                item = self.inbox.get(block=not busy)
+                item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
-            while item is not None:
-                if not self._handle(item):
-                    return
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    item = None
-            self._expire()
-            if self.waiting or self.running:
-                try:
-                    self.step()
-                except Exception as e:  # a failed forward fails its requests, not the engine
-                    for req in list(self.running) + list(self.waiting):
-                        self._finish_request(req, error=e)
-                if not (self.waiting or self.running):
-                    trim_heap()  # the engine just went idle
-            self._publish_gauges()
+        self._expire()
+        if self.waiting or self.running:
+            try:
+                self.step()
+            except Exception as e:  # a failed forward fails its requests, not the engine
+                for req in list(self.running) + list(self.waiting):
+                    self._finish_request(req, error=e)
+            if not (self.waiting or self.running):
+                trim_heap()  # the engine just went idle
+        self._publish_gauges()
+        return True
 
     def _expire(self) -> None:
         now = time.perf_counter()

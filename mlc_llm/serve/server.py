@@ -161,7 +161,15 @@ class Metrics:
                         ("mlc_llm:num_requests_waiting", "Requests queued", m["num_waiting"]),
                         ("mlc_llm:kv_cache_usage_perc", "Share of KV-cache pages in use (0-1)",
                          1 - m["kv_pages_free"] / m["kv_pages_total"] if m["kv_pages_total"] else 0.0),
-                        ("mlc_llm:num_preemptions", "Preemptions so far", m["preemptions"])):
+                        ("mlc_llm:num_preemptions", "Preemptions so far", m["preemptions"]),
+                        ("mlc_llm:prefix_cache_sequences", "Finished sequences whose KV the prefix cache keeps",
+                         m.get("prefix_cache_sequences", 0)),
+                        ("mlc_llm:prefix_cache_hit_rate", "Share of admitted prompt tokens found in the prefix cache",
+                         m.get("prefix_cache_hit_rate", 0.0)),
+                        ("mlc_llm:spec_accept_rate", "Share of speculative draft tokens accepted",
+                         m.get("spec_accept_rate", 0.0)),
+                        ("mlc_llm:spec_accept_len", "Tokens a sequence gains per speculative verify step",
+                         m.get("spec_accept_len", 0.0))):
                     g = GaugeMetricFamily(name, doc, labels=labels)
                     g.add_metric([metrics.model_name], value)
                     yield g
@@ -171,6 +179,12 @@ class Metrics:
                         ("engine_decode_time_sum", "Seconds spent in decode steps", m["decode_time_s"], "counter"),
                         ("prefill_tokens_sum", "Prompt tokens prefilled", m["prefill_tokens"], "counter"),
                         ("decode_tokens_sum", "Tokens decoded", m["decode_tokens"], "counter"),
+                        ("prefix_cache_hit_tokens_sum", "Prompt tokens whose KV came from the prefix cache",
+                         m.get("prefix_cache_hit_tokens", 0), "counter"),
+                        ("spec_draft_tokens_sum", "Speculative draft tokens proposed", m.get("spec_draft_tokens", 0),
+                         "counter"),
+                        ("spec_accepted_tokens_sum", "Speculative draft tokens accepted",
+                         m.get("spec_accepted_tokens", 0), "counter"),
                         ("prefill_tokens_per_s", "Prefill tokens per second of prefill time",
                          m["prefill_tokens_per_s"], "gauge"),
                         ("decode_tokens_per_s", "Decoded tokens per second of decode time",
@@ -446,6 +460,12 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await generate(request, lambda engine, body: non_stream(request, engine.embeddings.create(**body)))
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """Drop the prefix cache's KV (vLLM's endpoint): running requests keep theirs."""
+        await asyncio.to_thread(ready_engine().reset_prefix_cache)
+        return {"status": "ok"}
 
     describe_request_bodies(app)  # the bodies these endpoints read themselves, in /openapi.json
 

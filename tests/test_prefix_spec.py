@@ -1,0 +1,205 @@
+"""Prefix caching and n-gram speculative decoding on the real SmolLM2 (built by the pipeline): outputs are those of the
+plain engine (greedy token-identical), the cache is used (cached_tokens, hit rate), the KV is accounted for after
+tiny-budget runs, and bad speculative settings fail before the engine starts."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import pytest
+
+from mlc_llm import MLCEngine
+from mlc_llm.serve.config import EngineConfig
+
+TOPICS = ["the ocean", "a red fox", "Paris in spring", "prime numbers", "a rainy day", "the moon landing",
+          "coffee", "a lost key", "mountains", "a robot cook", "the library", "winter birds", "a small boat",
+          "old maps", "a violin", "green tea", "the desert", "a city bus", "sunflowers", "a snowman"]
+# repetitive tasks (the output copies the input), where n-gram drafts are accepted, mixed with free ones
+PROMPTS = [f"Repeat this list exactly: {t}, {t}, {t}, apples, pears, plums, {t}." if i % 2 else
+           f"Write two sentences about {t}." for i, t in enumerate(TOPICS)]
+
+
+def make(smollm_q4, **kw) -> MLCEngine:
+    overrides = kw.pop("overrides", "max_num_sequence=8;max_total_seq_length=8192")
+    return MLCEngine(str(smollm_q4.dir), model_lib=str(smollm_q4.lib), mode="server", overrides=overrides,
+                     engine_config=EngineConfig(mode="server", **kw))
+
+
+@pytest.fixture(scope="module")
+def plain(smollm_q4):
+    e = make(smollm_q4, prefix_cache_mode="disable")
+    yield e
+    e.terminate()
+
+
+@pytest.fixture(scope="module")
+def spec(smollm_q4):
+    e = make(smollm_q4, speculative_mode="ngram", spec_draft_length=4)
+    yield e
+    e.terminate()
+
+
+def chat(engine, messages, **kw):
+    return engine.chat.completions.create(messages=messages, temperature=0, **kw)
+
+
+def concurrently(fn, items, workers=8):
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def assert_kv_free(engine) -> None:
+    engine.reset_prefix_cache()
+    m = engine.metrics()
+    assert m["num_running"] == 0 and m["kv_pages_free"] == m["kv_pages_total"], m
+
+
+# ---- prefix cache -------------------------------------------------------------------------------------------------
+def five_turns(engine) -> tuple[list[str], list[int]]:
+    messages, answers, cached = [{"role": "system", "content": "You are a terse assistant."}], [], []
+    for q in ["Name a colour.", "Name an animal of that colour.", "Where does it live?", "What does it eat?",
+              "Give it a name."]:
+        messages.append({"role": "user", "content": q})
+        r = chat(engine, messages, max_tokens=24)
+        answers.append(r.choices[0].message.content)
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        messages.append({"role": "assistant", "content": answers[-1]})
+    return answers, cached
+
+
+def test_a_five_turn_chat_is_the_same_with_the_cache_and_reuses_each_turn(smollm_q4, plain):
+    expected, none_cached = five_turns(plain)
+    assert none_cached == [0] * 5
+    cached_engine = make(smollm_q4)
+    try:
+        answers, cached = five_turns(cached_engine)
+        assert answers == expected
+        assert cached[0] == 0 and all(c > 10 for c in cached[1:]), cached  # each turn reuses the previous one's KV
+        assert cached_engine.metrics()["prefix_cache_hit_rate"] > 0.5
+        assert_kv_free(cached_engine)
+    finally:
+        cached_engine.terminate()
+
+
+SYSTEM = "You answer questions about a fictional town. " + " ".join(
+    f"Fact {i}: the house at number {i} is painted {c}." for i, c in
+    zip(range(1, 61), ["red", "blue", "green", "white", "yellow"] * 12))
+
+
+def shared_prefix_requests(engine) -> list[tuple[str, int]]:
+    def one(i):
+        r = chat(engine, [{"role": "system", "content": SYSTEM},
+                          {"role": "user", "content": f"What colour is the house at number {i * 7 + 1}?"}],
+                 max_tokens=16)
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+    return concurrently(one, range(8))
+
+
+def test_eight_concurrent_requests_sharing_a_1000_token_system_prompt(smollm_q4, plain):
+    expected = [a for a, _ in shared_prefix_requests(plain)]
+    prompt_tokens = chat(plain, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                         max_tokens=1).usage.prompt_tokens
+    assert prompt_tokens > 1000
+    cached_engine = make(smollm_q4)
+    try:
+        first = shared_prefix_requests(cached_engine)
+        assert [a for a, _ in first] == expected
+        again = shared_prefix_requests(cached_engine)  # the system prompt is cached now
+        assert [a for a, _ in again] == expected
+        assert all(c > 1000 for _, c in again), again
+        assert_kv_free(cached_engine)
+    finally:
+        cached_engine.terminate()
+
+
+def test_a_tiny_kv_budget_forces_eviction_and_preemption_with_the_same_outputs(smollm_q4, plain):
+    prompts = [f"Tell me about {t}." for t in TOPICS[:8]]
+    expected = concurrently(lambda p: chat(plain, [{"role": "user", "content": p}], max_tokens=40)
+                            .choices[0].message.content, prompts)
+    small = make(smollm_q4, overrides="max_num_sequence=4;max_total_seq_length=256;prefill_chunk_size=256")
+    try:
+        def one(p):
+            return chat(small, [{"role": "user", "content": p}], max_tokens=40).choices[0].message.content
+
+        got = concurrently(one, prompts)
+        got_again = concurrently(one, prompts)
+        assert got == expected and got_again == expected
+        m = small.metrics()
+        assert m["preemptions"] > 0 and m["prefix_cache_evictions"] > 0, m
+        assert m["prefix_cache_hit_tokens"] > 0
+        assert_kv_free(small)
+    finally:
+        small.terminate()
+
+
+def test_grammar_and_n_choices_share_the_cache(smollm_q4):
+    e = make(smollm_q4)
+    try:
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Give a JSON object."}]
+        fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}}}
+        a = chat(e, messages, max_tokens=30, response_format=fmt)
+        b = chat(e, messages, max_tokens=30, response_format=fmt, n=3)
+        assert b.usage.prompt_tokens_details.cached_tokens > 1000
+        assert [c.message.content for c in b.choices] == [a.choices[0].message.content] * 3
+        assert_kv_free(e)
+    finally:
+        e.terminate()
+
+
+# ---- speculative decoding (n-gram) --------------------------------------------------------------------------------
+def completion(engine, prompt, **kw):
+    kw.setdefault("max_tokens", 48)
+    kw.setdefault("temperature", 0)
+    return engine.completions.create(prompt=prompt, **kw)
+
+
+def test_ngram_greedy_output_is_token_identical_alone_and_batched(plain, spec):
+    before = spec.metrics()
+    expected = [completion(plain, p).choices[0].text for p in PROMPTS]
+    alone = [completion(spec, p).choices[0].text for p in PROMPTS]
+    batched = concurrently(lambda p: completion(spec, p).choices[0].text, PROMPTS)
+    assert alone == expected
+    assert batched == expected
+    m = spec.metrics()
+    accepted = m["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert m["spec_draft_tokens"] > before["spec_draft_tokens"] and accepted > 0
+    assert m["spec_accept_len"] > 1
+
+
+def test_ngram_keeps_seeds_logprobs_and_stop_strings(plain, spec):
+    prompt = PROMPTS[1]
+    seeded = [completion(spec, prompt, temperature=0.8, seed=7).choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    a = completion(plain, prompt, logprobs=2)
+    b = completion(spec, prompt, logprobs=2)
+    assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
+    assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-3)
+    stop = a.choices[0].text.split()[3]
+    sa, sb = completion(plain, prompt, stop=[stop]), completion(spec, prompt, stop=[stop])
+    assert sb.choices[0].text == sa.choices[0].text and sb.choices[0].finish_reason == "stop"
+    assert_kv_free(spec)
+
+
+def test_ngram_with_a_grammar(plain, spec):
+    fmt = {"type": "json_schema", "json_schema": {"name": "l", "schema": {
+        "type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+        "required": ["items"]}}}
+    messages = [{"role": "user", "content": PROMPTS[3] + " Answer in JSON."}]
+    a = chat(plain, messages, max_tokens=60, response_format=fmt)
+    b = chat(spec, messages, max_tokens=60, response_format=fmt)
+    assert b.choices[0].message.content == a.choices[0].message.content
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"speculative_mode": "eagle"}, "unknown speculative_mode 'eagle'"),
+    ({"speculative_mode": "ngram", "spec_draft_length": 0}, "spec_draft_length must be an integer in [1, 16]"),
+    ({"speculative_mode": "ngram", "spec_draft_length": 17}, "spec_draft_length must be an integer in [1, 16]"),
+    ({"speculative_mode": "small_draft"}, "'small_draft' (a draft model) is not supported yet"),
+    ({"prefix_cache_mode": "lru"}, "unknown prefix_cache_mode 'lru'"),
+    ({"prefix_cache_max_num_recycling_seqs": -2}, "prefix_cache_max_num_recycling_seqs must be an integer >= -1"),
+])
+def test_bad_speculative_and_prefix_settings_fail_before_the_engine_starts(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        EngineConfig(**kwargs)
+    assert message in str(e.value)
