@@ -82,7 +82,7 @@ def test_a_five_turn_chat_is_the_same_with_the_cache_and_reuses_each_turn(smollm
 
 SYSTEM = "You answer questions about a fictional town. " + " ".join(
     f"Fact {i}: the house at number {i} is painted {c}." for i, c in
-    zip(range(1, 61), ["red", "blue", "green", "white", "yellow"] * 12))
+    zip(range(1, 66), ["red", "blue", "green", "white", "yellow"] * 13))
 
 
 def shared_prefix_requests(engine) -> list[tuple[str, int]]:
