@@ -116,14 +116,15 @@ _ENGINE_FLAGS = ("prefix_cache_mode", "prefix_cache_max_num_recycling_seqs", "sp
 def _fold_engine_flags(a) -> None:
     """--speculative-mode X etc. become engine overrides (checked with the others by EngineConfig)."""
     items = [f"{k}={getattr(a, k)}" for k in _ENGINE_FLAGS if getattr(a, k, None) is not None]
+    drafts = getattr(a, "additional_models", None) or []
+    if len(drafts) > 1:
+        raise ValueError(f"--additional-models: one draft model (DIR or DIR,LIB), got {len(drafts)}")
+    items += [f"additional_models={d}" for d in drafts]
     if items:
         a.overrides = ";".join(filter(None, [a.overrides, *items]))
 
 
 def _check_unsupported_runtime_flags(a) -> None:
-    if getattr(a, "additional_models", None):
-        raise ValueError("--additional-models is not supported yet (draft models for speculative_mode=small_draft); "
-                         "--speculative-mode ngram needs no second model")
     if getattr(a, "enable_tracing", False):
         raise ValueError("--enable-tracing is not supported yet; per-request timings are in each response's "
                          "usage.extra and in GET /metrics")
@@ -223,7 +224,8 @@ def _runtime_flags(p: argparse.ArgumentParser, default_mode: str) -> None:
                    help="keep finished sequences' KV for requests sharing a prefix (default: radix)")
     p.add_argument("--prefix-cache-max-num-recycling-seqs", type=int,
                    help="finished sequences the prefix cache keeps (default: max_num_sequence; -1: no limit)")
-    p.add_argument("--speculative-mode", help="disable (default) | ngram (drafts from the sequence's own tokens)")
+    p.add_argument("--speculative-mode", help="disable (default) | ngram (drafts from the sequence's own tokens) | "
+                                              "small_draft (drafts from --additional-models)")
     p.add_argument("--spec-draft-length", type=int, help="most draft tokens per step (default: 4)")
     if default_mode:
         p.add_argument("--mode", default=default_mode, choices=["local", "interactive", "server"])
@@ -288,7 +290,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible REST server")
     _runtime_flags(s, "local")
-    s.add_argument("--additional-models", nargs="*", help="(not supported yet)")
+    s.add_argument("--additional-models", nargs="*",
+                   help="the draft model of --speculative-mode small_draft: DIR or DIR,LIB (same tokenizer)")
     s.add_argument("--enable-tracing", action="store_true", help="(not supported yet)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)

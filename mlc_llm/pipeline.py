@@ -13,7 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .config import BuildConfig, ConfigError, compose_deployment, load_deployments
 from .loader import SourceError, resolve_source
@@ -114,15 +114,19 @@ class Plan:
 
     def build_inputs(self, deployment: str) -> list[str]:
         lib = self.lib_of(deployment)
-        return [lib.model.chat_config, lib.model.tensor_cache, lib.path]
+        draft = self.deployments[deployment].mode.draft
+        return [lib.model.chat_config, lib.model.tensor_cache, lib.path] + (self.build_inputs(draft) if draft else [])
 
     def runtime_inputs(self, deployment: str) -> list[str]:
         """Every file the engine opens, so a launch rebuilds whatever is missing first."""
-        return self.build_inputs(deployment) + self.lib_of(deployment).model.shard_files()
+        draft = self.deployments[deployment].mode.draft
+        return self.build_inputs(deployment) + self.lib_of(deployment).model.shard_files() + \
+            (self.lib_of(draft).model.shard_files() if draft else [])
 
     def launch_cmd(self, deployment: str, kind: str) -> str:
         """The process a `serve_<name>` / `chat_<name>` target execs once everything is built."""
-        return launch_command(self.deployments[deployment], kind)
+        draft = self.deployments[deployment].mode.draft
+        return launch_command(self.deployments[deployment], kind, self.deployments[draft] if draft else None)
 
     def launch_target(self, targets) -> tuple[str, str] | None:
         """(deployment, kind) when the run's targets include serve_<name> / chat_<name>, else None."""
@@ -163,7 +167,7 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
     return gen, convert, compile_, compile_inputs
 
 
-def engine_overrides(cfg: BuildConfig) -> str:
+def engine_overrides(cfg: BuildConfig, draft: Optional[BuildConfig] = None) -> str:
     m = cfg.mode
     items = [(k, getattr(m, k)) for k in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size",
                                           "spec_draft_length")]
@@ -171,6 +175,8 @@ def engine_overrides(cfg: BuildConfig) -> str:
               if getattr(m, k) != default]
     if cfg.device.name.value != "cpu":  # a share of GPU memory; the CPU sizes from available RAM
         items.append(("gpu_memory_utilization", m.gpu_memory_utilization))
+    if draft is not None:
+        items.append(("additional_models", f"{draft.model_dir},{draft.model_lib}"))
     return ";".join(f"{k}={v}" for k, v in items if v is not None)
 
 
@@ -181,10 +187,10 @@ def serve_mode(cfg: BuildConfig) -> str:
     return cfg.server.mode or ("local" if mode == "interactive" else mode)
 
 
-def launch_command(cfg: BuildConfig, kind: str) -> str:
+def launch_command(cfg: BuildConfig, kind: str, draft: Optional[BuildConfig] = None) -> str:
     env = ["env", f"TVM_NUM_THREADS={cfg.device.num_threads}"] if cfg.device.num_threads else []
     common = [cfg.model_dir, "--model-lib", cfg.model_lib, "--device", cfg.device.name.value,
-              "--overrides", engine_overrides(cfg)]
+              "--overrides", engine_overrides(cfg, draft)]
     if kind == "serve":
         return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", serve_mode(cfg),
                     "--host", cfg.server.host, "--port", cfg.server.port, *([] if cfg.server.ui else ["--no-ui"]))
@@ -207,6 +213,14 @@ def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path |
     if target is not None and target not in names:
         raise ConfigError(f"unknown deployment '{target}' (allowed: {', '.join(names)})")
     deployments = {n: compose_deployment(n, overrides if n == target else [], config_dir) for n in names}
+    for name, cfg in deployments.items():
+        draft = cfg.mode.draft
+        if draft is not None and (draft not in deployments or draft == name):
+            raise ConfigError(f"deployment '{name}': mode.draft '{draft}' must name another deployment (allowed: "
+                              f"{', '.join(n for n in names if n != name)})")
+        if draft is not None and deployments[draft].device.name != cfg.device.name:
+            raise ConfigError(f"deployment '{name}': its draft '{draft}' is built for "
+                              f"{deployments[draft].device.name.value}, not {cfg.device.name.value}")
     models: dict[str, ModelArtifact] = {}
     libs: dict[str, LibArtifact] = {}
     for name, cfg in deployments.items():

@@ -16,9 +16,15 @@ def next_token(history: list[int]) -> int:
     return (h + len(history)) % VOCAB
 
 
-def logits_after(history: list[int]) -> np.ndarray:
-    """Peaked around next_token(history): greedy picks it, sampling spreads over its neighbours."""
-    target = next_token(history)
+def draft_next_token(history: list[int]) -> int:
+    """A fake draft model: the fake model's choice, but a different one after every third history length."""
+    t = next_token(history)
+    return (t + 1) % VOCAB if len(history) % 3 == 0 else t
+
+
+def logits_after(history: list[int], rule=next_token) -> np.ndarray:
+    """Peaked around rule(history): greedy picks it, sampling spreads over its neighbours."""
+    target = rule(history)
     x = -np.abs(np.arange(VOCAB) - target).astype(np.float32)
     return x
 
@@ -75,8 +81,14 @@ class FakeRunner:
     vocab_size = VOCAB
     device = _Device()
     has_device_sampler = False
+    task = "chat"
 
-    def __init__(self, fail_on_forward: int | None = None):
+    def __init__(self, fail_on_forward: int | None = None, rule=next_token, model_dir="."):
+        from pathlib import Path
+
+        self.rule = rule
+        self.model_dir = Path(model_dir)
+        self.metadata = {"max_batch_size": 64, "prefill_chunk_size": 4096}
         self.forwards = 0
         self.fail_on_forward = fail_on_forward  # the n-th forward pass (1-based) raises
         self.max_batch = 0
@@ -129,7 +141,7 @@ class FakeRunner:
             for i, t in enumerate(toks):
                 cache.append(sid, [t])
                 if every_position or i == len(toks) - 1:
-                    rows.append(logits_after(cache.seqs[sid]["tokens"]))
+                    rows.append(logits_after(cache.seqs[sid]["tokens"], self.rule))
         return np.stack(rows)
 
     def batch_prefill(self, cache, seq_ids, token_lists):

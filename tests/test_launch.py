@@ -116,11 +116,14 @@ def test_health_503_while_loading_then_200(smollm_q4):
 
 
 def test_serve_flags_not_supported_say_so(smollm_q4):
-    for extra, word in ((["--enable-tracing"], "--enable-tracing"), (["--speculative-mode", "eagle"], "eagle"),
-                        (["--additional-models", "x"], "--additional-models"),
-                        (["--overrides", "max_num_sequence=abc"], "max_num_sequence")):
+    for extra, words in ((["--enable-tracing"], "--enable-tracing is not supported"),
+                         (["--speculative-mode", "eagle"], "unknown speculative_mode 'eagle'"),
+                         (["--additional-models", "x"], "draft models for speculative_mode 'small_draft', not"),
+                         (["--speculative-mode", "small_draft"], "'small_draft' needs one draft model"),
+                         (["--spec-draft-length", "99", "--speculative-mode", "ngram"], "spec_draft_length must"),
+                         (["--overrides", "max_num_sequence=abc"], "max_num_sequence")):
         r = run_cli("serve", str(smollm_q4.dir), *extra, timeout=60)
-        assert r.returncode == 1 and word in r.stderr and "not" in r.stderr, r.stderr
+        assert r.returncode == 1 and words in r.stderr, r.stderr
     r = run_cli("serve", "/no/such/model", timeout=60)
     assert r.returncode == 1 and "mlc-chat-config.json" in r.stderr
     r = run_cli("serve", str(smollm_q4.dir), "--allowed-origins", "*", timeout=60)

@@ -195,7 +195,8 @@ def test_ngram_with_a_grammar(plain, spec):
     ({"speculative_mode": "eagle"}, "unknown speculative_mode 'eagle'"),
     ({"speculative_mode": "ngram", "spec_draft_length": 0}, "spec_draft_length must be an integer in [1, 16]"),
     ({"speculative_mode": "ngram", "spec_draft_length": 17}, "spec_draft_length must be an integer in [1, 16]"),
-    ({"speculative_mode": "small_draft"}, "'small_draft' (a draft model) is not supported yet"),
+    ({"speculative_mode": "small_draft"}, "'small_draft' needs one draft model"),
+    ({"speculative_mode": "ngram", "additional_models": ["x"]}, "draft models for speculative_mode 'small_draft'"),
     ({"prefix_cache_mode": "lru"}, "unknown prefix_cache_mode 'lru'"),
     ({"prefix_cache_max_num_recycling_seqs": -2}, "prefix_cache_max_num_recycling_seqs must be an integer >= -1"),
 ])

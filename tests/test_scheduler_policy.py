@@ -11,13 +11,14 @@ import pytest
 
 from mlc_llm.serve import policy
 from mlc_llm.serve.config import ResolvedConfig
+from mlc_llm.serve.draft import DraftPair
 from mlc_llm.serve.prefix_cache import PrefixCache, RadixTree
 from mlc_llm.serve.request import Done, Failed, GenerationConfig, Request
 from mlc_llm.serve.sampler import SamplingParams
 from mlc_llm.serve.scheduler import EngineCore
 from mlc_llm.serve.speculative import ngram_propose
 
-from .fake_runner import VOCAB, FakeRunner, FakeTokenizer, greedy_reference, logits_after
+from .fake_runner import VOCAB, FakeRunner, FakeTokenizer, draft_next_token, greedy_reference, logits_after
 
 
 def config(**kw) -> ResolvedConfig:
@@ -349,3 +350,52 @@ def test_speculative_sampling_follows_the_target_distribution():
     biased = np.zeros_like(joint)
     biased[np.arange(VOCAB), drafted] = p1 * trials
     assert _chi2_pvalue(np.append(biased[keep], biased[~keep].sum()), expected) < 1e-6
+
+
+# ---- speculation with a draft model (DraftPair over two fake runners) --------------------------------------------
+def check_draft_kv(pair: DraftPair, cache) -> None:
+    """The target's KV holds exactly what the pair says, the draft's a prefix of it."""
+    for seq_id, content in pair.content.items():
+        assert cache[0].seqs[seq_id]["tokens"] == content
+        assert cache[1].seqs[seq_id]["tokens"] == content[:pair.draft_len[seq_id]]
+    assert set(cache[0].seqs) == set(cache[1].seqs) == set(pair.content)
+
+
+@pytest.mark.parametrize("total, prefix, n", [(4096, True, 1), (192, True, 1), (192, False, 2), (4096, False, 3)])
+def test_small_draft_is_token_identical_and_keeps_both_caches_in_step(total, prefix, n):
+    pair = DraftPair(FakeRunner(), FakeRunner(rule=draft_next_token))
+    core = EngineCore(pair, config(speculative_mode="small_draft", spec_draft_length=4, prefix_cache=prefix,
+                                   max_total_sequence_length=total))
+    system = prompt_of(0, 20)
+    reqs = [request(system + prompt_of(10 + i, 8 + i), max_tokens=30, n=n) for i in range(6)]
+    for r in reqs:
+        core.submit(r)
+    while True:
+        core.run_once()
+        check_draft_kv(pair, core.cache)
+        if not (core.running or core.waiting):
+            break
+    for r in reqs:
+        assert r.sink.failed is None
+        assert outputs(r) == [greedy_reference(r.prompt, 30)] * n
+    m = core.metrics()
+    assert 0 < m["spec_accepted_tokens"] < m["spec_draft_tokens"]  # the draft is right often, not always
+    if total == 192:
+        assert m["preemptions"] > 0 or m["prefix_cache_evictions"] > 0
+    core.reset_prefix_cache()
+    assert not core.cache[0].seqs and not core.cache[1].seqs
+    assert core.cache[0].free_pages() == len(core.cache[0].refs) == core.cache[1].free_pages()
+
+
+def test_a_draft_with_another_vocabulary_or_tokenizer_is_refused(tmp_path):
+    class Other(FakeRunner):
+        vocab_size = VOCAB + 1
+
+    with pytest.raises(ValueError, match="vocabulary of 98 tokens, the model 97"):
+        DraftPair(FakeRunner(), Other())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_text('{"model": 1}')
+    (tmp_path / "b" / "tokenizer.json").write_text('{"model": 2}')
+    with pytest.raises(ValueError, match="different tokenizer"):
+        DraftPair(FakeRunner(model_dir=tmp_path / "a"), FakeRunner(model_dir=tmp_path / "b"))

@@ -108,6 +108,7 @@ class ModeConfig:
     prefix_cache_mode: str = "radix"  # radix | disable
     speculative_mode: str = "disable"  # disable | ngram
     spec_draft_length: Optional[int] = None  # None: 4
+    draft: Optional[str] = None  # small_draft: the deployment whose model drafts (same tokenizer, same device)
 
     def check(self) -> None:
         for key in ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size"):
@@ -116,7 +117,8 @@ class ModeConfig:
 
         try:  # the engine's own rules, named as the config names them
             EngineConfig(prefix_cache_mode=self.prefix_cache_mode, speculative_mode=self.speculative_mode,
-                         spec_draft_length=self.spec_draft_length)
+                         spec_draft_length=self.spec_draft_length,
+                         additional_models=[self.draft] if self.draft else None)
         except ValueError as e:
             raise ValueError(f"mode: {e}") from None
         if not 0 < self.gpu_memory_utilization <= 1:

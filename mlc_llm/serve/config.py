@@ -44,6 +44,8 @@ class EngineConfig:
     # model in one batch_verify call; spec_draft_length is the most draft tokens per step (None: 4).
     speculative_mode: str = "disable"
     spec_draft_length: Optional[int] = None
+    # "small_draft": the draft model, "DIR" or "DIR,LIB" (MLC's --additional-models); it must share the tokenizer
+    additional_models: Optional[list[str]] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,8 +67,13 @@ class EngineConfig:
 
         if self.speculative_mode not in SPEC_MODES:
             raise ValueError(f"unknown speculative_mode '{self.speculative_mode}' (allowed: {', '.join(SPEC_MODES)})")
-        if self.speculative_mode == "small_draft":
-            raise ValueError("speculative_mode 'small_draft' (a draft model) is not supported yet: use 'ngram'")
+        drafts = list(self.additional_models or [])
+        if self.speculative_mode == "small_draft" and len(drafts) != 1:
+            raise ValueError("speculative_mode 'small_draft' needs one draft model (additional_models / "
+                             f"--additional-models DIR[,LIB]), got {len(drafts)}")
+        if drafts and self.speculative_mode != "small_draft":
+            raise ValueError("additional_models are draft models for speculative_mode 'small_draft', not for "
+                             f"'{self.speculative_mode}'")
         v = self.spec_draft_length
         if v is not None and (not isinstance(v, int) or not 1 <= v <= MAX_DRAFT_LENGTH):
             raise ValueError(f"spec_draft_length must be an integer in [1, {MAX_DRAFT_LENGTH}], got {v!r}")
@@ -90,6 +97,9 @@ class EngineConfig:
                 raise ValueError(f"bad override '{item}' (allowed keys: {', '.join(allowed)})")
             if key in _STRING_FIELDS:
                 values[key] = raw.strip()
+                continue
+            if key == "additional_models":  # one draft model: "DIR" or "DIR,LIB"
+                values[key] = [raw.strip()]
                 continue
             try:
                 values[key] = float(raw) if key == "gpu_memory_utilization" else int(raw)
@@ -124,6 +134,7 @@ class ResolvedConfig:
     prefix_cache_max_num_recycling_seqs: int = 0  # -1: no limit
     speculative_mode: str = "disable"
     spec_draft_length: int = 0  # 0: no speculation
+    draft_model: Optional[str] = None  # small_draft: "DIR" or "DIR,LIB"
 
 
 def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
@@ -172,7 +183,7 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
                           budget, sampler, long_prefill, prefix_cache=cfg.prefix_cache_mode == "radix",
                           prefix_cache_max_num_recycling_seqs=num_seq if recycle is None else recycle,
                           speculative_mode=cfg.speculative_mode, spec_draft_length=(cfg.spec_draft_length or 4) if spec
-                          else 0)
+                          else 0, draft_model=(cfg.additional_models or [None])[0])
 
 
 def resolve_embedding(cfg: EngineConfig, metadata: dict[str, Any]) -> ResolvedConfig:

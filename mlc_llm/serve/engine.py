@@ -108,7 +108,31 @@ class _EngineBase:
         self.stop_token_ids = sorted(set((self.conv.stop_token_ids if self.conv else []) +
                                          ([eos] if isinstance(eos, int) else list(eos or []))))
         self.grammars = GrammarBackend(self.model_dir, self.runner.vocab_size, self.stop_token_ids)
-        self.core = EngineCore(self.runner, self.config)
+        runner = self.runner
+        if self.config.speculative_mode == "small_draft":
+            runner = self._draft_pair(self.config.draft_model)
+        self.core = EngineCore(runner, self.config)
+
+    def _draft_pair(self, spec: str):
+        """The model + the draft model of speculative_mode small_draft ("DIR" or "DIR,LIB")."""
+        from .draft import DraftPair
+
+        draft_path, _, draft_lib = spec.partition(",")
+        draft_dir = _resolve_model_dir(draft_path)
+        if not draft_lib:
+            from .jit import jit_library
+
+            chat_config = json.loads((draft_dir / "mlc-chat-config.json").read_text(encoding="utf-8"))
+            draft_lib = str(jit_library(draft_dir, chat_config, self.device))
+        draft = ModelRunner(draft_dir, draft_lib, self.device)
+        limit = int(draft.metadata["max_batch_size"])
+        if self.config.max_num_sequence > limit:
+            raise ValueError(f"max_num_sequence {self.config.max_num_sequence} exceeds the draft library's "
+                             f"compile-time max_batch_size {limit}")
+        if self.config.prefill_chunk_size > int(draft.metadata["prefill_chunk_size"]):
+            raise ValueError(f"prefill_chunk_size {self.config.prefill_chunk_size} exceeds the draft library's "
+                             f"compile-time prefill_chunk_size {draft.metadata['prefill_chunk_size']}")
+        return DraftPair(self.runner, draft)
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -31,7 +31,8 @@ class SchedulerState:
     # tokens -> (length of the longest cached prefix, the sequence holding it)
     match: Callable[[list[int]], tuple[int, Optional[int]]] = lambda tokens: (0, None)
     prefilled_last: bool = False  # the previous step was a prefill
-    # a running sequence -> draft tokens to verify (speculative decoding); None: no speculation
+    # (a running sequence, k) -> at most k draft tokens to verify (speculative decoding), or DRAFTED_LATER per token
+    # the draft model proposes at run time; None: no speculation
     propose: Optional[Callable[[Sequence, int], list[int]]] = None
 
     def running_seqs(self) -> list[Sequence]:
@@ -79,6 +80,9 @@ class EndLength:
 @dataclass
 class Prefill:
     batch: list[tuple[Request, Sequence, int]]  # (request, sequence, tokens of its pending ones to prefill)
+
+
+DRAFTED_LATER = -1  # a draft token the draft model proposes when the step runs
 
 
 @dataclass

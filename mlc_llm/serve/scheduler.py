@@ -99,7 +99,12 @@ class EngineCore(CoreInbox):
         # prefix cache) by their own limit
         self._next_seq_id = 0
         self.prefix_cache = PrefixCache(cfg.prefix_cache_max_num_recycling_seqs) if cfg.prefix_cache else None
-        self._propose = (lambda s, k: ngram_propose(s.tokens, k)) if cfg.speculative_mode == "ngram" else None
+        if cfg.speculative_mode == "ngram":
+            self._propose = lambda s, k: ngram_propose(s.tokens, k)
+        elif cfg.speculative_mode == "small_draft":  # runner is a DraftPair: the draft model fills these in
+            self._propose = lambda s, k: [policy.DRAFTED_LATER] * k
+        else:
+            self._propose = None
         self._admissions = 0
         self._prefilled_last = False
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
@@ -121,7 +126,7 @@ class EngineCore(CoreInbox):
             "prefix_cache_prompt_tokens": 0, "prefix_cache_hit_tokens": 0, "prefix_cache_sequences": 0,
             "prefix_cache_evictions": 0,
             # speculative decoding: draft tokens proposed / accepted, and (sequence, step) pairs that verified drafts
-            "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0,
+            "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0, "spec_draft_time_s": 0.0,
         })
 
     def _publish_gauges(self) -> None:
@@ -359,6 +364,11 @@ class EngineCore(CoreInbox):
         penalties and grammar as they stand after positions < j) and committed; the row goes on to j+1 while the
         sampled token equals draft j. Afterwards the KV of the rejected drafts is popped."""
         start = time.perf_counter()
+        if any(policy.DRAFTED_LATER in d for d in drafts):
+            drafts = self.runner.propose(self.cache, [s.seq_id for _, s in seqs], [s.pending[0] for _, s in seqs],
+                                         [len(d) for d in drafts], self.cfg.prefill_chunk_size)
+            with self._lock:
+                self.stats["spec_draft_time_s"] += time.perf_counter() - start
         inputs = [[s.pending[0]] + d for (_, s), d in zip(seqs, drafts)]
         logits = self.runner.batch_verify(self.cache, [s.seq_id for _, s in seqs], inputs)
         elapsed = time.perf_counter() - start
