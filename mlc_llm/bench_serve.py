@@ -157,9 +157,49 @@ def print_summary(s: dict[str, Any]) -> None:
             print(f"{label:<44}{value:>16.2f}")
         else:
             print(f"{label:<44}{value:>16}")
+    for label, key in (("Spec decode acceptance rate", "spec_accept_rate"),
+                       ("Spec decode tokens per verify step", "spec_accept_len"),
+                       ("Prefix cache hit rate", "prefix_cache_hit_rate")):
+        if key in s:
+            print(f"{label:<44}{s[key]:>16.2f}")
     for e in s["errors"]:
         print(f"error: {e}")
     print("=" * 60)
+
+
+SERVER_COUNTERS = ("spec_draft_tokens_sum", "spec_accepted_tokens_sum", "spec_verify_steps_sum",
+                   "prefix_cache_hit_tokens_sum", "prefix_cache_prompt_tokens_sum")
+
+
+def server_counters(base_url: str) -> dict[str, float]:
+    """This project's engine counters from the server's /metrics (empty for other servers)."""
+    import httpx
+
+    try:
+        text = httpx.get(base_url.rstrip("/") + "/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name.startswith("mlc_llm:") and name[8:] in SERVER_COUNTERS:
+            out[name[8:]] = out.get(name[8:], 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def engine_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Speculation acceptance and prefix-cache hits during one level, from the counters' differences."""
+    if not before or not after:
+        return {}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in SERVER_COUNTERS}
+    out = {}
+    if d["spec_draft_tokens_sum"]:
+        out["spec_accept_rate"] = d["spec_accepted_tokens_sum"] / d["spec_draft_tokens_sum"]
+        out["spec_accept_len"] = (d["spec_accepted_tokens_sum"] + d["spec_verify_steps_sum"]) / \
+            max(d["spec_verify_steps_sum"], 1)
+    if d["prefix_cache_prompt_tokens_sum"]:
+        out["prefix_cache_hit_rate"] = d["prefix_cache_hit_tokens_sum"] / d["prefix_cache_prompt_tokens_sum"]
+    return out
 
 
 def served_model(base_url: str, api_key: Optional[str]) -> str:
@@ -182,7 +222,9 @@ def bench_serve(base_url: str, model: Optional[str], concurrencies: list[int], n
     for c in concurrencies:
         n = num_prompts or 2 * c
         prompts = make_prompts(n, input_len, chat, vocab_size, seed)
+        before = server_counters(base_url)
         s = asyncio.run(run_level(base_url, model, prompts, output_len, c, chat, api_key, timeout))
+        s.update(engine_rates(before, server_counters(base_url)))
         s.update(num_prompts=n, input_len=input_len, output_len=output_len, endpoint="chat" if chat else "completions",
                  model=model, base_url=base_url, machine=f"{platform.node()} {platform.machine()}")
         print_summary(s)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .runner import ModelRunner
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def _tokenizer_digest(model_dir: Path) -> str:
