@@ -7,7 +7,9 @@ Prefix cache — time to first token (streamed, greedy) of:
   * turn 5 of a chat (turns 1-4 answered by the same engine just before);
   * a request whose 1,000-token system prompt an earlier request used.
 Speculation — decode tokens/s of one request (greedy, 128 tokens) and of 4 concurrent ones, on a repetitive task (the
-answer copies the prompt: "repeat this text") and on free writing, with the acceptance rate and tokens per verify step.
+answer copies the prompt: "repeat this text") and on free writing, with the acceptance rate and tokens per verify step:
+n-gram with a fixed draft length (--draft-length, every step) and with spec_draft_length 0 (auto: drafts only while
+measured step times and acceptance say it pays). With --draft-model DIR, the same for small_draft.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--model-lib")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--draft-length", type=int, default=4)
+    ap.add_argument("--draft-model", help="small_draft too, with this draft model folder (lib: DIR/lib/cpu.so)")
     ap.add_argument("--json", help="write the results here too")
     a = ap.parse_args()
     lib = a.model_lib or f"{a.model}/lib/cpu.so"
@@ -92,8 +95,15 @@ def main() -> None:
                          engine_config=EngineConfig(mode="server", **kw))
 
     engines = {"cache_off": engine(prefix_cache_mode="disable"), "cache_on": engine(),
-               "spec_ngram": engine(prefix_cache_mode="disable", speculative_mode="ngram",
-                                    spec_draft_length=a.draft_length)}
+               "ngram_fixed": engine(prefix_cache_mode="disable", speculative_mode="ngram",
+                                     spec_draft_length=a.draft_length),
+               "ngram_auto": engine(prefix_cache_mode="disable", speculative_mode="ngram")}
+    if a.draft_model:
+        for name, length in (("draft_fixed", a.draft_length), ("draft_auto", None)):
+            engines[name] = engine(prefix_cache_mode="disable", speculative_mode="small_draft",
+                                   spec_draft_length=length,
+                                   additional_models=[f"{a.draft_model},{a.draft_model}/lib/cpu.so"])
+    spec_names = [n for n in engines if n.endswith(("_fixed", "_auto"))]
     tasks = {"repeat": [f"Repeat this text exactly.\nText: {PARAGRAPH}\nRepeated text: {PARAGRAPH.split('.')[0]}"
                         for _ in range(4)],
              "free": [f"Write a short story about {t}." for t in TOPICS]}
@@ -110,18 +120,18 @@ def main() -> None:
             for task, prompts in tasks.items():
                 for c in (1, 4):
                     texts = {}
-                    for name in ("cache_off", "spec_ngram"):
+                    for name in ["cache_off", *spec_names]:
                         before = engines[name].metrics()
                         speed, texts[name] = decode_speed(engines[name], prompts, c)
                         add(f"decode_tok_s/{task}/c{c}/{name}", speed)
-                        if name == "spec_ngram":
+                        if name != "cache_off":
                             m = engines[name].metrics()
                             drafted = m["spec_draft_tokens"] - before["spec_draft_tokens"]
                             accepted = m["spec_accepted_tokens"] - before["spec_accepted_tokens"]
                             rows = m["spec_verify_rows"] - before["spec_verify_rows"]
-                            add(f"accept_rate/{task}/c{c}", accepted / drafted if drafted else 0.0)
-                            add(f"accept_len/{task}/c{c}", (accepted + rows) / rows if rows else 0.0)
-                    assert texts["spec_ngram"] == texts["cache_off"], "speculative greedy output differs"
+                            add(f"accept_rate/{task}/c{c}/{name}", accepted / drafted if drafted else 0.0)
+                            add(f"accept_len/{task}/c{c}/{name}", (accepted + rows) / rows if rows else 0.0)
+                            assert texts[name] == texts["cache_off"], f"{name}: speculative greedy output differs"
             print(f"round {r + 1}/{a.rounds} done", flush=True)
     finally:
         for e in engines.values():
@@ -134,8 +144,11 @@ def main() -> None:
         print(f"{what}: cache off / on = {statistics.median([x / y for x, y in zip(off, on)]):.2f}x")
     for task in tasks:
         for c in (1, 4):
-            on, off = results[f"decode_tok_s/{task}/c{c}/spec_ngram"], results[f"decode_tok_s/{task}/c{c}/cache_off"]
-            print(f"decode {task} c={c}: ngram / plain = {statistics.median([x / y for x, y in zip(on, off)]):.2f}x")
+            off = results[f"decode_tok_s/{task}/c{c}/cache_off"]
+            for name in spec_names:
+                on = results[f"decode_tok_s/{task}/c{c}/{name}"]
+                print(f"decode {task} c={c}: {name} / plain = "
+                      f"{statistics.median([x / y for x, y in zip(on, off)]):.2f}x")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rounds": a.rounds, "results": results, "summary": summary}, f, indent=1)

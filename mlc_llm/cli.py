@@ -226,7 +226,8 @@ def _runtime_flags(p: argparse.ArgumentParser, default_mode: str) -> None:
                    help="finished sequences the prefix cache keeps (default: max_num_sequence; -1: no limit)")
     p.add_argument("--speculative-mode", help="disable (default) | ngram (drafts from the sequence's own tokens) | "
                                               "small_draft (drafts from --additional-models)")
-    p.add_argument("--spec-draft-length", type=int, help="most draft tokens per step (default: 4)")
+    p.add_argument("--spec-draft-length", type=int, help="N: N draft tokens every step; 0 (default): auto, up to 4 "
+                                                        "while measured to be faster")
     if default_mode:
         p.add_argument("--mode", default=default_mode, choices=["local", "interactive", "server"])
 

@@ -193,8 +193,8 @@ def test_ngram_with_a_grammar(plain, spec):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"speculative_mode": "eagle"}, "unknown speculative_mode 'eagle'"),
-    ({"speculative_mode": "ngram", "spec_draft_length": 0}, "spec_draft_length must be an integer in [1, 16]"),
-    ({"speculative_mode": "ngram", "spec_draft_length": 17}, "spec_draft_length must be an integer in [1, 16]"),
+    ({"speculative_mode": "ngram", "spec_draft_length": -1}, "spec_draft_length must be an integer in [0, 16]"),
+    ({"speculative_mode": "ngram", "spec_draft_length": 17}, "spec_draft_length must be an integer in [0, 16]"),
     ({"speculative_mode": "small_draft"}, "'small_draft' needs one draft model"),
     ({"speculative_mode": "ngram", "additional_models": ["x"]}, "draft models for speculative_mode 'small_draft'"),
     ({"prefix_cache_mode": "lru"}, "unknown prefix_cache_mode 'lru'"),

@@ -167,6 +167,31 @@ def test_drafts_are_bounded_and_never_cost_pages_needed_elsewhere():
     assert policy.forward_action(st).drafts == [[]]
 
 
+def test_auto_speculation_drafts_only_when_measured_step_times_say_it_pays():
+    cfg = config(spec_draft_length=4, speculative_mode="ngram", spec_adaptive=True)
+    r = request(prompt_of(1, 20), max_tokens=100)
+    s = r.seqs[0]
+    s.seq_id, s.kv_len, r.admitted_at = 0, 19, 0
+    propose = lambda seq, k: list(range(k))  # noqa: E731
+
+    def state(costs):
+        return policy.SchedulerState(cfg, [], [r], free_pages=50, propose=propose, prefilled_last=True,
+                                     step_cost=lambda kind, rows, tokens: costs.get((kind, tokens)))
+
+    assert state({}).running and policy.forward_action(state({})).drafts == [[]]  # no decode timed yet
+    # untimed verify steps are guessed at half a decode step per token: tried while acceptance is high
+    assert policy.forward_action(state({("decode", 1): 1.0})).drafts != [[]]
+    s.spec_accept = 0.9  # a verify of 5 tokens costing as much as a decode: all four drafts
+    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 1.0})).drafts == [[0, 1, 2, 3]]
+    # verify steps measured 3x a decode step: 1 + .9 + .81 + .73 + .66 = 4.1 tokens for 3 -> still worth it
+    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 3.0, ("verify", 2): 3.0, ("verify", 3): 3.0
+                                        })).drafts == [[0, 1, 2, 3]]
+    s.spec_accept = 0.3  # 1 + .3 + .09 + ... < 1.5 tokens for 3x the time: no drafts
+    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 3.0, ("verify", 2): 3.0, ("verify", 3): 3.0
+                                        })).drafts == [[]]
+    assert policy.expected_tokens(0.5, 3) == 1.875
+
+
 def test_prefill_takes_shortest_first_and_caps_long_prompts_while_others_wait():
     cfg = config(prefill_chunk_size=64, long_prefill_token_threshold=32)
     long, short = request(prompt_of(1, 100)), request(prompt_of(2, 10))

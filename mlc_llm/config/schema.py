@@ -107,7 +107,7 @@ class ModeConfig:
     gpu_memory_utilization: float = 0.85
     prefix_cache_mode: str = "radix"  # radix | disable
     speculative_mode: str = "disable"  # disable | ngram
-    spec_draft_length: Optional[int] = None  # None: 4
+    spec_draft_length: Optional[int] = None  # N: N drafts every step; null or 0: auto (up to 4, while it pays)
     draft: Optional[str] = None  # small_draft: the deployment whose model drafts (same tokenizer, same device)
 
     def check(self) -> None:

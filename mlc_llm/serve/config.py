@@ -40,8 +40,9 @@ class EngineConfig:
     # limit), evicted LRU when pages are needed.
     prefix_cache_mode: str = "radix"
     prefix_cache_max_num_recycling_seqs: Optional[int] = None
-    # Speculative decoding: "ngram" drafts from the sequence's own earlier tokens (prompt lookup), verified by the
-    # model in one batch_verify call; spec_draft_length is the most draft tokens per step (None: 4).
+    # Speculative decoding: "ngram" drafts from the sequence's own earlier tokens (prompt lookup), "small_draft" from a
+    # draft model; verified by the model in one batch_verify call. spec_draft_length N: N drafts every step; 0 or None
+    # (MLC's "auto"): up to 4, and only while the measured step times and acceptance say it is faster.
     speculative_mode: str = "disable"
     spec_draft_length: Optional[int] = None
     # "small_draft": the draft model, "DIR" or "DIR,LIB" (MLC's --additional-models); it must share the tokenizer
@@ -75,8 +76,8 @@ class EngineConfig:
             raise ValueError("additional_models are draft models for speculative_mode 'small_draft', not for "
                              f"'{self.speculative_mode}'")
         v = self.spec_draft_length
-        if v is not None and (not isinstance(v, int) or not 1 <= v <= MAX_DRAFT_LENGTH):
-            raise ValueError(f"spec_draft_length must be an integer in [1, {MAX_DRAFT_LENGTH}], got {v!r}")
+        if v is not None and (not isinstance(v, int) or not 0 <= v <= MAX_DRAFT_LENGTH):
+            raise ValueError(f"spec_draft_length must be an integer in [0, {MAX_DRAFT_LENGTH}] (0: auto), got {v!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_shards not in (None, 1):
@@ -133,7 +134,8 @@ class ResolvedConfig:
     prefix_cache: bool = False
     prefix_cache_max_num_recycling_seqs: int = 0  # -1: no limit
     speculative_mode: str = "disable"
-    spec_draft_length: int = 0  # 0: no speculation
+    spec_draft_length: int = 0  # the most drafts per step; 0: no speculation
+    spec_adaptive: bool = False  # speculate only while it is measured to be faster
     draft_model: Optional[str] = None  # small_draft: "DIR" or "DIR,LIB"
 
 
@@ -183,7 +185,8 @@ def resolve(cfg: EngineConfig, metadata: dict[str, Any], device_kind: str,
                           budget, sampler, long_prefill, prefix_cache=cfg.prefix_cache_mode == "radix",
                           prefix_cache_max_num_recycling_seqs=num_seq if recycle is None else recycle,
                           speculative_mode=cfg.speculative_mode, spec_draft_length=(cfg.spec_draft_length or 4) if spec
-                          else 0, draft_model=(cfg.additional_models or [None])[0])
+                          else 0, spec_adaptive=spec and not cfg.spec_draft_length,
+                          draft_model=(cfg.additional_models or [None])[0])
 
 
 def resolve_embedding(cfg: EngineConfig, metadata: dict[str, Any]) -> ResolvedConfig:

@@ -34,6 +34,8 @@ class SchedulerState:
     # (a running sequence, k) -> at most k draft tokens to verify (speculative decoding), or DRAFTED_LATER per token
     # the draft model proposes at run time; None: no speculation
     propose: Optional[Callable[[Sequence, int], list[int]]] = None
+    # ("decode" | "verify", rows, tokens) -> the measured seconds of such a step, None if not measured
+    step_cost: Callable[[str, int, int], Optional[float]] = lambda kind, rows, tokens: None
 
     def running_seqs(self) -> list[Sequence]:
         return [s for r in self.running for s in r.seqs if not s.finished]
@@ -195,7 +197,40 @@ def _decode_action(st: SchedulerState):
     drafts = [[] for _ in rows]
     if st.propose is not None and st.cfg.spec_draft_length > 0:
         drafts = _plan_drafts(st, rows)
+        if st.cfg.spec_adaptive:
+            drafts = _worth_it(st, rows, drafts)
     return Decode(rows, drafts)
+
+
+# A sequence's acceptance rate before it has verified drafts, and what a sequence that stopped drafting drifts back
+# to (so it tries again now and then).
+ACCEPT_PRIOR = 0.7
+
+
+def expected_tokens(accept: float, k: int) -> float:
+    """Tokens one verify step of k drafts commits, if each draft is kept with probability `accept`: 1 + a + ... + a^k
+    (the sampled token always; draft j only if drafts 1..j all are)."""
+    return sum(accept ** j for j in range(k + 1))
+
+
+def _worth_it(st: SchedulerState, rows: list[tuple[Request, Sequence]], drafts: list[list[int]]) -> list[list[int]]:
+    """The drafts (or a shorter prefix of each) that give the most tokens per second, or none if a plain decode step
+    gives more: expected tokens from each row's acceptance rate, step times from st.step_cost (measured by the engine;
+    a verify step not measured yet is guessed at half a decode step per token per row, so it gets tried)."""
+    b = len(rows)
+    decode = st.step_cost("decode", b, b)
+    if decode is None or not any(drafts):
+        return [[] for _ in rows]
+    best, best_rate = [[] for _ in rows], b / decode
+    for cap in sorted({min(len(d), c) for d in drafts for c in (1, 2, 4, st.cfg.spec_draft_length)} - {0}):
+        trial = [d[:cap] for d in drafts]
+        tokens = b + sum(len(d) for d in trial)
+        cost = st.step_cost("verify", b, tokens) or decode * max(1.0, 0.5 * tokens / b)
+        gain = sum(expected_tokens(ACCEPT_PRIOR if s.spec_accept is None else s.spec_accept, len(d))
+                   for (_, s), d in zip(rows, trial))
+        if gain / cost > best_rate * 1.05:  # a clear win only: a verify step costs more than its estimate suggests
+            best, best_rate = trial, gain / cost
+    return best
 
 
 def _plan_drafts(st: SchedulerState, rows: list[tuple[Request, Sequence]]) -> list[list[int]]:

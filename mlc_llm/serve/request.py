@@ -60,6 +60,7 @@ class Sequence:
         self.stopper = StopStrMatcher(gen.stop)
         self.matcher = gen.grammar.matcher() if gen.grammar is not None else None  # llguidance.LLMatcher
         self.finish_reason: Optional[str] = None
+        self.spec_accept: Optional[float] = None  # running share of this sequence's draft tokens accepted
 
     @property
     def pending(self) -> list[int]:

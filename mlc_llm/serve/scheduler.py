@@ -105,6 +105,7 @@ class EngineCore(CoreInbox):
             self._propose = lambda s, k: [policy.DRAFTED_LATER] * k
         else:
             self._propose = None
+        self._step_costs: dict[tuple[str, int, int], float] = {}  # see _record_cost
         self._admissions = 0
         self._prefilled_last = False
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
@@ -215,7 +216,8 @@ class EngineCore(CoreInbox):
         return policy.SchedulerState(
             self.cfg, list(self.waiting), self.running, self.runner.num_available_pages(self.cache),
             recycled=list(pc.recycled) if pc else [], match=pc.match if pc else (lambda tokens: (0, None)),
-            prefilled_last=self._prefilled_last, propose=self._propose)
+            prefilled_last=self._prefilled_last, propose=self._propose,
+            step_cost=lambda kind, rows, tokens: self._step_costs.get((kind, rows, tokens)))
 
     def step(self) -> None:
         while (action := policy.admission_action(self.state())) is not None:
@@ -350,6 +352,22 @@ class EngineCore(CoreInbox):
             self._sample_and_commit(logits, seqs, ahead)
         with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
+        if self._propose is not None:
+            self._record_cost("decode", len(seqs), len(seqs), time.perf_counter() - start)
+            self._drift([s for _, s in seqs])
+
+    def _record_cost(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
+        """Running average of whole-step times (forward + sampling), which the policy weighs speculation by."""
+        key = (kind, rows, tokens)
+        old = self._step_costs.get(key)
+        self._step_costs[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    @staticmethod
+    def _drift(seqs: list[Sequence]) -> None:
+        """Sequences that did not draft this step drift back towards the prior, so that they try again later."""
+        for s in seqs:
+            if s.spec_accept is not None:
+                s.spec_accept += 0.02 * (policy.ACCEPT_PRIOR - s.spec_accept)
 
     def _count_decode(self, rows: int, tokens: int, elapsed: float) -> None:
         with self._lock:
@@ -377,7 +395,7 @@ class EngineCore(CoreInbox):
             s.kv_len += len(t)  # the rejected tail is popped below (or when the sequence is released)
         host_start = time.perf_counter()
         active = list(range(len(seqs)))
-        committed = accepted = 0
+        committed, accepted = 0, [0] * len(seqs)
         j = 0
         while active:
             before = [len(seqs[i][1].tokens) for i in active]
@@ -389,18 +407,24 @@ class EngineCore(CoreInbox):
                     continue
                 committed += 1
                 if j < len(drafts[i]) and s.tokens[-1] == drafts[i][j]:
-                    accepted += 1
+                    accepted[i] += 1
                     if not s.finished:
                         nxt.append(i)
             active, j = nxt, j + 1
         for _, s in seqs:
             if s.seq_id is not None:
                 self._trim_kv(s)
+        for (_, s), d, a in zip(seqs, drafts, accepted):
+            if d:
+                prev = policy.ACCEPT_PRIOR if s.spec_accept is None else s.spec_accept
+                s.spec_accept = 0.5 * prev + 0.5 * a / len(d)
+        self._drift([s for (_, s), d in zip(seqs, drafts) if not d])
         proposed = sum(len(d) for d in drafts)
         self._count_decode(len(seqs), committed, elapsed)
+        self._record_cost("verify", len(seqs), sum(len(t) for t in inputs), time.perf_counter() - start)
         with self._lock:
             self.stats["spec_draft_tokens"] += proposed
-            self.stats["spec_accepted_tokens"] += accepted
+            self.stats["spec_accepted_tokens"] += sum(accepted)
             self.stats["spec_verify_rows"] += sum(bool(d) for d in drafts)
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
 
