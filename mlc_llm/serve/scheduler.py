@@ -106,6 +106,7 @@ class EngineCore(CoreInbox):
         else:
             self._propose = None
         self._step_costs: dict[tuple[str, int, int], float] = {}  # see _record_cost
+        self._cost_key: Optional[tuple[str, int, int]] = None  # the decode step of this loop turn
         self._admissions = 0
         self._prefilled_last = False
         # Grammar masks depend only on the tokens so far, so on a GPU they are built on a helper thread during the
@@ -156,8 +157,10 @@ class EngineCore(CoreInbox):
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
+        turn_start = time.perf_counter()
         self._expire()
         if self.waiting or self.running:
+            self._cost_key = None
             try:
                 self.step()
             except Exception as e:  # a failed forward fails its requests, not the engine
@@ -166,6 +169,8 @@ class EngineCore(CoreInbox):
             if not (self.waiting or self.running):
                 trim_heap()  # the engine just went idle
         self._publish_gauges()
+        if self._cost_key is not None:  # the whole turn: what a step really costs the requests
+            self._record_cost(*self._cost_key, time.perf_counter() - turn_start)
         return True
 
     def _expire(self) -> None:
@@ -353,11 +358,12 @@ class EngineCore(CoreInbox):
         with self._lock:  # Python-side cost of a step: sampling, detokenizing, stop checks, delivery
             self.stats["decode_host_time_s"] += time.perf_counter() - host_start
         if self._propose is not None:
-            self._record_cost("decode", len(seqs), len(seqs), time.perf_counter() - start)
+            self._cost_key = ("decode", len(seqs), len(seqs))
             self._drift([s for _, s in seqs])
 
     def _record_cost(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
-        """Running average of whole-step times (forward + sampling), which the policy weighs speculation by."""
+        """Running average of the engine loop's turns by the step they ran (forward, sampling, delivery, gauges),
+        which the policy weighs speculation by."""
         key = (kind, rows, tokens)
         old = self._step_costs.get(key)
         self._step_costs[key] = seconds if old is None else 0.7 * old + 0.3 * seconds
@@ -421,7 +427,7 @@ class EngineCore(CoreInbox):
         self._drift([s for (_, s), d in zip(seqs, drafts) if not d])
         proposed = sum(len(d) for d in drafts)
         self._count_decode(len(seqs), committed, elapsed)
-        self._record_cost("verify", len(seqs), sum(len(t) for t in inputs), time.perf_counter() - start)
+        self._cost_key = ("verify", len(seqs), sum(len(t) for t in inputs))
         with self._lock:
             self.stats["spec_draft_tokens"] += proposed
             self.stats["spec_accepted_tokens"] += sum(accepted)
