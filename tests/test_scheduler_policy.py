@@ -184,11 +184,12 @@ def test_auto_speculation_drafts_only_when_measured_step_times_say_it_pays():
     s.spec_accept = 0.9  # a verify of 5 tokens costing as much as a decode: all four drafts
     assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 1.0})).drafts == [[0, 1, 2, 3]]
     # verify steps measured 3x a decode step: 1 + .9 + .81 + .73 + .66 = 4.1 tokens for 3 -> still worth it
-    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 3.0, ("verify", 2): 3.0, ("verify", 3): 3.0
-                                        })).drafts == [[0, 1, 2, 3]]
+    slow = {("decode", 1): 1.0, **{("verify", t): 3.0 for t in range(2, 6)}}
+    assert policy.forward_action(state(slow)).drafts == [[0, 1, 2, 3]]
+    # ... but if 4 tokens cost as much as 2, three drafts (3.4 tokens) beat four (4.1 tokens for 1.5x the time)
+    assert policy.forward_action(state({**slow, ("verify", 4): 2.0})).drafts == [[0, 1, 2]]
     s.spec_accept = 0.3  # 1 + .3 + .09 + ... < 1.5 tokens for 3x the time: no drafts
-    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 5): 3.0, ("verify", 2): 3.0, ("verify", 3): 3.0
-                                        })).drafts == [[]]
+    assert policy.forward_action(state(slow)).drafts == [[]]
     assert policy.expected_tokens(0.5, 3) == 1.875
 
 

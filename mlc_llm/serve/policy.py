@@ -222,7 +222,7 @@ def _worth_it(st: SchedulerState, rows: list[tuple[Request, Sequence]], drafts: 
     if decode is None or not any(drafts):
         return [[] for _ in rows]
     best, best_rate = [[] for _ in rows], b / decode
-    for cap in sorted({min(len(d), c) for d in drafts for c in (1, 2, 4, st.cfg.spec_draft_length)} - {0}):
+    for cap in range(1, max(len(d) for d in drafts) + 1):
         trial = [d[:cap] for d in drafts]
         tokens = b + sum(len(d) for d in trial)
         cost = st.step_cost("verify", b, tokens) or decode * max(1.0, 0.5 * tokens / b)
