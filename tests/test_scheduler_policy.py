@@ -176,7 +176,7 @@ def test_auto_speculation_drafts_only_when_measured_step_times_say_it_pays():
 
     def state(costs):
         return policy.SchedulerState(cfg, [], [r], free_pages=50, propose=propose, prefilled_last=True,
-                                     step_cost=lambda kind, rows, tokens: costs.get((kind, tokens)))
+                                     step_costs={(kind, 1, tokens): c for (kind, tokens), c in costs.items()})
 
     assert state({}).running and policy.forward_action(state({})).drafts == [[]]  # no decode timed yet
     # untimed verify steps are guessed at half a decode step per token: tried while acceptance is high
@@ -191,6 +191,10 @@ def test_auto_speculation_drafts_only_when_measured_step_times_say_it_pays():
     s.spec_accept = 0.3  # 1 + .3 + .09 + ... < 1.5 tokens for 3x the time: no drafts
     assert policy.forward_action(state(slow)).drafts == [[]]
     assert policy.expected_tokens(0.5, 3) == 1.875
+    # a verify step not measured is estimated from a measured one: 2 tokens at 3x -> 5 tokens at 3 * sqrt(5/2) = 4.7x
+    s.spec_accept = 0.9
+    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 2): 3.0})).drafts == [[]]
+    assert policy.forward_action(state({("decode", 1): 1.0, ("verify", 2): 1.0})).drafts == [[0, 1, 2, 3]]
 
 
 def test_prefill_takes_shortest_first_and_caps_long_prompts_while_others_wait():

@@ -34,8 +34,8 @@ class SchedulerState:
     # (a running sequence, k) -> at most k draft tokens to verify (speculative decoding), or DRAFTED_LATER per token
     # the draft model proposes at run time; None: no speculation
     propose: Optional[Callable[[Sequence, int], list[int]]] = None
-    # ("decode" | "verify", rows, tokens) -> the measured seconds of such a step, None if not measured
-    step_cost: Callable[[str, int, int], Optional[float]] = lambda kind, rows, tokens: None
+    # ("decode" | "verify", rows, tokens) -> the measured seconds of such a step
+    step_costs: dict[tuple[str, int, int], float] = field(default_factory=dict)
 
     def running_seqs(self) -> list[Sequence]:
         return [s for r in self.running for s in r.seqs if not s.finished]
@@ -215,22 +215,40 @@ def expected_tokens(accept: float, k: int) -> float:
 
 def _worth_it(st: SchedulerState, rows: list[tuple[Request, Sequence]], drafts: list[list[int]]) -> list[list[int]]:
     """The drafts (or a shorter prefix of each) that give the most tokens per second, or none if a plain decode step
-    gives more: expected tokens from each row's acceptance rate, step times from st.step_cost (measured by the engine;
-    a verify step not measured yet is guessed at half a decode step per token per row, so it gets tried)."""
+    gives more: expected tokens from each row's acceptance rate, step times from st.step_costs (measured by the
+    engine; see _verify_cost for the ones not measured yet)."""
     b = len(rows)
-    decode = st.step_cost("decode", b, b)
+    decode = st.step_costs.get(("decode", b, b))
     if decode is None or not any(drafts):
         return [[] for _ in rows]
+    measured = sorted((t, c) for (kind, r, t), c in st.step_costs.items() if kind == "verify" and r == b)
     best, best_rate = [[] for _ in rows], b / decode
     for cap in range(1, max(len(d) for d in drafts) + 1):
         trial = [d[:cap] for d in drafts]
         tokens = b + sum(len(d) for d in trial)
-        cost = st.step_cost("verify", b, tokens) or decode * max(1.0, 0.5 * tokens / b)
+        cost = _verify_cost(measured, tokens, decode, b)
         gain = sum(expected_tokens(ACCEPT_PRIOR if s.spec_accept is None else s.spec_accept, len(d))
                    for (_, s), d in zip(rows, trial))
         if gain / cost > best_rate * 1.05:  # a clear win only: a verify step costs more than its estimate suggests
             best, best_rate = trial, gain / cost
     return best
+
+
+def _verify_cost(measured: list[tuple[int, float]], tokens: int, decode: float, rows: int) -> float:
+    """Seconds of a verify step of `tokens` tokens over `rows` sequences: measured, else the nearest measured one
+    with fewer tokens scaled by the square root of the ratio (kernels take a few rows for nearly the price of one:
+    optimistic enough to be tried, and then measured), or one with more as is, else a guess of half a decode step
+    per token per row."""
+    for t, cost in measured:
+        if t == tokens:
+            return cost
+    below = [(t, c) for t, c in measured if t < tokens]
+    if below:
+        t, cost = below[-1]
+        return cost * (tokens / t) ** 0.5
+    if measured:
+        return measured[0][1]
+    return decode * max(1.0, 0.5 * tokens / rows)
 
 
 def _plan_drafts(st: SchedulerState, rows: list[tuple[Request, Sequence]]) -> list[list[int]]:

@@ -222,7 +222,7 @@ class EngineCore(CoreInbox):
             self.cfg, list(self.waiting), self.running, self.runner.num_available_pages(self.cache),
             recycled=list(pc.recycled) if pc else [], match=pc.match if pc else (lambda tokens: (0, None)),
             prefilled_last=self._prefilled_last, propose=self._propose,
-            step_cost=lambda kind, rows, tokens: self._step_costs.get((kind, rows, tokens)))
+            step_costs=self._step_costs)
 
     def step(self) -> None:
         while (action := policy.admission_action(self.state())) is not None:
