@@ -10,7 +10,8 @@ Policy, in short: admission is FIFO while sequence slots, pages and total length
 longest cached prefix of its tokens; recycled (cached) sequences are evicted LRU before any running request is
 preempted; prefill and decode steps alternate while both have work; a prefill takes the shortest remaining prompts
 first and caps one prompt's chunk at `long_prefill_token_threshold` while others run or wait; when decode has no
-pages, the most recently admitted request is preempted; drafts (speculative decoding) are dropped before that.
+pages, the most recently admitted request is preempted; drafts (speculative decoding) are dropped before that, and
+in the auto mode drafted only to the length that gives the most expected tokens per measured second.
 """
 from __future__ import annotations
 
