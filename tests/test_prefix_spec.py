@@ -132,6 +132,26 @@ def test_a_tiny_kv_budget_forces_eviction_and_preemption_with_the_same_outputs(s
         small.terminate()
 
 
+def test_grammar_constrained_requests_survive_preemption(smollm_q4, plain):
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "object", "properties": {"topic": {"type": "string"}, "facts": {"type": "array", "items": {
+            "type": "string"}}}, "required": ["topic", "facts"]}}}
+
+    def ask(engine, topic):
+        return chat(engine, [{"role": "user", "content": f"Three facts about {topic}, as JSON."}], max_tokens=48,
+                    response_format=fmt, n=2).choices
+
+    expected = [[c.message.content for c in ask(plain, t)] for t in TOPICS[:6]]
+    small = make(smollm_q4, overrides="max_num_sequence=4;max_total_seq_length=256;prefill_chunk_size=256")
+    try:
+        got = concurrently(lambda t: [c.message.content for c in ask(small, t)], TOPICS[:6])
+        assert got == expected
+        assert small.metrics()["preemptions"] > 0
+        assert_kv_free(small)
+    finally:
+        small.terminate()
+
+
 def test_grammar_and_n_choices_share_the_cache(smollm_q4):
     e = make(smollm_q4)
     try:

@@ -520,3 +520,19 @@ def test_sigterm_lets_short_requests_finish_and_ends_long_streams_in_band(smollm
     assert events[2][-1] == "data: [DONE]" and "error" not in "".join(events[2])  # finished within the grace
     assert "Traceback" not in srv.log()
     srv.stop()
+
+
+def test_cached_prompt_tokens_are_reported_and_the_cache_can_be_reset(server, client):
+    messages = [{"role": "system", "content": "You are a terse assistant. " * 30},
+                {"role": "user", "content": "Name a prime number."}]
+    first = client.chat.completions.create(model="smollm", messages=messages, max_tokens=4, temperature=0)
+    second = client.chat.completions.create(model="smollm", messages=messages, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1 > 100
+    assert second.choices[0].message.content == first.choices[0].message.content
+    m = wait_idle(server)  # POST /reset_prefix_cache, then nothing is left in the KV cache
+    assert m["mlc_llm:kv_cache_usage_perc"] == 0.0 and m["mlc_llm:prefix_cache_sequences"] == 0
+    assert 0 < m["mlc_llm:prefix_cache_hit_rate"] < 1 and m["mlc_llm:prefix_cache_hit_tokens_sum_total"] > 100
+    third = client.chat.completions.create(model="smollm", messages=messages, max_tokens=4, temperature=0)
+    assert third.usage.prompt_tokens_details.cached_tokens == 0
+    r = requests.post(server.url + "/reset_prefix_cache")  # the endpoint needs the key like the others
+    assert r.status_code == 401
