@@ -304,7 +304,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-hosts", type=_json_list, default=None,
                    help='Host header values served, JSON list (default: localhost names when --host is loopback, '
                         'else any)')
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (prefer $MLC_LLM_API_KEY: a "
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /reset_prefix_cache (prefer $MLC_LLM_API_KEY: a "
                                      "flag shows in the process list)")
     s.add_argument("--served-model-name", help="the model id clients use (default: MODEL as given)")
     s.add_argument("--no-ui", action="store_true", help="do not serve the chat page at /")

@@ -229,9 +229,12 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+PROTECTED_PATHS = ("/v1", "/reset_prefix_cache")  # what the API key guards (health, metrics and the page are open)
+
+
 class _AuthAndRequestId:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the endpoints): checks the bearer
-    key on /v1/* and echoes an X-Request-Id header."""
+    key on PROTECTED_PATHS and echoes an X-Request-Id header."""
 
     def __init__(self, app, api_key: Optional[str], on_reject: Callable[[], None],
                  allowed_hosts: Optional[list[str]] = None):
@@ -249,7 +252,7 @@ class _AuthAndRequestId:
             response = JSONResponse(error_body(f"Host '{host[:100]}' is not served here (--allowed-hosts)"),
                                     status_code=400)
             return await response(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+        if self.api_key and scope["path"].startswith(PROTECTED_PATHS) and scope["method"] != "OPTIONS":
             auth = headers.get("authorization", "")
             # bytes as sent (the header was decoded as latin-1) against the key's UTF-8 bytes, in constant time
             if not hmac.compare_digest(auth.encode("latin-1"), f"Bearer {self.api_key}".encode("utf-8")):
