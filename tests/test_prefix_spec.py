@@ -224,3 +224,66 @@ def test_bad_speculative_and_prefix_settings_fail_before_the_engine_starts(kwarg
     with pytest.raises(ValueError) as e:
         EngineConfig(**kwargs)
     assert message in str(e.value)
+
+
+def test_speculative_sampling_follows_the_model_distribution_on_a_tiny_compiled_model(tmp_path):
+    """A tiny random-weight Llama, compiled, drafting for itself (small_draft: the draft is its argmax, verified on
+    every step): the joint frequencies of the first two sampled tokens (top_k 4, so 16 outcomes) over 1,500 seeded
+    requests against p(t1) p(t2 | t1) from the numpy reference on the same weights, chi-square."""
+    import math
+
+    import numpy as np
+
+    from .helpers import build_with_steps, reference_for
+    from .tiny_hf import write_tiny_hf
+
+    write_tiny_hf(tmp_path / "hf")
+    out = tmp_path / "tiny"
+    lib = build_with_steps(str(tmp_path / "hf"), "q0f32", out)
+    ref = reference_for(out)
+    prompt, k = [5, 17, 200, 3, 99, 12, 44, 45], 4
+
+    def top_k_probs(logits):
+        keep = np.argsort(-logits)[:k]
+        p = np.exp(logits[keep] - logits[keep].max())
+        return dict(zip(keep.tolist(), (p / p.sum()).tolist()))
+
+    first = top_k_probs(ref.logits(prompt)[-1].astype(np.float64))
+    joint = {(a, b): pa * pb for a, pa in first.items()
+             for b, pb in top_k_probs(ref.logits(prompt + [a])[-1].astype(np.float64)).items()}
+    engine = MLCEngine(str(out), model_lib=str(lib), mode="server", overrides="max_num_sequence=8",
+                       engine_config=EngineConfig(mode="server", prefix_cache_mode="disable",
+                                                  speculative_mode="small_draft", spec_draft_length=2,
+                                                  additional_models=[f"{out},{lib}"]))
+    trials = 1500
+    try:
+        # straight to the engine core, to read token ids (byte tokens of the random tokenizer all print as U+FFFD)
+        import threading
+
+        from mlc_llm.serve.request import Done, GenerationConfig, Request
+        from mlc_llm.serve.sampler import SamplingParams
+
+        reqs, done = [], threading.Semaphore(0)
+        for seed in range(trials):
+            gen = GenerationConfig(SamplingParams(temperature=1.0, top_k=k), max_tokens=3, ignore_eos=True,
+                                   seed=seed)
+            reqs.append(Request(f"r{seed}", list(prompt), gen, engine.tokenizer,
+                                lambda ev: done.release() if isinstance(ev, Done) else None))
+            engine.core.submit(reqs[-1])
+        for _ in range(trials):
+            assert done.acquire(timeout=300)
+        m = engine.metrics()
+    finally:
+        engine.terminate()
+    assert m["spec_verify_rows"] >= trials  # every second token was verified against a draft
+    assert 0 < m["spec_accepted_tokens"] < m["spec_draft_tokens"]
+    counts: dict = {}
+    for r in reqs:
+        key = tuple(r.seqs[0].tokens[len(prompt):len(prompt) + 2])
+        counts[key] = counts.get(key, 0) + 1
+    assert sum(counts.get(key, 0) for key in joint) == trials  # every pair is one of the 16 outcomes
+    observed = np.array([counts.get(key, 0) for key in joint], float)
+    expected = np.array(list(joint.values())) * trials
+    x, dof = float(((observed - expected) ** 2 / expected).sum()), len(joint) - 1
+    z = ((x / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))  # Wilson-Hilferty
+    assert 0.5 * math.erfc(z / math.sqrt(2)) > 1e-3, (x, observed, expected)
