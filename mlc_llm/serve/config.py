@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .speculative import MAX_DRAFT_LENGTH, MODES as SPEC_MODES
+
 MODES = ("local", "interactive", "server")
 # Where tokens are drawn: "device" runs the library's sampling functions next to the logits (only token ids cross to
 # the host), "host" copies the logits and samples in numpy, "auto" is device on GPUs and host on the CPU.
@@ -64,8 +66,6 @@ class EngineConfig:
         v = self.prefix_cache_max_num_recycling_seqs
         if v is not None and (not isinstance(v, int) or v < -1):
             raise ValueError(f"prefix_cache_max_num_recycling_seqs must be an integer >= -1, got {v!r}")
-        from .speculative import MAX_DRAFT_LENGTH, MODES as SPEC_MODES
-
         if self.speculative_mode not in SPEC_MODES:
             raise ValueError(f"unknown speculative_mode '{self.speculative_mode}' (allowed: {', '.join(SPEC_MODES)})")
         drafts = list(self.additional_models or [])
