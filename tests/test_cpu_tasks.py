@@ -13,21 +13,23 @@ import tvm  # noqa: E402
 from mlc_llm.compiler import cpu_tasks  # noqa: E402
 from mlc_llm.compiler.cpu_gemv import _indent, _parse  # noqa: E402
 
-# Each task counts its runs atomically and records the parallel iteration that ran it; task `slow` first spins on a
-# chain of dependent float operations (tens of milliseconds; not foldable without fast-math).
+# Each task counts its runs atomically and records the parallel iteration that ran it. Task `slow` waits until every
+# other task has run (an atomic count, capped at a few hundred million loads in case no other thread exists), so a
+# second thread in the pool must take all of them, however the OS schedules the threads.
 _BODY = f"""
 T.evaluate(T.call_extern("int32", "{cpu_tasks.FETCH_ADD}", T.address_of(runs[task]), 1))
 owner[task] = T.Cast("int32", it)
 if task == T.Cast("int64", slow):
-    acc = T.alloc_buffer((1,), "float32", scope="global")
-    acc[0] = spin[0]
-    for i in range(20000000):
-        acc[0] = acc[0] * T.float32(1.0000001) + T.float32(1e-9)
-    spin[0] = acc[0]
+    waited = T.alloc_buffer((1,), "int32", scope="local")
+    waited[0] = 0
+    while T.call_extern("int32", "{cpu_tasks.LOAD}", T.address_of(others_done[0])) < T.Cast("int32", n) - 1 and waited[0] < 300000000:
+        waited[0] = waited[0] + 1
+else:
+    T.evaluate(T.call_extern("int32", "{cpu_tasks.FETCH_ADD}", T.address_of(others_done[0]), 1))
 """
 _KERNEL = """
 @T.prim_func
-def main(var_runs: T.handle, var_owner: T.handle, spin: T.Buffer((1,), "float32"), slow: T.int32):
+def main(var_runs: T.handle, var_owner: T.handle, others_done: T.Buffer((1,), "int32"), slow: T.int32):
     n = T.int64()
     runs = T.match_buffer(var_runs, (n,), "int32")
     owner = T.match_buffer(var_owner, (n,), "int32")
@@ -44,7 +46,7 @@ def _run(kernel, n: int, slow: int = -1):
     dev = tvm.cpu()
     runs = tvm.runtime.tensor(np.zeros(n, np.int32), dev)
     owner = tvm.runtime.tensor(np.full(n, -1, np.int32), dev)
-    kernel(runs, owner, tvm.runtime.tensor(np.ones(1, np.float32), dev), slow)
+    kernel(runs, owner, tvm.runtime.tensor(np.zeros(1, np.int32), dev), slow)
     return runs.numpy(), owner.numpy()
 
 
