@@ -187,7 +187,7 @@ def test_ngram_greedy_output_is_token_identical_alone_and_batched(plain, spec):
     assert m["spec_accept_len"] > 1
 
 
-def test_ngram_keeps_seeds_logprobs_and_stop_strings(plain, spec):
+def test_ngram_keeps_streaming_seeds_logprobs_and_stop_strings(plain, spec):
     prompt = PROMPTS[1]
     seeded = [completion(spec, prompt, temperature=0.8, seed=7).choices[0].text for _ in range(2)]
     assert seeded[0] == seeded[1]
@@ -195,6 +195,8 @@ def test_ngram_keeps_seeds_logprobs_and_stop_strings(plain, spec):
     b = completion(spec, prompt, logprobs=2)
     assert b.choices[0].logprobs.tokens == a.choices[0].logprobs.tokens
     assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-3)
+    streamed = "".join(c.choices[0].text for c in completion(spec, prompt, stream=True) if c.choices)
+    assert streamed == a.choices[0].text
     stop = a.choices[0].text.split()[3]
     sa, sb = completion(plain, prompt, stop=[stop]), completion(spec, prompt, stop=[stop])
     assert sb.choices[0].text == sa.choices[0].text and sb.choices[0].finish_reason == "stop"
