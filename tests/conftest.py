@@ -40,6 +40,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def host_has_amx() -> bool:
+    import tvm
+
+    from mlc_llm.compiler import cpu_q4_blocked
+
+    return cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu()))
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `amx` skip on a CPU without AMX-BF16 tiles; with MLC_REQUIRE_AMX=1 (set it where the machine has
+    AMX) they fail instead, so that a CPU or kernel change cannot silently turn them into skips."""
+    if item.get_closest_marker("amx") is None or host_has_amx():
+        return
+    if os.environ.get("MLC_REQUIRE_AMX") == "1":
+        pytest.fail("MLC_REQUIRE_AMX=1 but this CPU has no AMX-BF16 tiles (or Linux does not grant them)")
+    pytest.skip("this CPU has no AMX-BF16 tiles")
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pipeline")

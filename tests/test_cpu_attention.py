@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tvm
 
-from mlc_llm.compiler import cpu_attention, cpu_q4_blocked
+from mlc_llm.compiler import cpu_attention
 
 PAGE = cpu_attention.PAGE
 
@@ -159,10 +159,8 @@ def test_ragged_prefill_attention_matches_numpy_and_the_stock_kernel(causal, q_l
     _check_prefill(ours, stock, ref_out, ref_lse)
 
 
-_HAS_AMX = cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu()))
 
-
-@pytest.mark.skipif(not _HAS_AMX, reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 @pytest.mark.parametrize("causal", [1, 0])
 @pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d", [([37, 5], [37, 21], 9, 3, 64),
                                                      ([16, 0, 49, 1], [16, 0, 60, 1], 9, 3, 64),
@@ -188,7 +186,7 @@ def test_ragged_prefill_attention_on_amx_tiles(causal, q_lens, kv_lens, hq, hkv,
     np.testing.assert_array_equal(default[0], (tiles if long else vec)[0])
 
 
-@pytest.mark.skipif(not _HAS_AMX, reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 def test_amx_attention_falls_back_to_the_vector_kernel_when_linux_refuses_amx():
     """Refused the tile state (the request syscall made to fail), the AMX kernel must give the vector kernel's
     result bit for bit."""

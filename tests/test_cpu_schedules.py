@@ -147,7 +147,7 @@ def _bf16(a: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
 
 
-@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 @pytest.mark.parametrize("layout", ["b1", "1s"])
 @pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
 def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
@@ -182,7 +182,7 @@ def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
         assert np.any(outs[0] != outs[1]), f"rows={rows}: the AMX kernel gave the float32 panel's result"
 
 
-@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 @pytest.mark.parametrize("layout", ["b1", "1s"])
 @pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
 def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
@@ -213,15 +213,14 @@ def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
             assert np.abs(out.numpy() - exact).max() > 10 * bound, f"rows={rows}: not rounded to bf16"
 
 
-@pytest.mark.parametrize("amx,precision", [(False, "f32"), (True, "f32"), (True, "bf16")])
+@pytest.mark.parametrize("amx,precision", [(False, "f32"), pytest.param(True, "f32", marks=pytest.mark.amx),
+                                           pytest.param(True, "bf16", marks=pytest.mark.amx)])
 @pytest.mark.parametrize("layout", ["1s", "b1"])
 def test_fused_gate_up_silu_kernel(amx, precision, layout):
     """gate_up (N = 2I: gate rows, then up rows) and silu(gate) * up in one kernel: against float64 on the same
     weights (f32: within the AMX kernel's error; bf16: within bf16 rounding), and against the two kernels it
     replaces (the blocked GEMM, then the activation kernel) — every path: GEMV rows below PANEL_MIN, the AMX epilogue
     (or the panel without AMX), 14-row tails, two row chunks."""
-    if amx and not cpu_q4_blocked.has_amx(_HOST):
-        pytest.skip("this CPU has no AMX-BF16 tiles")
     from mlc_llm.compiler import cpu_activation
     n, k = 256, 96
     rng = np.random.default_rng(11)
@@ -252,7 +251,7 @@ def test_fused_gate_up_silu_kernel(amx, precision, layout):
                                    err_msg=f"rows={rows}")
 
 
-@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 def test_prefill_calls_the_fused_gate_up_silu_kernel(tmp_path):
     """On AMX targets the prefill functions call one fused gate_up + activation kernel per layer (the GEMM's
     [rows, 2I] output is never materialized); decode keeps the GEMM and the activation kernel."""
@@ -279,7 +278,7 @@ def test_unknown_prefill_precision_is_refused():
         schedule_cpu_matmuls(_HOST, "fp16")
 
 
-@pytest.mark.skipif(not cpu_q4_blocked.has_amx(_HOST), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.amx
 def test_amx_kernel_falls_back_to_the_float32_panel_when_linux_refuses_amx():
     """The AMX kernel asks Linux for the tile state at each call; refused (here: the same syscall with an invalid
     number, which fails), it must run the float32 panel GEMM: the panel kernel's result, bit for bit."""

@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-import tvm
-
 from mlc_llm import tensor_cache
-from mlc_llm.compiler import cpu_q4_blocked
 from mlc_llm.serve.runner import ModelRunner
 
 from .conftest import run_snakemake
@@ -64,8 +61,7 @@ def test_prefill_after_history_matches_numpy(smollm_q4):
         assert np.abs(row - expected).max() < TOL, (s, np.abs(row - expected).max())
 
 
-@pytest.mark.skipif(not cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu())),
-                    reason="this CPU has no AMX-BF16 tiles (the bf16 library compiles the float32 kernels)")
+@pytest.mark.amx  # without AMX tiles the bf16 library compiles the float32 kernels
 def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
     """`snakemake build_smollm2_cpu` with device.prefill_precision=bf16 (lib/cpu-bf16.so in the same model folder,
     prefill GEMMs on bf16-rounded inputs): the float64 reference's greedy token, logits within BF16_TOL of it, and
