@@ -217,22 +217,27 @@ class ModelRunner:
                                  self.params)
         return out.numpy()
 
-    def batch_prefill(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Append each sequence's tokens; return the logits after the last token of each: float32 [B, vocab]."""
+    def _ragged_forward(self, fn: str, what: str, cache, seq_ids: Sequence[int],
+                        token_lists: Sequence[Sequence[int]], *extra) -> np.ndarray:
+        """Append each sequence's tokens in one forward of `fn` over their concatenation: fn(embeddings, *extra,
+        cache, params) between begin/end_forward; its logits [rows, vocab] as numpy."""
         lengths = [len(t) for t in token_lists]
         if min(lengths) <= 0:
-            raise ValueError("every sequence in a prefill needs at least one token")
+            raise ValueError(f"every sequence in a {what} needs at least one token")
         flat = [t for ts in token_lists for t in ts]
-        emb = self.embed(flat)
-        emb = emb._create_view(tvm_ffi.Shape([1, len(flat), self.hidden_size]))
-        positions = np.cumsum(lengths, dtype=np.int32) - 1
+        emb = self.embed(flat)._create_view(tvm_ffi.Shape([1, len(flat), self.hidden_size]))
         self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(lengths))
         try:
-            logits, _ = self._fn["batch_prefill"](emb, tvm.runtime.tensor(positions, self.device), cache,
-                                                 self.params)
+            logits, _ = self._fn[fn](emb, *extra, cache, self.params)
         finally:
             self._kv["kv_state_end_forward"](cache)
         return logits.numpy()[0]
+
+    def batch_prefill(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append each sequence's tokens; return the logits after the last token of each: float32 [B, vocab]."""
+        positions = np.cumsum([len(t) for t in token_lists], dtype=np.int32) - 1
+        return self._ragged_forward("batch_prefill", "prefill", cache, seq_ids, token_lists,
+                                    tvm.runtime.tensor(positions, self.device))
 
     def batch_decode(self, cache, seq_ids: Sequence[int], tokens: Sequence[int], to_host: bool = True):
         """One new token per sequence; return float32 logits [B, vocab] (numpy, or with to_host=False the device
@@ -251,17 +256,7 @@ class ModelRunner:
     def batch_verify(self, cache, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
         """Append each sequence's tokens (speculative decoding: the last sampled token and the drafts); return the
         logits after every appended token: float32 [total tokens, vocab], sequences in order."""
-        lengths = [len(t) for t in token_lists]
-        if min(lengths) <= 0:
-            raise ValueError("every sequence in a verify step needs at least one token")
-        flat = [t for ts in token_lists for t in ts]
-        emb = self.embed(flat)._create_view(tvm_ffi.Shape([1, len(flat), self.hidden_size]))
-        self._kv["kv_state_begin_forward"](cache, tvm_ffi.Shape(list(seq_ids)), tvm_ffi.Shape(lengths))
-        try:
-            logits, _ = self._fn["batch_verify"](emb, cache, self.params)
-        finally:
-            self._kv["kv_state_end_forward"](cache)
-        return logits.numpy()[0]
+        return self._ragged_forward("batch_verify", "verify step", cache, seq_ids, token_lists)
 
     @property
     def has_device_sampler(self) -> bool:
