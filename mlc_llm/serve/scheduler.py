@@ -75,15 +75,7 @@ class CoreInbox:
         for kind in ("prefill", "decode"):
             seconds = snap[f"{kind}_time_s"]
             snap[f"{kind}_tokens_per_s"] = snap[f"{kind}_tokens"] / seconds if seconds else 0
-        if "spec_draft_tokens" in snap:
-            proposed, rows = snap["spec_draft_tokens"], snap["spec_verify_rows"]
-            # MLC's names: share of draft tokens accepted; tokens a sequence gains per verify step (accepted + 1)
-            snap["spec_accept_rate"] = snap["spec_accepted_tokens"] / proposed if proposed else 0.0
-            snap["spec_accept_len"] = (snap["spec_accepted_tokens"] + rows) / rows if rows else 0.0
-            prompt = snap["prefix_cache_prompt_tokens"]
-            snap["prefix_cache_hit_rate"] = snap["prefix_cache_hit_tokens"] / prompt if prompt else 0.0
         return snap
-
 
 
 class EngineCore(CoreInbox):
@@ -130,6 +122,16 @@ class EngineCore(CoreInbox):
             # speculative decoding: draft tokens proposed / accepted, and (sequence, step) pairs that verified drafts
             "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_rows": 0, "spec_draft_time_s": 0.0,
         })
+
+    def metrics(self) -> dict[str, Any]:
+        snap = super().metrics()
+        proposed, rows = snap["spec_draft_tokens"], snap["spec_verify_rows"]
+        # MLC's names: share of draft tokens accepted; tokens a sequence gains per verify step (accepted + 1)
+        snap["spec_accept_rate"] = snap["spec_accepted_tokens"] / proposed if proposed else 0.0
+        snap["spec_accept_len"] = (snap["spec_accepted_tokens"] + rows) / rows if rows else 0.0
+        prompt = snap["prefix_cache_prompt_tokens"]
+        snap["prefix_cache_hit_rate"] = snap["prefix_cache_hit_tokens"] / prompt if prompt else 0.0
+        return snap
 
     def _publish_gauges(self) -> None:
         """Queue and KV gauges, read here in the engine thread (the KV cache is not touched from other threads)."""
@@ -450,6 +452,7 @@ class EngineCore(CoreInbox):
         self.waiting.appendleft(req)
         with self._lock:
             self.stats["preemptions"] += 1
+
     # ---- sampling and output --------------------------------------------------------------------------------------
     def _masks_ahead(self, seqs: list[Sequence]):
         """Future of {sequence index in seqs: allowed-token mask} for the grammar-constrained ones, or None."""
