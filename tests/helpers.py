@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,13 @@ def build_with_steps(source: str, quantization: str, out: Path, device: str = "c
     lib = out / "lib" / f"{device}.so"
     compile_model(out, device, lib)
     return lib
+
+
+def chi2_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's chi-square test; p-value by the Wilson-Hilferty approximation (no scipy needed)."""
+    x, k = float(((observed - expected) ** 2 / expected).sum()), len(observed) - 1
+    z = ((x / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def reference_for(model_dir: Path) -> NumpyLlama:

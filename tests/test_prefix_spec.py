@@ -232,11 +232,9 @@ def test_speculative_sampling_follows_the_model_distribution_on_a_tiny_compiled_
     """A tiny random-weight Llama, compiled, drafting for itself (small_draft: the draft is its argmax, verified on
     every step): the joint frequencies of the first two sampled tokens (top_k 4, so 16 outcomes) over 1,500 seeded
     requests against p(t1) p(t2 | t1) from the numpy reference on the same weights, chi-square."""
-    import math
-
     import numpy as np
 
-    from .helpers import build_with_steps, reference_for
+    from .helpers import build_with_steps, chi2_pvalue, reference_for
     from .tiny_hf import write_tiny_hf
 
     write_tiny_hf(tmp_path / "hf")
@@ -286,6 +284,4 @@ def test_speculative_sampling_follows_the_model_distribution_on_a_tiny_compiled_
     assert sum(counts.get(key, 0) for key in joint) == trials  # every pair is one of the 16 outcomes
     observed = np.array([counts.get(key, 0) for key in joint], float)
     expected = np.array(list(joint.values())) * trials
-    x, dof = float(((observed - expected) ** 2 / expected).sum()), len(joint) - 1
-    z = ((x / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))  # Wilson-Hilferty
-    assert 0.5 * math.erfc(z / math.sqrt(2)) > 1e-3, (x, observed, expected)
+    assert chi2_pvalue(observed, expected) > 1e-3, (observed, expected)

@@ -4,8 +4,6 @@ request larger than the KV cache, a failing forward pass, shutdown while running
 under preemption, the prefix cache under eviction, speculative drafts and their rollback."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -19,6 +17,7 @@ from mlc_llm.serve.scheduler import EngineCore
 from mlc_llm.serve.speculative import ngram_propose
 
 from .fake_runner import VOCAB, FakeRunner, FakeTokenizer, draft_next_token, greedy_reference, logits_after
+from .helpers import chi2_pvalue
 
 
 def config(**kw) -> ResolvedConfig:
@@ -340,13 +339,6 @@ def test_speculation_is_token_identical_and_rolls_back_rejected_drafts(prefix):
     assert_kv_accounted(core)
 
 
-def _chi2_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
-    """Pearson's chi-square test; p-value by the Wilson-Hilferty approximation (no scipy needed)."""
-    x, k = float(((observed - expected) ** 2 / expected).sum()), len(observed) - 1
-    z = ((x / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
-    return 0.5 * math.erfc(z / math.sqrt(2))
-
-
 def test_speculative_sampling_follows_the_target_distribution():
     """The first two sampled tokens, the second always verified against an n-gram draft (the prompt holds every
     token, so any first token has an earlier occurrence): their joint frequencies against the fake model's own
@@ -374,12 +366,12 @@ def test_speculative_sampling_follows_the_target_distribution():
     observed = np.append(counts[keep], counts[~keep].sum())
     expected = np.append(joint[keep], joint[~keep].sum()) * trials
     assert keep.sum() >= 10
-    assert _chi2_pvalue(observed, expected) > 1e-3
+    assert chi2_pvalue(observed, expected) > 1e-3
     # a rule that always took the draft would fail this test: check that the test sees the difference
     drafted = np.array([ngram_propose(prompt + [a], 1)[0] for a in range(VOCAB)])
     biased = np.zeros_like(joint)
     biased[np.arange(VOCAB), drafted] = p1 * trials
-    assert _chi2_pvalue(np.append(biased[keep], biased[~keep].sum()), expected) < 1e-6
+    assert chi2_pvalue(np.append(biased[keep], biased[~keep].sum()), expected) < 1e-6
 
 
 # ---- speculation with a draft model (DraftPair over two fake runners) --------------------------------------------
