@@ -185,7 +185,18 @@ def cmd_serve(a) -> None:
                               header_timeout=a.header_timeout, body_timeout=a.body_timeout,
                               request_timeout=a.request_timeout)
     settings.check()
+    if a.backend == "local" and (a.replicas != 1 or a.ray_address):
+        raise ValueError("--replicas and --ray-address need --backend ray (the local server is one engine)")
     _check_port_free(a.host, a.port)
+    if a.backend == "ray":
+        try:
+            from .serve.ray_serve import serve_ray
+        except ImportError as e:
+            raise ImportError(f"--backend ray needs Ray Serve ({e}): pip install -e '.[ray]'") from None
+        serve_ray(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
+                  served_model_name=a.served_model_name, replicas=a.replicas, ray_address=a.ray_address,
+                  log_level=a.log_level)
+        return
     serve(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
           served_model_name=a.served_model_name, log_level=a.log_level)
 
@@ -320,6 +331,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=None,
                    help="end a request that takes longer than this many seconds, queue included (504, or an in-band "
                         "error event in a stream; default: no limit)")
+    s.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: one engine in this process; ray: --replicas engines behind Ray Serve (pip install "
+                        "-e '.[ray]'; threads per replica: TVM_NUM_THREADS, default cores / replicas)")
+    s.add_argument("--replicas", type=_positive_int, default=1, help="engine replicas of --backend ray (default 1)")
+    s.add_argument("--ray-address", default=None,
+                   help="--backend ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting "
+                        "a local one")
     s.add_argument("--strict-model-name", action="store_true",
                    help="answer 404 to requests naming another model (default: the served model answers them)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

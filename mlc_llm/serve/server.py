@@ -88,9 +88,19 @@ class ShuttingDown(RuntimeError):
     """The server received SIGTERM and the grace period ended before this request did."""
 
 
+class ReplicaUnavailable(RuntimeError):
+    """An engine replica died (or none could be reached) while it had this request (`--backend ray`)."""
+
+
+class Overloaded(RuntimeError):
+    """Every engine replica's queue is full (`--backend ray`); the client retries."""
+
+
 # Requests the server itself ended: (HTTP status, error type, code), also the in-band error of a started stream
 ENDED: dict[type, tuple[int, str, str]] = {ShuttingDown: (503, "server_error", "shutting_down"),
-                                           RequestTimeout: (504, "timeout_error", "request_timeout")}
+                                           RequestTimeout: (504, "timeout_error", "request_timeout"),
+                                           ReplicaUnavailable: (503, "server_error", "replica_unavailable"),
+                                           Overloaded: (429, "rate_limit_error", "queue_full")}
 
 
 class HTTPError(Exception):
@@ -119,15 +129,20 @@ class Metrics:
     """Counters and histograms fed by the engine thread at each request's end; gauges read from the engine on scrape.
     Names follow vLLM's (`vllm:` → `mlc_llm:`) so existing dashboards need only the prefix changed."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, replica: Optional[str] = None):
         from prometheus_client import CollectorRegistry, Counter, Histogram
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        labels = ["model_name"]
+        # an engine replica of `--backend ray` labels its series with its id; the front end serves them merged
+        labels = ["model_name"] + (["replica"] if replica else [])
+        values = [model_name] + ([replica] if replica else [])
+        self.label_values = values
         self.engine = None
         r = self.registry
+        self.errors = Counter("mlc_llm:request_errors", "Requests answered with an error, by HTTP status",
+                              ["model_name", "status"], registry=None if replica else r)  # where HTTP is answered
         self.success = Counter("mlc_llm:request_success",
                                "Finished choices by finish reason (one per sequence: a request with n=2 counts 2)",
                                labels + ["finished_reason"], registry=r)
@@ -135,8 +150,6 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("mlc_llm:generation_tokens", "Generated tokens of finished requests",
                                          labels, registry=r)
-        self.errors = Counter("mlc_llm:request_errors", "Requests answered with an error, by HTTP status",
-                              labels + ["status"], registry=r)
         lat = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
         self.ttft = Histogram("mlc_llm:time_to_first_token_seconds", "Time to first token", labels, buckets=lat,
                               registry=r)
@@ -145,8 +158,9 @@ class Metrics:
                               registry=r)
         self.e2e = Histogram("mlc_llm:e2e_request_latency_seconds", "End-to-end request latency", labels,
                              buckets=lat, registry=r)
-        for metric in (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e):
-            metric.labels(model_name)  # exported as 0 from the start, not only after the first request
+        self._engine_side = [self.success, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e]
+        for metric in self._engine_side[1:]:
+            metric.labels(*values)  # exported as 0 from the start, not only after the first request
 
         metrics = self
 
@@ -171,7 +185,7 @@ class Metrics:
                         ("mlc_llm:spec_accept_len", "Tokens a sequence gains per speculative verify step",
                          m.get("spec_accept_len", 0.0))):
                     g = GaugeMetricFamily(name, doc, labels=labels)
-                    g.add_metric([metrics.model_name], value)
+                    g.add_metric(values, value)
                     yield g
                 # MLC LLM's engine metrics, with its names under our prefix
                 for name, doc, value, kind in (
@@ -195,33 +209,41 @@ class Metrics:
                          m["decode_tokens_per_s"], "gauge")):
                     family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                     g = family(f"mlc_llm:{name}", doc, labels=labels)
-                    g.add_metric([metrics.model_name], value)
+                    g.add_metric(values, value)
                     yield g
                 steps = CounterMetricFamily("mlc_llm:decode_steps_by_batch_size", "Decode steps, by batch size",
                                             labels=labels + ["batch_size"])
                 seconds = CounterMetricFamily("mlc_llm:decode_time_by_batch_size",
                                               "Seconds of decode steps, by batch size", labels=labels + ["batch_size"])
                 for size in sorted(m["decode_batch_sizes"]):
-                    steps.add_metric([metrics.model_name, str(size)], m["decode_batch_sizes"][size])
-                    seconds.add_metric([metrics.model_name, str(size)], m["decode_time_by_batch_size"].get(size, 0.0))
+                    steps.add_metric(values + [str(size)], m["decode_batch_sizes"][size])
+                    seconds.add_metric(values + [str(size)], m["decode_time_by_batch_size"].get(size, 0.0))
                 yield steps
                 yield seconds
 
-        r.register(_Gauges())
+        self._gauges = _Gauges()
+        r.register(self._gauges)
 
     def observe(self, usage: dict[str, Any], finish_reasons: list[Optional[str]]) -> None:
         """Called in the engine thread when a request ends."""
-        m = self.model_name
+        v = self.label_values
         for reason in finish_reasons:
-            self.success.labels(m, reason or "abort").inc()
-        self.prompt_tokens.labels(m).inc(usage["prompt_tokens"])
-        self.generation_tokens.labels(m).inc(usage["completion_tokens"])
+            self.success.labels(*v, reason or "abort").inc()
+        self.prompt_tokens.labels(*v).inc(usage["prompt_tokens"])
+        self.generation_tokens.labels(*v).inc(usage["completion_tokens"])
         extra = usage.get("extra") or {}
         if extra.get("ttft_s") is not None:
-            self.ttft.labels(m).observe(extra["ttft_s"])
+            self.ttft.labels(*v).observe(extra["ttft_s"])
         if extra.get("tpot_s") is not None:
-            self.tpot.labels(m).observe(extra["tpot_s"])
-        self.e2e.labels(m).observe(extra["end_to_end_latency_s"])
+            self.tpot.labels(*v).observe(extra["tpot_s"])
+        self.e2e.labels(*v).observe(extra["end_to_end_latency_s"])
+
+    def serve_replicas(self, collector) -> None:
+        """The engine runs in replicas (`--backend ray`): their series (collected by `collector`) replace this
+        process's engine-side ones; the error counter stays here, where the HTTP answers are made."""
+        for metric in self._engine_side + [self._gauges]:
+            self.registry.unregister(metric)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -298,8 +320,11 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
             logger.error("loading the model failed: %s", state.error)
             return
         engine.request_timeout = settings.request_timeout
-        engine.core.observers.append(state.metrics.observe)
-        state.metrics.engine = engine
+        if hasattr(engine, "attach_metrics"):  # engine replicas (ray_serve.RemoteEngine) observe themselves
+            engine.attach_metrics(state.metrics)
+        else:
+            engine.core.observers.append(state.metrics.observe)
+            state.metrics.engine = engine
         state.engine = engine
         logger.info("model %s ready", model_name)
 
@@ -380,6 +405,9 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
 
     @app.get("/health")
     async def health():
+        if state.engine is not None and hasattr(state.engine, "health"):  # per replica (`--backend ray`)
+            body = state.engine.health()
+            return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
         if state.engine is not None:
             return {"status": "ok"}
         if state.error:
@@ -471,7 +499,11 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache():
         """Drop the prefix cache's KV (vLLM's endpoint): running requests keep theirs."""
-        await asyncio.to_thread(ready_engine().reset_prefix_cache)
+        engine = ready_engine()
+        if asyncio.iscoroutinefunction(engine.reset_prefix_cache):
+            await engine.reset_prefix_cache()
+        else:
+            await asyncio.to_thread(engine.reset_prefix_cache)
         return {"status": "ok"}
 
     describe_request_bodies(app)  # the bodies these endpoints read themselves, in /openapi.json
