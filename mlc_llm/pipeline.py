@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import BuildConfig, ConfigError, compose_deployment, load_deployments
+from .config.compose import build_all_names, check_build_all
 from .loader import SourceError, resolve_source
 
 PACKAGE = Path(__file__).resolve().parent
@@ -76,6 +77,17 @@ class ModelArtifact:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return []
 
+    def convert_mem_mb(self) -> int:
+        """Memory a conversion job asks a cluster for: the source weights about three times over (read, converted,
+        quantized) plus the interpreter; 2 GiB at least."""
+        try:
+            _, location = resolve_source(self.source, self.install_hint)
+            p = Path(location)
+            size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        except (SourceError, OSError, TypeError):
+            size = 0
+        return max(2048, 3 * size // 2**20 + 1024)
+
     def source_inputs(self) -> list[str]:
         """The source file (so replacing it reruns the steps); none for random or missing sources, where the step
         itself reports what is missing."""
@@ -107,6 +119,8 @@ class Plan:
     models: dict[str, ModelArtifact]
     libs: dict[str, LibArtifact]
     code: dict[str, str]
+    build_all: list[str] = field(default_factory=list)  # the deployments of the build_all target
+    compile_threads: Optional[int] = None  # threads of a compile job (None: all of --cores); a cluster profile sets it
 
     def lib_of(self, deployment: str) -> LibArtifact:
         cfg = self.deployments[deployment]
@@ -116,6 +130,9 @@ class Plan:
         lib = self.lib_of(deployment)
         draft = self.deployments[deployment].mode.draft
         return [lib.model.chat_config, lib.model.tensor_cache, lib.path] + (self.build_inputs(draft) if draft else [])
+
+    def build_all_inputs(self) -> list[str]:
+        return list(dict.fromkeys(f for name in self.build_all for f in self.build_inputs(name)))
 
     def runtime_inputs(self, deployment: str) -> list[str]:
         """Every file the engine opens, so a launch rebuilds whatever is missing first."""
@@ -193,16 +210,26 @@ def launch_command(cfg: BuildConfig, kind: str, draft: Optional[BuildConfig] = N
               "--overrides", engine_overrides(cfg, draft)]
     if kind == "serve":
         return _cmd(*env, "python", "-m", "mlc_llm", "serve", *common, "--mode", serve_mode(cfg),
-                    "--host", cfg.server.host, "--port", cfg.server.port, *([] if cfg.server.ui else ["--no-ui"]))
+                    "--host", cfg.server.host, "--port", cfg.server.port, *([] if cfg.server.ui else ["--no-ui"]),
+                    *(["--backend", "ray", "--replicas", cfg.server.replicas] if cfg.server.backend == "ray" else []),
+                    *_opt("--ray-address", cfg.server.ray_address))
     if kind == "chat":
         return _cmd(*env, "python", "-m", "mlc_llm", "chat", *common)
     raise ValueError(f"unknown launch kind '{kind}'")
 
 
 def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path | None = None) -> Plan:
-    """snakemake_config may hold `deployment` + `overrides` (Hydra override strings for that deployment)."""
+    """snakemake_config may hold `deployment` + `overrides` (Hydra override strings for that deployment), and
+    `build_all` (deployment names, a list or "a,b": what the build_all target builds)."""
     snakemake_config = snakemake_config or {}
     default, names = load_deployments(config_dir)
+    if snakemake_config.get("build_all") is not None:
+        build_all = check_build_all(snakemake_config["build_all"], names, "--config build_all")
+    else:
+        build_all = build_all_names(config_dir)
+    compile_threads = snakemake_config.get("compile_threads")
+    if compile_threads is not None and not (isinstance(compile_threads, int) and compile_threads > 0):
+        raise ConfigError(f"compile_threads must be a positive integer, got {compile_threads!r}")
     target = snakemake_config.get("deployment")
     overrides = snakemake_config.get("overrides") or []
     if isinstance(overrides, str):  # `--config overrides=a=1` arrives as one string
@@ -241,4 +268,5 @@ def make_plan(snakemake_config: dict[str, Any] | None = None, config_dir: Path |
             raise ConfigError(f"deployments {lib.deployments[0]} and {name} both build {cfg.model_lib} with "
                               f"different settings")
         lib.deployments.append(name)
-    return Plan(default, deployments, models, libs, {s: code_hash(s) for s in STEP_CODE})
+    return Plan(default, deployments, models, libs, {s: code_hash(s) for s in STEP_CODE}, build_all,
+                compile_threads)

@@ -10,6 +10,11 @@ import sys
 rule default:
     input: PLAN.build_inputs(PLAN.default)
 
+# every deployment of deployments.yaml's build_all list (or --config build_all=a,b), e.g. on a cluster:
+#   snakemake build_all --profile profiles/slurm
+rule build_all:
+    input: PLAN.build_all_inputs()
+
 for name in PLAN.deployments:
     rule:
         name: f"build_{name}"

@@ -121,7 +121,9 @@ def test_serve_flags_not_supported_say_so(smollm_q4):
                          (["--additional-models", "x"], "draft models for speculative_mode 'small_draft', not"),
                          (["--speculative-mode", "small_draft"], "'small_draft' needs one draft model"),
                          (["--spec-draft-length", "99", "--speculative-mode", "ngram"], "spec_draft_length must"),
-                         (["--overrides", "max_num_sequence=abc"], "max_num_sequence")):
+                         (["--overrides", "max_num_sequence=abc"], "max_num_sequence"),
+                         (["--replicas", "2"], "--replicas and --ray-address need --backend ray"),
+                         (["--backend", "ray", "--replicas", str(4 * (os.cpu_count() or 1))], "CPUs; this machine")):
         r = run_cli("serve", str(smollm_q4.dir), *extra, timeout=60)
         assert r.returncode == 1 and words in r.stderr, r.stderr
     r = run_cli("serve", "/no/such/model", timeout=60)
@@ -215,6 +217,14 @@ def test_launch_commands_from_the_plan():
         make_plan({"overrides": ["server.port=1"]})
     with pytest.raises(ConfigError, match="server.port"):
         make_plan({"deployment": "smollm2_cpu", "overrides": ["server.port=70000"]})
+    ray = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.backend=ray", "server.replicas=2",
+                                                               "server.ray_address=auto"]})
+    assert ray.launch_cmd("smollm2_cpu", "serve").endswith(" --backend ray --replicas 2 --ray-address auto")
+    assert "--backend" not in default.launch_cmd("smollm2_cpu", "serve")
+    for bad, words in (("server.backend=k8s", "server.backend: 'k8s'"), ("server.replicas=2", "need server.backend"),
+                       ("server.replicas=0", "server.replicas: must be a positive integer")):
+        with pytest.raises(ConfigError, match=words):
+            make_plan({"deployment": "smollm2_cpu", "overrides": [bad]})
 
 
 def test_bench_latency_with_profile(smollm_q4, tmp_path):

@@ -47,6 +47,25 @@ def load_deployments(config_dir: Path | None = None) -> tuple[str, dict[str, dic
     return default, deployments
 
 
+def build_all_names(config_dir: Path | None = None) -> list[str]:
+    """The deployments `snakemake build_all` builds: deployments.yaml's `build_all` list, else all of them."""
+    path = (config_dir or default_config_dir()) / "deployments.yaml"
+    _, deployments = load_deployments(config_dir)
+    names = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("build_all")
+    return list(deployments) if names is None else check_build_all(names, deployments, path.name)
+
+
+def check_build_all(names: Any, deployments, where: str) -> list[str]:
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n]
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"{where}: build_all must be a non-empty list of deployment names")
+    unknown = [n for n in names if n not in deployments]
+    if unknown:
+        raise ConfigError(f"{where}: build_all names unknown deployments {unknown} (allowed: {', '.join(deployments)})")
+    return list(dict.fromkeys(names))
+
+
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 

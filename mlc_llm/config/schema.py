@@ -134,8 +134,17 @@ class ServerConfig:
     # engine mode of serve_<deployment> (null: the deployment's mode, but `local` for an `interactive` one: a server
     # batches concurrent requests, a terminal chat has one)
     mode: Optional[str] = None
+    backend: str = "local"  # local: one engine in the server process; ray: `replicas` engines behind Ray Serve
+    replicas: int = 1
+    ray_address: Optional[str] = None  # backend ray: join this cluster (null: start a local one)
 
     def check(self) -> None:
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"server.backend: '{self.backend}' is not one of local, ray")
+        if not (isinstance(self.replicas, int) and self.replicas >= 1):
+            raise ValueError(f"server.replicas: must be a positive integer, got {self.replicas}")
+        if self.backend == "local" and (self.replicas != 1 or self.ray_address):
+            raise ValueError("server.replicas and server.ray_address need server.backend: ray")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"server.port: must be a TCP port (1-65535), got {self.port}")
         if not self.host or any(c.isspace() for c in self.host):

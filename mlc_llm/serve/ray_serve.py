@@ -195,10 +195,11 @@ def prefix_keys(body: Any) -> list[str]:
 
 
 class PrefixAffinityRouter(FIFOMixin, RequestRouter):
-    """Prefers the replica that last served the longest prefix of the request (learned from the routing decisions of
-    this handle); a prefix never seen goes to the replica its first unit hashes to (rendezvous hashing: stable when
-    replicas come and go, the same in every ingress). The preferred replica is skipped when its queue is
-    `imbalance` requests longer than the shortest one, or full; the others are then tried by queue length."""
+    """Prefers the replica that last served the longest prefix of the request (learned from this handle's routing)
+    longer than its first unit; a prefix never seen goes to the replica its first two units (a chat's system prompt
+    and first user message) hash to — rendezvous hashing: stable while replicas come and go, the same in every
+    ingress, and new chats sharing only a system prompt still spread. The preferred replica is skipped when its queue
+    is `imbalance` requests longer than the shortest one, or full; the others are then tried by queue length."""
 
     def initialize_state(self, imbalance: int = 4, max_prefixes: int = 100_000):
         self._imbalance, self._max_prefixes = imbalance, max_prefixes
@@ -211,15 +212,16 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         return pending.args[1]
 
     def preferred(self, keys: list[str], candidates: list[RunningReplica]) -> Optional[RunningReplica]:
+        if not keys:
+            return None
         by_id = {r.replica_id: r for r in candidates}
-        for key in reversed(keys):
+        for key in reversed(keys[1:] or keys):
             owner = self._owner.get(key)
             if owner in by_id:
                 return by_id[owner]
-        if not keys:
-            return None
-        return max(candidates, key=lambda r: hashlib.blake2b(
-            (keys[0] + r.replica_id.unique_id).encode(), digest_size=8).digest())
+        home = keys[min(1, len(keys) - 1)]
+        return max(candidates, key=lambda r: hashlib.blake2b((home + r.replica_id.unique_id).encode(),
+                                                             digest_size=8).digest())
 
     def _queue_len(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0

@@ -21,6 +21,7 @@ import tvm_ffi  # noqa: E402
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 from .. import tensor_cache  # noqa: E402
+from ..support import atomic_write_bytes  # noqa: E402
 from .sampler import DEVICE_SAMPLING_FUNCTIONS  # noqa: E402
 
 
@@ -83,10 +84,7 @@ def compile_cuda_source(code: str) -> bytes:
         if r.returncode != 0:
             raise RuntimeLoadError(f"nvcc failed on the library's CUDA source for {arch}:\n{r.stderr[-3000:]}")
         binary = out.read_bytes()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp_file = hit.with_suffix(f".tmp{os.getpid()}")
-    tmp_file.write_bytes(binary)
-    os.replace(tmp_file, hit)
+    atomic_write_bytes(hit, binary)
     return binary
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..support import atomic_write_text
 from ..tensor_cache import file_digest
 from .gen_config import read_chat_config
 
@@ -123,10 +124,7 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
 def write_library_checksum(lib: Path, digest: str) -> None:
     """`<lib>.sha256`, checked by the runtime before it maps the library (a truncated or damaged .so otherwise
     crashes the process or misbehaves)."""
-    side = lib.with_name(lib.name + ".sha256")
-    tmp = side.with_name(f".{side.name}.{os.getpid()}")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, side)
+    atomic_write_text(lib.with_name(lib.name + ".sha256"), digest + "\n")
 
 
 def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
