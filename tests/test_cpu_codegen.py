@@ -17,7 +17,6 @@ AMX = cpu_q4_blocked.has_amx(TARGET)
 KERNELS = {
     "decode attention": lambda: cpu_attention.decode_kernel(9, 3, 64, "float32"),
     "ragged prefill attention": lambda: cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32"),
-    "ragged prefill attention, AMX": lambda: cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32", amx=AMX),
     "paged prefill attention": lambda: cpu_attention.paged_prefill_kernel(9, 3, 64, "float32"),
     "rope": lambda: cpu_attention.rope_kernel(9, 3, 64, "float32", 10000.0),
     "blocked q4 (+ residual)": lambda: cpu_q4_blocked.blocked_kernel(576, 1536, "1s", True, amx=AMX),
@@ -30,11 +29,27 @@ KERNELS = {
 }
 
 
-def _workspace_sizes(func: tvm.tirx.PrimFunc) -> list[int]:
+# The AMX variants (the default on Sapphire Rapids and later) compile for this target on any host: code generation
+# only, nothing runs, so a host without AMX still checks them.
+AMX_TARGET = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": "sapphirerapids"})
+AMX_KERNELS = {
+    "ragged prefill attention": lambda amx: cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32", amx=amx),
+    "blocked q4 (+ residual)": lambda amx: cpu_q4_blocked.blocked_kernel(576, 1536, "1s", True, amx=amx),
+    "blocked q4, bf16 prefill": lambda amx: cpu_q4_blocked.blocked_kernel(3072, 576, "1s", False, amx=amx,
+                                                                          precision="bf16"),
+    "blocked q4 gate_up + silu": lambda amx: cpu_q4_blocked.fused_silu_kernel(3072, 576, "1s", amx=amx),
+}
+TILE_OPS = {"tdpbf16ps", "tileloadd64", "tilestored64", "tilerelease"}
+
+
+def _llvm_ir(func: tvm.tirx.PrimFunc, target: tvm.target.Target = TARGET) -> str:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return (lib.mod if hasattr(lib, "mod") else lib).inspect_source("ll")
+
+
+def _workspace_sizes(func: tvm.tirx.PrimFunc, target: tvm.target.Target = TARGET) -> list[int]:
     """Constant byte sizes of the TVMBackendAllocWorkspace calls in the kernel's LLVM IR."""
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
-    ll = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("ll")
-    return [int(n) for n in re.findall(r"call ptr %[\w.]+\(i32 1, i32 [^,]+, i64 (\d+), i32", ll)]
+    return [int(n) for n in re.findall(r"call ptr %[\w.]+\(i32 1, i32 [^,]+, i64 (\d+), i32", _llvm_ir(func, target))]
 
 
 def test_the_probe_sees_a_mutable_scalar_and_a_local_buffer():
@@ -57,3 +72,17 @@ def main(x: T.Buffer((8, 64), "float32"), y: T.Buffer((8, 64), "float32")):
 def test_small_scratch_stays_on_the_stack(name):
     small = [n for n in _workspace_sizes(KERNELS[name]()) if n < 1024]
     assert not small, f"{name}: workspace-pool allocations of {small} bytes (mutable scalar or 'local' buffer)"
+
+
+def test_the_amx_target_is_one():
+    assert cpu_q4_blocked.has_amx(AMX_TARGET)
+
+
+@pytest.mark.parametrize("name", list(AMX_KERNELS))
+def test_amx_variants_compile_to_tile_instructions_on_any_host(name):
+    ll = _llvm_ir(AMX_KERNELS[name](True), AMX_TARGET)
+    assert TILE_OPS <= set(re.findall(r"llvm\.x86\.(t\w+)\(", ll)), f"{name}: no AMX tile code"
+    small = [int(n) for n in re.findall(r"call ptr %[\w.]+\(i32 1, i32 [^,]+, i64 (\d+), i32", ll) if int(n) < 1024]
+    assert not small, f"{name}, AMX: workspace-pool allocations of {small} bytes"
+    # the same kernel's vector variant for the same target has none: the check above can fail
+    assert not TILE_OPS & set(re.findall(r"llvm\.x86\.(t\w+)\(", _llvm_ir(AMX_KERNELS[name](False), AMX_TARGET)))

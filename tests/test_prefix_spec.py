@@ -124,6 +124,13 @@ def test_a_tiny_kv_budget_forces_eviction_and_preemption_with_the_same_outputs(s
         got = concurrently(one, prompts)
         got_again = concurrently(one, prompts)
         assert got == expected and got_again == expected
+        # a prompt sharing only the template's system prompt with the cached sequences and needing more pages than
+        # are free: cached sequences must be evicted (whatever the order the concurrent requests ran in above)
+        long = " ".join(f"item{i}" for i in range(60))
+        answer = chat(small, [{"role": "user", "content": long}], max_tokens=8)
+        assert 120 < answer.usage.prompt_tokens < 240, answer.usage
+        assert answer.choices[0].message.content == chat(plain, [{"role": "user", "content": long}],
+                                                         max_tokens=8).choices[0].message.content
         m = small.metrics()
         assert m["preemptions"] > 0 and m["prefix_cache_evictions"] > 0, m
         assert m["prefix_cache_hit_tokens"] > 0
