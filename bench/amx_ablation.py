@@ -68,12 +68,13 @@ def main() -> None:
     import tvm
 
     from mlc_llm.compiler import cpu_q4_blocked
-    from mlc_llm.compiler.cpu_gemv import _parse
+    from mlc_llm.compiler.cpu.amx import has_amx
+    from mlc_llm.compiler.cpu.text import parse as _parse
     from mlc_llm.compiler.target import make_target
     from mlc_llm.quantization.scheme import block_rows, quantize_q4
 
     target, dev = make_target("cpu"), tvm.cpu()
-    if not cpu_q4_blocked.has_amx(target):
+    if not has_amx(target):
         sys.exit("this CPU has no AMX-BF16 tiles")
     (n, k), rows = a.shape, a.rows
     src = cpu_q4_blocked.blocked_source(n, k, "1s", False, amx=True, precision=a.precision)

@@ -28,7 +28,7 @@ def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = Tru
     """The loop of 12 products (+ 10 tile loads); `fma_rounds` > 0 adds 12 x that many float32 vector FMAs (12
     independent accumulators) to each iteration; `tiles=False` leaves only the FMAs."""
     from mlc_llm.compiler.cpu_gemv import _indent
-    from mlc_llm.compiler.cpu_q4_blocked import _amx, tile_config
+    from mlc_llm.compiler.cpu.amx import intrin as _amx, tile_config
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
                _amx("tileloadd64", "T.int8(5)", "T.address_of(a[512])", "T.int64(64)")]

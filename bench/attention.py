@@ -69,14 +69,15 @@ def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
     import tvm
     from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
 
-    from mlc_llm.compiler import cpu_attention, cpu_q4_blocked
+    from mlc_llm.compiler import cpu_attention
+    from mlc_llm.compiler.cpu.amx import has_amx
 
     hq, hkv, d = 9, 3, 64
     build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
                                   target=target)["main"]
     kernels = {"stock ragged prefill": build(_attention_prefill_ragged_cpu(hkv, hq, d, d, "float32", {})),
                "ours": build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32"))}
-    if cpu_q4_blocked.has_amx(target):
+    if has_amx(target):
         kernels["ours, AMX"] = build(cpu_attention.ragged_prefill_kernel(hq, hkv, d, "float32", amx=True))
     names = list(kernels)
     print("\n| prompt tokens | " + " | ".join(f"{n} us" for n in names) + " | "

@@ -41,13 +41,14 @@ def main() -> None:
     import tvm
 
     from mlc_llm.compiler import cpu_gemv, cpu_q4_blocked
+    from mlc_llm.compiler.cpu.amx import has_amx
     from mlc_llm.compiler.cpu_schedules import schedule_nt_matmul
     from mlc_llm.compiler.target import make_target
     from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
 
     tiles = tuple(a.tiles or cpu_gemv.TILES)
     target, dev = make_target("cpu"), tvm.cpu()
-    amx = cpu_q4_blocked.has_amx(target)
+    amx = has_amx(target)
     extra = (" blocked AMX us | blocked / AMX |", "---|---|") if amx else ("", "")
     print(f"tiles {tiles}\n| N x K | rows | rfactor us | NK tiled us | blocked, no panel us | blocked us | "
           f"rfactor / tiled | tiled / blocked | no panel / blocked |{extra[0]}\n|---|---|---|---|---|---|---|---|---|"

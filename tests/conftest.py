@@ -43,9 +43,9 @@ def pytest_collection_modifyitems(config, items):
 def host_has_amx() -> bool:
     import tvm
 
-    from mlc_llm.compiler import cpu_q4_blocked
+    from mlc_llm.compiler.cpu.amx import has_amx
 
-    return cpu_q4_blocked.has_amx(tvm.target.Target.from_device(tvm.cpu()))
+    return has_amx(tvm.target.Target.from_device(tvm.cpu()))
 
 
 def pytest_runtest_setup(item):

@@ -9,6 +9,8 @@ import pytest
 import tvm
 
 from mlc_llm.compiler import cpu_attention
+from mlc_llm.compiler.cpu.text import parse
+from mlc_llm.compiler.cpu.vecmath import exp2
 
 PAGE = cpu_attention.PAGE
 
@@ -81,7 +83,7 @@ def test_exp2_polynomial():
 @T.prim_func(s_tir=True)
 def main(x: T.Buffer((64,), "float32"), y: T.Buffer((64,), "float32")):
     for i in T.vectorized(64):
-        y[i] = {cpu_attention._exp2("x[i]")}
+        y[i] = {exp2("x[i]")}
 """
     func = tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
@@ -194,7 +196,7 @@ def test_amx_attention_falls_back_to_the_vector_kernel_when_linux_refuses_amx():
     src = cpu_attention.ragged_prefill_source(9, 3, 64, "float32", amx=True, amx_min_rows=0)
     assert src.count("T.int64(158)") == 1  # SYS_arch_prctl
     refused, vec = (_run_prefill(f, inputs, 1, sm_scale)
-                    for f in (cpu_attention._parse(src.replace("T.int64(158)", "T.int64(-1)")),
+                    for f in (parse(src.replace("T.int64(158)", "T.int64(-1)")),
                               cpu_attention.ragged_prefill_kernel(9, 3, 64, "float32")))
     np.testing.assert_array_equal(refused[0], vec[0])
     np.testing.assert_array_equal(refused[1], vec[1])

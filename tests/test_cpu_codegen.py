@@ -1,4 +1,4 @@
-"""How our CPU kernels lower on TVM 0.27 (the conventions in compiler/cpu_gemv.py, `_parse`): a scratch buffer of a
+"""How our CPU kernels lower on TVM 0.27 (the conventions in compiler/cpu/text.py, `parse`): a scratch buffer of a
 parallel task and a single-assignment scalar must not become a `TVMBackendAllocWorkspace` call (a workspace-pool
 lookup and release per task, per 64-row block, per KV page). Scratch under 1 KB has to be a stack allocation."""
 from __future__ import annotations
@@ -9,10 +9,12 @@ import pytest
 import tvm
 
 from mlc_llm.compiler import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked
+from mlc_llm.compiler.cpu.amx import has_amx
+from mlc_llm.compiler.cpu.text import parse
 from mlc_llm.compiler.target import make_target
 
 TARGET = make_target("cpu")
-AMX = cpu_q4_blocked.has_amx(TARGET)
+AMX = has_amx(TARGET)
 
 KERNELS = {
     "decode attention": lambda: cpu_attention.decode_kernel(9, 3, 64, "float32"),
@@ -65,7 +67,7 @@ def main(x: T.Buffer((8, 64), "float32"), y: T.Buffer((8, 64), "float32")):
         for l in T.vectorized(64):
             y[i, l] = acc[l]
 '''
-    assert sorted(_workspace_sizes(cpu_gemv._parse(src))) == [4, 256]
+    assert sorted(_workspace_sizes(parse(src))) == [4, 256]
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
@@ -75,7 +77,7 @@ def test_small_scratch_stays_on_the_stack(name):
 
 
 def test_the_amx_target_is_one():
-    assert cpu_q4_blocked.has_amx(AMX_TARGET)
+    assert has_amx(AMX_TARGET)
 
 
 @pytest.mark.parametrize("name", list(AMX_KERNELS))

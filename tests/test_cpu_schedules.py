@@ -7,6 +7,7 @@ import pytest
 import tvm
 
 from mlc_llm.compiler import cpu_gemv, cpu_q4_blocked
+from mlc_llm.compiler.cpu.text import parse
 from mlc_llm.compiler.cpu_schedules import schedule_nt_matmul
 from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
 
@@ -107,7 +108,7 @@ def test_row_tiled_kernel_replaces_only_the_stock_q4_form():
     tiled = cpu_gemv.replace_q4_matmul(stock)
     assert tiled is not None and tiled.attrs[cpu_gemv.KERNEL_ATTR] == "q4_row_tiled"
     # Same shapes, another dequantize formula (zero point 8): not ours, keeps the rfactor schedule.
-    other = cpu_gemv._parse(cpu_gemv.stock_source(64, 64, "b1", False).replace("T.float32(7.0)", "T.float32(8.0)"))
+    other = parse(cpu_gemv.stock_source(64, 64, "b1", False).replace("T.float32(7.0)", "T.float32(8.0)"))
     assert cpu_gemv._signature(other) == (64, 64, "b1", False)
     assert cpu_gemv.replace_q4_matmul(other) is None
     assert cpu_gemv.replace_q4_matmul(cpu_gemv.stock_kernel(64, 64, "b1", False)) is not None
@@ -287,7 +288,7 @@ def test_amx_kernel_falls_back_to_the_float32_panel_when_linux_refuses_amx():
     q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
     src = cpu_q4_blocked.blocked_source(n, k, "1s", False, amx=True)
     assert src.count("T.int64(158)") == 1  # SYS_arch_prctl
-    funcs = [cpu_gemv._parse(src.replace("T.int64(158)", "T.int64(-1)")),
+    funcs = [parse(src.replace("T.int64(158)", "T.int64(-1)")),
              cpu_q4_blocked.blocked_kernel(n, k, "1s", False)]
     x = rng.standard_normal((1, rows, k)).astype(np.float32)
     outs = []
@@ -302,7 +303,7 @@ def test_amx_kernel_falls_back_to_the_float32_panel_when_linux_refuses_amx():
 def test_blocked_kernel_replaces_only_the_stock_blocked_form():
     stock = cpu_q4_blocked.stock_kernel(128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(stock).attrs[cpu_gemv.KERNEL_ATTR] == "q4_blocked64"
-    other = cpu_gemv._parse(cpu_q4_blocked.stock_source(128, 64, "1s", True).replace("T.float32(7.0)", "T.float32(8.0)"))
+    other = parse(cpu_q4_blocked.stock_source(128, 64, "1s", True).replace("T.float32(7.0)", "T.float32(8.0)"))
     assert cpu_gemv._signature(other, cpu_q4_blocked.BLOCK) == (128, 64, "1s", True)
     assert cpu_q4_blocked.replace_blocked_q4_matmul(other) is None
     # the NK stock form is not the blocked one, and the other way round

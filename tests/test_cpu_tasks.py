@@ -1,4 +1,4 @@
-"""Work-stealing parallel loops (compiler/cpu_tasks.py): every task runs exactly once, whatever the task count, and
+"""Work-stealing parallel loops (compiler/cpu/tasks.py): every task runs exactly once, whatever the task count, and
 a thread held up by a slow task has its remaining tasks taken by the others."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tvm  # noqa: E402
 
-from mlc_llm.compiler import cpu_tasks  # noqa: E402
-from mlc_llm.compiler.cpu_gemv import _indent, _parse  # noqa: E402
+from mlc_llm.compiler.cpu import tasks as cpu_tasks  # noqa: E402
+from mlc_llm.compiler.cpu.text import indent, parse  # noqa: E402
 
 # Each task counts its runs atomically and records the parallel iteration that ran it. Task `slow` waits until every
 # other task has run (an atomic count, capped at a few hundred million loads in case no other thread exists), so a
@@ -38,8 +38,8 @@ def main(var_runs: T.handle, var_owner: T.handle, others_done: T.Buffer((1,), "i
 
 @pytest.fixture(scope="module")
 def kernel():
-    src = _KERNEL.format(loop=_indent(cpu_tasks.steal_loop("n", _BODY), 1))
-    return tvm.compile(tvm.IRModule({"main": _parse(src)}), target=tvm.target.Target.from_device(tvm.cpu()))["main"]
+    src = _KERNEL.format(loop=indent(cpu_tasks.steal_loop("n", _BODY), 1))
+    return tvm.compile(tvm.IRModule({"main": parse(src)}), target=tvm.target.Target.from_device(tvm.cpu()))["main"]
 
 
 def _run(kernel, n: int, slow: int = -1):

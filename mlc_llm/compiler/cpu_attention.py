@@ -29,23 +29,20 @@ functions' names and symbols.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import tvm
 
-from . import cpu_tasks
-from .cpu_gemv import _indent, _parse, _prefetch
-from .cpu_q4_blocked import AMX_REQUEST, _amx, bf16_parts, tile_config
+from .cpu import tasks as cpu_tasks
+from .cpu.amx import AMX_REQUEST, bf16_parts, intrin, tile_config
+from .cpu.text import indent, parse, prefetch
+from .cpu.vecmath import LOG2E, exp2, halve
 
 PAGE = 16
 # Decode tasks aimed at: a batch of B sequences splits each (sequence, KV head)'s pages among
 # min(ceil(SPLIT_TASKS / (B * KV heads)), pages per sequence / SPLIT_MIN_PAGES) tasks (bench/attention.py).
 SPLIT_TASKS = 16
 SPLIT_MIN_PAGES = 8
-# 2^f on [0, 1), degree 5, least squares on Chebyshev nodes: max relative error 1.8e-7
-EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
-LOG2E = math.log2(math.e)
 
 # One page of one task: the scores of every row for the task's query heads (each K row read once, the heads'
 # dot products independent), then per head the page max/sum (vector halving) and the rescale, then the weighted V rows
@@ -342,7 +339,7 @@ for g in range({grp}):
         lse[q_indptr[b] + t0 + l, hk * {grp} + g] = m[g, l] + T.log2(den[g, l])
 """
 
-# The ragged prefill kernel on AMX tiles (CPUs with AMX-BF16, `cpu_q4_blocked.has_amx`). Every float32 operand is
+# The ragged prefill kernel on AMX tiles (CPUs with AMX-BF16, `cpu.amx.has_amx`). Every float32 operand is
 # split into two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits) and a product of two
 # split operands is three tile products, hi.hi + hi.lo + lo.hi (float32 accumulation; lo.lo, ~2^-18 of it, is left
 # out). A prelude converts K and V once for all tasks: K rows as they are (kx: the A operand of the scores), V
@@ -415,34 +412,6 @@ AMX_MIN_ROWS = 192
 QTILE = 16
 
 
-def _halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
-    """TIR lines reducing the 16-lane vector expression `vec` to a scalar by halving (16 -> 8 -> 4 -> 2 -> 1 lanes,
-    vectorlow/vectorhigh; the intermediates are `name`16, `name`8, ...), combining halves with `op` ("+" or "max");
-    the scalar is bound to `name`, or stored to `out` if given."""
-    comb = (lambda a, b: f"{a} + {b}") if op == "+" else (lambda a, b: f"T.max({a}, {b})")
-    lines = [f"{name}16 = T.bind({vec})"]
-    for lanes, prev in ((8, 16), (4, 8), (2, 4)):
-        lines.append(f"{name}{lanes} = T.bind(" + comb(f"T.vectorlow(\"float32x{lanes}\", {name}{prev})",
-                                                       f"T.vectorhigh(\"float32x{lanes}\", {name}{prev})") + ")")
-    last = comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)")
-    lines.append(f"{out} = {last}" if out else f"{name} = T.bind({last})")
-    return lines
-
-
-def _exp2(x: str) -> str:
-    """2^x for x <= 0 as TIR text: 2^floor(x) from the exponent bits times a polynomial in the fraction. x is
-    clamped at -125, so that masked scores (-1e30) give ~2e-38, not a denormal: a float operation that produces or
-    reads a denormal takes a microcode assist (~100 cycles) on Intel CPUs."""
-    xc = f"T.max({x}, T.float32(-125))"
-    fl = f"T.floor({xc})"
-    frac = f"({xc} - {fl})"
-    poly = f"T.float32({EXP2_POLY[0]!r})"
-    for c in EXP2_POLY[1:]:
-        poly = f"({poly} * {frac} + T.float32({c!r}))"
-    pow2 = f"T.reinterpret(\"float32\", T.shift_left(T.Cast(\"int32\", {fl}) + 127, 23))"
-    return f"{pow2} * {poly}"
-
-
 def _score(d: int, k_row: str) -> str:
     """s[g, r] = q[g] . k_row as TIR text (`dd` in k_row is the head_dim index). With d % 16 == 0: 16-lane products
     summed in a register, then halved 16 -> 8 -> 4 -> 2 -> 1 (vectorlow/vectorhigh: 4 extract + add steps). The
@@ -451,7 +420,7 @@ def _score(d: int, k_row: str) -> str:
     if d % 16 == 0:
         ramp = lambda c: f"T.ramp({16 * c}, 1, 16)"  # noqa: E731
         prods = [f"q[g, {ramp(c)}] * T.Cast(\"float32x16\", {k_row.replace('dd', ramp(c))})" for c in range(d // 16)]
-        return "\n".join(_halve(" + ".join(prods), "+", "v", out="s[g, r]"))
+        return "\n".join(halve(" + ".join(prods), "+", "v", out="s[g, r]"))
     terms = [f"part[{i}]" for i in range(d)]
     while len(terms) > 1:  # TVM does not reassociate a serial sum into vector adds
         terms = [f"({terms[i]} + {terms[i + len(terms) // 2]})" for i in range(len(terms) // 2)] + \
@@ -480,26 +449,26 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     common = dict(hq=hq, hkv=hkv, d=d, dtype=dtype, page=PAGE, grp=grp, log2e=repr(LOG2E), split_tasks=SPLIT_TASKS,
                   ns=f"T.max(1, T.min(({SPLIT_TASKS} + B * {hkv} - 1) // (B * {hkv}), "
                      f"(page_table_indptr[B] - page_table_indptr[0]) // (B * {SPLIT_MIN_PAGES})))")
-    state = _indent(_STATE.format(q_row=f"Q[b, hk * {grp} + g, dd]", **common), 3)
-    chunk = _indent(_CHUNK.format(v_row="pages[page_no, 1, hk, r, dd]",
-                                  score=_indent(_score(d, "pages[page_no, 0, hk, r, dd]"), 3),
-                                  page_max=_indent("\n".join(_halve(f"s[g, T.ramp(0, 1, {PAGE})]", "max", "pm",
-                                                                   out="st[0]")), 1),
-                                  page_sum=_indent("\n".join(_halve(f"s[g, T.ramp(0, 1, {PAGE})]", "+", "ps",
-                                                                   out="st[3]")), 1),
-                                  exp2_scalar=_exp2("m[g] - st[1]"), exp2_vec=_exp2("s[g, r] - st[1]"), **common), 4)
-    write = _indent(_WRITE_DECODE.format(out_row=f"output[b, hk * {grp} + g, dd]", lse=f"lse[b, hk * {grp} + g]",
-                                         **common), 3)
+    state = indent(_STATE.format(q_row=f"Q[b, hk * {grp} + g, dd]", **common), 3)
+    chunk = indent(_CHUNK.format(v_row="pages[page_no, 1, hk, r, dd]",
+                                 score=indent(_score(d, "pages[page_no, 0, hk, r, dd]"), 3),
+                                 page_max=indent("\n".join(halve(f"s[g, T.ramp(0, 1, {PAGE})]", "max", "pm",
+                                                                  out="st[0]")), 1),
+                                 page_sum=indent("\n".join(halve(f"s[g, T.ramp(0, 1, {PAGE})]", "+", "ps",
+                                                                  out="st[3]")), 1),
+                                 exp2_scalar=exp2("m[g] - st[1]"), exp2_vec=exp2("s[g, r] - st[1]"), **common), 4)
+    write = indent(_WRITE_DECODE.format(out_row=f"output[b, hk * {grp} + g, dd]", lse=f"lse[b, hk * {grp} + g]",
+                                        **common), 3)
     # the K rows of the next page and the V rows of this one (a page's rows of one head are one 4 KB run, where the
     # hardware prefetcher stops)
     per_line = 64 // tvm.DataType(dtype).bits * 8
     lines = PAGE * d // per_line
     at = lambda page_no, kv: f"pages[{page_no}, {kv}, hk, c * {per_line} // {d}, c * {per_line} % {d}]"  # noqa: E731
-    prefetch = _indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
-                       f"        {_prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
-                       f"for c in T.unroll({lines}):\n    {_prefetch(at('page_no', 1))}", 4)
-    text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=prefetch,
-                          exp2_merge=_exp2("part_md[bh * ns + sp, g, 0] - m[g]"), **common)
+    pages_ahead = indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
+                         f"        {prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
+                         f"for c in T.unroll({lines}):\n    {prefetch(at('page_no', 1))}", 4)
+    text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=pages_ahead,
+                          exp2_merge=exp2("part_md[bh * ns + sp, g, 0] - m[g]"), **common)
     if sliding:
         text = _sliding(text, "(var_length_info, (B,),", "(var_length_info, (3, B),")
         text = _sliding(text, "rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], 16))",
@@ -507,7 +476,7 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
         pr = f"p * {PAGE} + r"
         text = _sliding(text, "if r < rows:", f"if r < rows and ({_SLIDING_ROWS.replace('pr', pr)}):", 2)
     # tasks of both branches: at most B * hkv + SPLIT_TASKS - 1 (see _DECODE)
-    return _parse(cpu_tasks.steal_parallel(text, name="_dec", dtype="int32", capacity=f"B * {hkv} + {SPLIT_TASKS}"))
+    return parse(cpu_tasks.steal_parallel(text, name="_dec", dtype="int32", capacity=f"B * {hkv} + {SPLIT_TASKS}"))
 
 
 def _tree(terms: list[str], comb) -> str:
@@ -522,7 +491,7 @@ def _softmax_text(rows: int) -> str:
     lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {rows}"
     return _SOFTMAX.format(rows=rows, qt=QTILE, lim=lim,
                            cmax=_tree([f"sc[{r}, l]" for r in range(rows)], lambda x, y: f"T.max({x}, {y})"),
-                           rescale=_exp2("m[g, l] - st[0, l]"), pexp=_exp2("sc[r, l] - st[0, l]"),
+                           rescale=exp2("m[g, l] - st[0, l]"), pexp=exp2("sc[r, l] - st[0, l]"),
                            psum=_tree([f"p[{r}, l]" for r in range(rows)], lambda x, y: f"({x} + {y})"))
 
 
@@ -532,25 +501,25 @@ def _amx_text(d: int, grp: int) -> dict:
     row0 = f"kv_start + c * {AMX_CHUNK}"
     qel = lambda dd: (f'T.Cast("float32", Qb[q_indptr[b] + T.min(t0 + l, q_n - 1), hk * {grp} + g, {dd}]) '  # noqa
                       f'* (sm_scale * T.float32({LOG2E!r}))')
-    load = lambda t, addr, stride: _amx("tileloadd64", f"T.int8({t})", f"T.address_of({addr})", stride)  # noqa: E731
-    dp = lambda c, a, b: _amx("tdpbf16ps", f"T.int8({c})", f"T.int8({a})", f"T.int8({b})")  # noqa: E731
-    scores = [_amx("tilezero", "T.int8(0)"), _amx("tilezero", "T.int8(1)"), f"for dh in range({d // 32}):"]
+    load = lambda t, addr, stride: intrin("tileloadd64", f"T.int8({t})", f"T.address_of({addr})", stride)  # noqa: E731
+    dp = lambda c, a, b: intrin("tdpbf16ps", f"T.int8({c})", f"T.int8({a})", f"T.int8({b})")  # noqa: E731
+    scores = [intrin("tilezero", "T.int8(0)"), intrin("tilezero", "T.int8(1)"), f"for dh in range({d // 32}):"]
     step = [load(4, "qx[g, 0, dh, 0, 0]", "T.int64(64)"), load(5, "qx[g, 1, dh, 0, 0]", "T.int64(64)")]
     for rt in range(2):  # S^T rows rt*16.. += K hi/lo . q hi/lo
         step += [load(6 + part, f"kx[hk, {part}, {row0} + {16 * rt}, dh * 32]", f"T.int64({2 * d})")
                  for part in range(2)]
         step += [dp(rt, 6, 4), dp(rt, 6, 5), dp(rt, 7, 4)]
     scores += ["    " + line for line in step]
-    scores += [_amx("tilestored64", f"T.int8({rt})", f"T.address_of(sc[{16 * rt}, 0])", "T.int64(64)")
+    scores += [intrin("tilestored64", f"T.int8({rt})", f"T.address_of(sc[{16 * rt}, 0])", "T.int64(64)")
                for rt in range(2)]
     pv = [load(4, "pb[0, 0, 0]", "T.int64(64)"), load(5, "pb[1, 0, 0]", "T.int64(64)")]
     vstride = f"T.Cast(\"int64\", {rows_pad}) * T.int64(2)"
     for base in range(0, d // 16, 4):  # O^T rows (head_dim) 64 at a time, tiles 0-3
-        pv += [_amx("tilezero", f"T.int8({t})") for t in range(4)]
+        pv += [intrin("tilezero", f"T.int8({t})") for t in range(4)]
         for t in range(4):
             pv += [load(6 + part, f"vx[hk, {part}, {16 * (base + t)}, {row0}]", vstride) for part in range(2)]
             pv += [dp(t, 6, 4), dp(t, 6, 5), dp(t, 7, 4)]
-        pv += [_amx("tilestored64", f"T.int8({t})", f"T.address_of(ob[{16 * (base + t)}, 0])", "T.int64(64)")
+        pv += [intrin("tilestored64", f"T.int8({t})", f"T.address_of(ob[{16 * (base + t)}, 0])", "T.int64(64)")
                for t in range(4)]
     pv += [f"for dd in range({d}):", f"    for l in T.vectorized({QTILE}):",
            "        ot[g, dd, l] = ot[g, dd, l] * st[1, l] + ob[dd, l]"]
@@ -559,9 +528,9 @@ def _amx_text(d: int, grp: int) -> dict:
     q_hi, q_lo = bf16_parts(qel("dp * 2"), qel("dp * 2 + 1"))
     p_hi, p_lo = bf16_parts("p[i * 2, l]", "p[i * 2 + 1, l]", tiny=True)
     return dict(rows_pad=rows_pad, k_hi=k_hi, k_lo=k_lo, v_hi=v_hi, v_lo=v_lo, q_hi=q_hi, q_lo=q_lo, p_hi=p_hi,
-                p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=_indent(tile_config(), 2),
-                tilerelease=_amx("tilerelease"), scores=_indent("\n".join(scores), 4), pv=_indent("\n".join(pv), 4),
-                softmax=_indent(_softmax_text(AMX_CHUNK), 4))
+                p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=indent(tile_config(), 2),
+                tilerelease=intrin("tilerelease"), scores=indent("\n".join(scores), 4), pv=indent("\n".join(pv), 4),
+                softmax=indent(_softmax_text(AMX_CHUNK), 4))
 
 
 def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str], v_row: Callable[[str], str], num_q_heads: int,
@@ -574,11 +543,11 @@ def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str],
     grp = num_q_heads // num_kv_heads
     last = f"T.min(r, kv_n - 1 - c * {PAGE})"  # the partial last chunk: rows past the end repeat its last row
     common = dict(hq=num_q_heads, hkv=num_kv_heads, d=head_dim, dtype=dtype, grp=grp, qt=QTILE, qt_m1=QTILE - 1,
-                  kv_setup=_indent(kv_setup, 2),
-                  write=_indent(_WRITE_PREFILL.format(grp=grp, d=head_dim, dtype=dtype), 2))
+                  kv_setup=indent(kv_setup, 2),
+                  write=indent(_WRITE_PREFILL.format(grp=grp, d=head_dim, dtype=dtype), 2))
     vec = (_TASKS + _PREFILL_VEC).format(
         page=PAGE, page_m1=PAGE - 1, log2e=repr(LOG2E), k_full=k_row("r"), v_full=v_row("r"), k_part=k_row(last),
-        v_part=v_row(last), softmax=_indent(_softmax_text(PAGE), 4), **common)
+        v_part=v_row(last), softmax=indent(_softmax_text(PAGE), 4), **common)
     cap = f"((qo_len + {QTILE - 1}) // {QTILE} + batch_size) * {num_kv_heads}"  # >= the tasks (tiles x KV heads)
     vec = cpu_tasks.steal_parallel(vec, name="_vec", dtype="int32", capacity=cap)
     head = (sig + _PREFILL_BUFFERS + buffers).format(page=PAGE, **common)
@@ -588,7 +557,7 @@ def _prefill(sig: str, buffers: str, kv_setup: str, k_row: Callable[[str], str],
     fast = cpu_tasks.steal_parallel((_AMX_PRELUDE + _TASKS + _PREFILL_AMX).format(**text, **common), name="_amx",
                                     dtype="int32", capacity=cap)
     branch = f"    if perm[0] == T.int64(0) and kv_len >= {amx_min_rows} * batch_size:\n"
-    return head + _indent(AMX_REQUEST, 1) + branch + _indent(fast, 1) + "    else:\n" + _indent(vec, 1)
+    return head + indent(AMX_REQUEST, 1) + branch + indent(fast, 1) + "    else:\n" + indent(vec, 1)
 
 
 def ragged_prefill_source(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False,
@@ -607,7 +576,7 @@ def ragged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dt
     multiple of 8 (`install` keeps TVM's kernel otherwise). A sequence with no KV gives 0 and lse -5e4, as the stock
     kernel does. `amx`: on AMX tiles (`_PREFILL_AMX`; float32 with head_dim a multiple of 64, else the vector
     kernel) from `amx_min_rows` new KV rows per sequence on average."""
-    return _parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx, amx_min_rows))
+    return parse(ragged_prefill_source(num_q_heads, num_kv_heads, head_dim, dtype, amx, amx_min_rows))
 
 
 def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str,
@@ -636,7 +605,7 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
               f"{visible}, {pr} >= kv_n - {visible})")
         old_lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {PAGE}"
         text = _sliding(text, f"r < {old_lim}", f"r < kv_n - c * {PAGE} and {ok}", 2)
-    return _parse(text)
+    return parse(text)
 
 
 # RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
@@ -695,13 +664,13 @@ def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
     hi = store(f"i + {half}", f"cs[0, i] * {x(f'i + {half}')} + cs[1, i] * {x('i')}")
     rest = ""
     if rot < head_dim:  # dims past rotary_dim are copied
-        rest = _indent(f"for i in T.vectorized({head_dim - rot}):\n" + _indent(store(f"i + {rot}", x(f"i + {rot}")), 1),
-                       4)
+        rest = indent(f"for i in T.vectorized({head_dim - rot}):\n" + indent(store(f"i + {rot}", x(f"i + {rot}")), 1),
+                      4)
     src = _ROPE.format(fused=num_q_heads + 2 * num_kv_heads, hq=num_q_heads, hkv=num_kv_heads, d=head_dim,
                        dtype=dtype, half=half, rot=rot, theta=repr(float(theta)), scale=repr(float(scale)),
-                       store_lo=_indent(lo, 5), store_hi=_indent(hi, 5), rest=rest,
-                       store_copy=_indent(store("i", x("i")), 5))
-    return _parse(src)
+                       store_lo=indent(lo, 5), store_hi=indent(hi, 5), rest=rest,
+                       store_copy=indent(store("i", x("i")), 5))
+    return parse(src)
 
 
 KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel,

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 import tvm
 import tvm_ffi
 
+from .cpu.text import indent, parse
+
 LANES = 16  # float32 lanes of an AVX-512 register
 ROWS = 8  # output rows per parallel task
 TILES = (4, 8)  # rows of x sharing one decoded weight vector: 4 for 2-4 rows, 8 above (bench/gemv_batched.py)
@@ -165,34 +167,9 @@ def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0) ->
         res_buf=f"r = T.match_buffer(r_h, ({r_shape}), \"float32\")" if residual else "") + body
 
 
-def _indent(text: str, level: int) -> str:
-    """`text` (TVMScript lines) indented by `level` levels."""
-    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
-
-
-def _prefetch(element: str) -> str:
-    """TIR text: prefetch the cache line of `element` (a buffer element, e.g. `qw[i, j]`) into all cache levels.
-    A hint: an address past the end of the buffer does not fault."""
-    return (f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({element}), T.int32(0), '
-            'T.int32(3), T.int32(1)))')
-
-
-def _parse(src: str) -> tvm.tirx.PrimFunc:
-    """TVMScript text -> PrimFunc. Conventions of every kernel text in this package, for what TVM 0.27 lowers them to
-    (tests/test_cpu_codegen.py checks them):
-    - a scalar or vector bound once is written `x = T.bind(expr)` (a Let). A plain `x = expr` declares a mutable
-      local, which becomes a TVMBackendAllocWorkspace / FreeWorkspace pair where it is declared: per parallel task,
-      per 64-row block, per KV page;
-    - per-task scratch buffers are `scope="global"` allocations inside the parallel loop: under 1 KB LLVM gets a stack
-      slot in the task's function (private to the thread, often promoted to registers); `scope="local"` ones went
-      through the workspace pool at any size. Larger buffers take the pool either way.
-    Measured on SmolLM2's decode step (bench/decode_step.py): 1.16x at context 128 and 1000 from these two alone."""
-    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
-
-
 def stock_kernel(n: int, k: int, layout: str, residual: bool, block: int = 0) -> tvm.tirx.PrimFunc:
     """The unscheduled kernel this module knows how to replace (for the equivalence check)."""
-    return _parse(stock_source(n, k, layout, residual, block))
+    return parse(stock_source(n, k, layout, residual, block))
 
 
 def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0) -> str:
@@ -208,7 +185,7 @@ def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0) ->
 
 
 def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> tvm.tirx.PrimFunc:
-    return _parse(tiled_source(n, k, layout, residual, tiles))
+    return parse(tiled_source(n, k, layout, residual, tiles))
 
 
 def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> str:
@@ -234,16 +211,16 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
     def with_acc(t: int, nest: str) -> str:
         return (f"acc = T.alloc_buffer(({t}, {ROWS}, {LANES}), \"float32\", scope=\"global\")\n"
                 f"for nbi in range(T.int64({group})):\n"
-                f"    nb = T.bind(task * T.int64({group}) + nbi)\n" + _indent(nest, 1))
+                f"    nb = T.bind(task * T.int64({group}) + nbi)\n" + indent(nest, 1))
 
     branches = [("T.int64(1)", with_acc(1, one_row()))] + [(f"T.int64({t})", with_acc(t, row_tiles(t)))
                                                           for t in tiles[:-1]]
     code, level = "", 2
     for i, (bound, nest) in enumerate(branches):
-        code += _indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + _indent(nest, level + 1)
-        code += _indent("else:", level)
+        code += indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + indent(nest, level + 1)
+        code += indent("else:", level)
         level += 1
-    code += _indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
+    code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
     head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
     return _source(head + code, n, k, layout, residual)
 

@@ -16,7 +16,8 @@ import functools
 import tvm
 from tvm import relax
 
-from . import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked
+from . import cpu_activation, cpu_attention, cpu_gemv
+from .cpu.amx import has_amx
 
 SILU_KERNEL = "silu_mul_cpu"
 GELU_KERNEL = "gelu_tanh_mul_cpu"
@@ -154,5 +155,5 @@ def cpu_kernel_passes(target: tvm.target.Target, kv: dict | None) -> list:
     """The passes above for a CPU target (attention only when the model's KV-cache shape is known)."""
     passes = [use_cpu_kernels]
     if kv is not None:
-        passes.insert(0, replace_attention(kv, cpu_q4_blocked.has_amx(target)))
+        passes.insert(0, replace_attention(kv, has_amx(target)))
     return passes

@@ -27,8 +27,12 @@ from typing import Optional
 
 import tvm
 
-from . import cpu_gemv, cpu_tasks
-from .cpu_gemv import _indent, _index, _parse, _prefetch, _shapes, _source
+from . import cpu_gemv
+from .cpu import tasks as cpu_tasks
+from .cpu.amx import AMX_REQUEST, bf16_parts, bf16x32, intrin, round_bf16, tile_config
+from .cpu.text import indent, parse, prefetch
+from .cpu.vecmath import silu_mul_expr
+from .cpu_gemv import _index, _shapes, _source
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
@@ -75,7 +79,6 @@ PANEL_CHUNK = 48
 # of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
 # faster kernels, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
 PRECISIONS = ("f32", "bf16")
-AMX_CPUS = ("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids")
 AMX_CHUNK_ROWS = 256  # rows of x per task: ceil(256 / tile rows) tiles
 AMX_TILE_ROWS = 14  # rows per tile of the f32 kernel (the bf16 one: 16)
 
@@ -137,14 +140,6 @@ for bo in range({tiles}):
                 y[{yidx}] = {res}acc[bi, i]
 """
 # The upper 16 bits of a float32's bits: its bfloat16 (truncated)
-_BF16_MASK = "T.uint32(4294901760)"
-
-# Linux hands out the AMX tile state only on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), 0 when
-# granted. Our AMX kernels make it at each call and take their non-AMX path when refused.
-AMX_REQUEST = """
-perm = T.alloc_buffer((1,), "int64", scope="global")
-perm[0] = T.call_extern("int64", "syscall", T.int64(158), T.int64(4131), T.int64(18))
-"""
 _AMX = AMX_REQUEST + """if perm[0] == T.int64(0):
     xa = T.alloc_buffer(({mtiles}, {g}, {parts}, {tr}, 32), "uint16")
     for mt in T.parallel({mtiles}):
@@ -176,63 +171,6 @@ for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
 """
 
 
-def _amx(name: str, *args: str) -> str:
-    return f'T.evaluate(T.call_llvm_intrin("void", "llvm.x86.{name}", {", ".join(args)}))'
-
-
-def tile_config(rows: tuple = (16,) * 8) -> str:
-    """TIR lines loading the tile configuration our kernels use: palette 1, tiles 0-7 of 64 bytes x `rows[t]` rows
-    (16 by default)."""
-    return "\n".join([
-        'cfg = T.alloc_buffer((64,), "uint8", scope="global")',
-        "for i in range(64):", "    cfg[i] = T.uint8(0)",
-        "cfg[0] = T.uint8(1)",
-        "for t in range(8):", "    cfg[16 + 2 * t] = T.uint8(64)",
-        *[f"cfg[{48 + t}] = T.uint8({r})" for t, r in enumerate(rows)],
-        _amx("ldtilecfg", "T.address_of(cfg[0])")])
-
-
-def _round_bf16(expr: str) -> str:
-    """uint32 bits of float32 `expr` rounded to the nearest bfloat16 (ties to even), in the upper 16 bits."""
-    u = f'T.reinterpret("uint32", {expr})'
-    return (f"T.bitwise_and({u} + T.uint32(32767) + T.bitwise_and(T.shift_right({u}, T.uint32(16)), T.uint32(1)), "
-            f"{_BF16_MASK})")
-
-
-def _bf16x32(lo: str, hi: str) -> str:
-    """TIR text of the uint16x32 bfloat16 bits of two float32x16 expressions (`lo` in lanes 0-15, `hi` in 16-31),
-    rounded to nearest even as `_round_bf16`: one AVX512-BF16 instruction (vcvtne2ps2bf16) for 32 values instead of
-    ~7 integer operations per 16 and a pack. The AMX GEMM's conversion of x: 1.1-1.7x faster (512 rows; it mostly
-    waits on memory)."""
-    return (f'T.reinterpret("uint16x32", T.call_llvm_pure_intrin("bfloat16x32", '
-            f'"llvm.x86.avx512bf16.cvtne2ps2bf16.512", {hi}, {lo}))')
-
-
-def bf16_parts(x: str, y: str = "", tiny: bool = False) -> tuple[str, str]:
-    """TIR text of the hi and lo bfloat16 parts of float32 `x` (uint16; hi = rounded, lo = the rounded remainder:
-    16 significant bits together), or with `y` of a word holding x's part in its low half and y's in its high half
-    (uint32: a VNNI pair). `tiny`: values that may be below 2^-100 (softmax weights: the attention kernels' exp2 gives
-    2^-125 for scores 125 below the max) get no lo part, whose float32 would be a denormal (a ~100-cycle microcode
-    assist per vector operation on Intel CPUs)."""
-    def lo(v: str) -> str:
-        rest = f'{v} - T.reinterpret("float32", {_round_bf16(v)})'
-        return f"T.Select({v} > T.float32(1e-30), {rest}, T.float32(0))" if tiny else rest
-    if not y:
-        return tuple(f'T.Cast("uint16", T.shift_right({_round_bf16(v)}, T.uint32(16)))' for v in (x, lo(x)))
-    return tuple(f"T.shift_right({_round_bf16(a)}, T.uint32(16)) + {_round_bf16(b)}"
-                 for a, b in ((x, y), (lo(x), lo(y))))
-
-
-def has_amx(target: tvm.target.Target) -> bool:
-    """Whether code for `target` may use AMX-BF16 tiles (and AVX512-BF16, which every AMX CPU has: the AMX GEMM
-    converts x with it)."""
-    if target.kind.name != "llvm":
-        return False
-    mattr = [str(a) for a in (target.attrs.get("mattr") or [])]
-    return str(target.attrs.get("mcpu", "")) in AMX_CPUS or all(f in mattr for f in ("+amx-bf16", "+amx-tile",
-                                                                                      "+avx512bf16"))
-
-
 def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32",
               silu: bool = False) -> str:
     """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
@@ -253,11 +191,9 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     q = [f'(T.Cast("float32", T.bitwise_and(T.shift_right(qw[{wblk}, g * 4 + k2 // 4, ct * 16 + l], '
          f'T.Cast("uint32", (k2 % 4) * 8 + {4 * j})), T.uint32(15))) - T.float32(7))' for j in (0, 1)]
     xv = lambda c: f"x[{_index(layout, row, f'T.ramp(g * 32 + {c}, 1, 16)')}]"  # noqa: E731
-    x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {_bf16x32(xv(0), xv(16))}"]
+    x_convert = [f"xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = {bf16x32(xv(0), xv(16))}"]
     yidx = _index(layout, f"mt * {tr} + mi", "blk * 64 + nn")
     res = _res_plus(residual, layout, f"mt * {tr} + mi", "blk * 64 + nn")
-    if silu:
-        from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     if f32:
         # a 32-bit word of the VNNI panel: q - 7 of k (low half) and k + 1 (high half), integers in -7..8, which
         # bfloat16 holds exactly: the upper halves of their float32 bits
@@ -265,27 +201,27 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
                      f'T.reinterpret("uint32", {q[1]})')
         # x_lo: what x_hi leaves, rounded
         x_convert = (['xl = T.alloc_buffer((32,), "float32")', "for l in T.vectorized(32):",
-                      f'    xl[l] = {xr} - T.reinterpret("float32", {_round_bf16(xr)})']
+                      f'    xl[l] = {xr} - T.reinterpret("float32", {round_bf16(xr)})']
                      + x_convert + [f"xa[mt, g, 1, mi, T.ramp(0, 1, 32)] = "
-                                    f"{_bf16x32('xl[T.ramp(0, 1, 16)]', 'xl[T.ramp(16, 1, 16)]')}"])
+                                    f"{bf16x32('xl[T.ramp(0, 1, 16)]', 'xl[T.ramp(16, 1, 16)]')}"])
         # per half h of the block (32 columns) and group: accumulator tiles 0-1, x hi/lo 4-5, weights 6-7; the
         # products stored to cg, then added times the group's scales to acc0/acc1 (tr x 16 each: vector registers)
 
         def group(first: bool, side: int) -> list[str]:
-            lines = [_amx("tilezero", f"T.int8({t})") for t in range(2)]
-            lines += [_amx("tileloadd64", f"T.int8({4 + p})", f"T.address_of(xa[mt, g, {p}, 0, 0])", "T.int64(64)")
+            lines = [intrin("tilezero", f"T.int8({t})") for t in range(2)]
+            lines += [intrin("tileloadd64", f"T.int8({4 + p})", f"T.address_of(xa[mt, g, {p}, 0, 0])", "T.int64(64)")
                       for p in range(2)]
-            lines += [_amx("tileloadd64", f"T.int8({6 + t})", f"T.address_of(wh[{side}, g, h * 2 + {t}, 0, 0])",
-                           "T.int64(64)") for t in range(2)]
-            lines += [_amx("tdpbf16ps", f"T.int8({t})", f"T.int8({4 + p})", f"T.int8({6 + t})")
+            lines += [intrin("tileloadd64", f"T.int8({6 + t})", f"T.address_of(wh[{side}, g, h * 2 + {t}, 0, 0])",
+                             "T.int64(64)") for t in range(2)]
+            lines += [intrin("tdpbf16ps", f"T.int8({t})", f"T.int8({4 + p})", f"T.int8({6 + t})")
                       for p in range(2) for t in range(2)]
-            lines += [_amx("tilestored64", f"T.int8({t})", f"T.address_of(cg[0, {16 * t}])", "T.int64(128)")
+            lines += [intrin("tilestored64", f"T.int8({t})", f"T.address_of(cg[0, {16 * t}])", "T.int64(128)")
                       for t in range(2)]
             lines += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
             qb = f"blk + T.int64({nb})" if side else "blk"
             lines += [f"        acc{t}[mi, l] = {'' if first else f'acc{t}[mi, l] + '}"
                       f"qs[{qb}, g, h * 32 + {16 * t} + l] * cg[mi, {16 * t} + l]" for t in range(2)]
-            return _indent("\n".join(lines), 1).rstrip("\n").split("\n")
+            return indent("\n".join(lines), 1).rstrip("\n").split("\n")
 
         def sums(side: int) -> list[str]:  # the first group sets acc (no zeroing pass)
             return ["for g in range(1):", *group(True, side), f"for g in range(1, {g}):", *group(False, side)]
@@ -299,7 +235,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         write = [f"for mi in T.unroll({tr}):", f"    if mt * {tr} + mi < {rows}:", "        for l in T.vectorized(16):"]
         write += [f"            y[{yidx.replace('blk * 64 + nn', c)}] = {res.replace('blk * 64 + nn', c)}{out[t]}"
                   for t, c in enumerate(cols)]
-        groups = ["for h in range(2):", *_indent("\n".join(body + write), 1).rstrip("\n").split("\n")]
+        groups = ["for h in range(2):", *indent("\n".join(body + write), 1).rstrip("\n").split("\n")]
         # acc0/acc1: two buffers of 1 KB or less, which TVM puts on the stack (a larger one goes to its workspace,
         # where LLVM cannot keep it in registers)
         scratch = "\n".join([f'cg = T.alloc_buffer(({tr}, 32), "float32")'] +
@@ -311,14 +247,14 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         w_convert = f"wh[side, g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
 
         def sums(side: int, buf: str) -> list[str]:
-            step = [_amx("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
+            step = [intrin("tileloadd64", "T.int8(4)", "T.address_of(xa[mt, g, 0, 0, 0])", "T.int64(64)")]
             for ct in range(4):  # tile ids are immediates: one statement per column tile
-                step.append(_amx("tileloadd64", "T.int8(6)", f"T.address_of(wh[{side}, g, {ct}, 0, 0])",
-                                 "T.int64(64)"))
-                step.append(_amx("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
-            return ([_amx("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
-                    + _indent("\n".join(step), 1).rstrip("\n").split("\n")
-                    + [_amx("tilestored64", f"T.int8({t})", f"T.address_of({buf}[0, {16 * t}])", "T.int64(256)")
+                step.append(intrin("tileloadd64", "T.int8(6)", f"T.address_of(wh[{side}, g, {ct}, 0, 0])",
+                                   "T.int64(64)"))
+                step.append(intrin("tdpbf16ps", f"T.int8({ct})", "T.int8(4)", "T.int8(6)"))
+            return ([intrin("tilezero", f"T.int8({t})") for t in range(4)] + [f"for g in range({g}):"]
+                    + indent("\n".join(step), 1).rstrip("\n").split("\n")
+                    + [intrin("tilestored64", f"T.int8({t})", f"T.address_of({buf}[0, {16 * t}])", "T.int64(256)")
                        for t in range(4)])
         out = f"{res}cb[mi, nn]"
         groups = sums(0, "cb")
@@ -333,13 +269,13 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
     mtiles = f"(({rows} + T.int64({tr - 1})) // T.int64({tr}))"
     cht = -(-AMX_CHUNK_ROWS // tr)
     chunks = f"(({mtiles} + T.int64({cht - 1})) // T.int64({cht}))"
-    task = _AMX_TASK.format(nb=nb, g=g, sides=sides, w_convert=_indent(w_convert, 5), cht=cht, mtiles=mtiles,
-                            groups=_indent("\n".join(groups), 1))
+    task = _AMX_TASK.format(nb=nb, g=g, sides=sides, w_convert=indent(w_convert, 5), cht=cht, mtiles=mtiles,
+                            groups=indent("\n".join(groups), 1))
     setup = _AMX_SETUP.format(tile_config=cfg, g=g, sides=sides, scratch=scratch)
-    tasks = cpu_tasks.steal_loop(f"T.int64({nb}) * {chunks}", task, setup, _amx("tilerelease"))
+    tasks = cpu_tasks.steal_loop(f"T.int64({nb}) * {chunks}", task, setup, intrin("tilerelease"))
     return _AMX.format(
-        mtiles=mtiles, g=g, parts=2 if f32 else 1, tr=tr, x_convert=_indent("\n".join(x_convert), 4),
-        tasks=_indent(tasks, 1), panel=_indent(panel, 1))
+        mtiles=mtiles, g=g, parts=2 if f32 else 1, tr=tr, x_convert=indent("\n".join(x_convert), 4),
+        tasks=indent(tasks, 1), panel=indent(panel, 1))
 
 
 _WRITE = """
@@ -371,14 +307,14 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
     col = f"blk * {BLOCK} + p * {pr} + i"
     body = _PASS.format(
         t=t, v=v, pr=pr, g=k // 32,
-        prefetch_qw=_prefetch(f"qw[blk, g * 4 + {4 * PREFETCH_GROUPS} + c // 4, (c % 4) * 16]"),
-        prefetch_qs=_prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]"), xrow=_index(layout, row, "0").rsplit(",", 1)[0],
+        prefetch_qw=prefetch(f"qw[blk, g * 4 + {4 * PREFETCH_GROUPS} + c // 4, (c % 4) * 16]"),
+        prefetch_qs=prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]"), xrow=_index(layout, row, "0").rsplit(",", 1)[0],
         xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
     )
     write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=_res_plus(residual, layout, out, col))
     if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
-        write = f"if bo * {t} + bi < {rows}:\n" + _indent(write, 1)
-    body += f"for bi in range({t}):\n" + _indent(write, 1)
+        write = f"if bo * {t} + bi < {rows}:\n" + indent(write, 1)
+    body += f"for bi in range({t}):\n" + indent(write, 1)
     head = (f"acc = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"global\")\n"
             f"part = T.alloc_buffer(({t}, {pr}), \"float32\", scope=\"global\")\n"
             f"wv = T.alloc_buffer(({pr},), \"float32\", scope=\"global\")\n"
@@ -386,7 +322,7 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
             f"xsum = T.alloc_buffer(({t}, 16), \"float32\", scope=\"global\")\n")
     loops = f"for bo in range(({rows} + T.int64({t - 1})) // T.int64({t})):\n" if t > 1 else "for bo in range(1):\n"
     loops += f"    for p in range({BLOCK // pr}):\n"
-    return head + loops + _indent(body, 2)
+    return head + loops + indent(body, 2)
 
 
 def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chunk: int = PANEL_CHUNK) -> str:
@@ -420,39 +356,38 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     def into_scratch(code: str) -> str:  # (silu) a path writing gu instead of y, then the activation
         return scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if layout == "11":
-        code = f"for blk in T.parallel(T.int64({nb})):\n" + _indent(_plan(n, k, layout, residual, *plans[0]), 1)
+        code = f"for blk in T.parallel(T.int64({nb})):\n" + indent(_plan(n, k, layout, residual, *plans[0]), 1)
         if silu:
             code = into_scratch(code)
-        return _silu_header(_source(_indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+        return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0]))]
     branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v)) for t, v in plans[1:-1]]
     code, level = "", 2
     for op, bound, nest in branches:
-        code += _indent(f"if {rows} {op} {bound}:", level) + _indent(nest, level + 1)
-        code += _indent("else:", level)
+        code += indent(f"if {rows} {op} {bound}:", level) + indent(nest, level + 1)
+        code += indent("else:", level)
         level += 1
-    code += _indent(_plan(n, k, layout, residual, *plans[-1]), level)
+    code += indent(_plan(n, k, layout, residual, *plans[-1]), level)
     small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
     if silu:
         small = into_scratch(small)
     if not panel_min:
-        return _silu_header(_source(_indent(small, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+        return _silu_header(_source(indent(small, 1), n, k, layout, residual, BLOCK), n, layout, silu)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
     panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
              f"    blk = T.bind(task % T.int64({nb}))\n    ch = T.bind(task // T.int64({nb}))\n"
-             + _indent(_panel(n, k, layout, residual), 1))
+             + indent(_panel(n, k, layout, residual), 1))
     if silu:
         panel = into_scratch(panel)
     if amx:
         panel = _amx_gemm(n, k, layout, residual, panel, precision, silu)
-    code = f"if {rows} < T.int64({panel_min}):\n" + _indent(small, 1) + "else:\n" + _indent(panel, 1)
-    return _silu_header(_source(_indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+    code = f"if {rows} < T.int64({panel_min}):\n" + indent(small, 1) + "else:\n" + indent(panel, 1)
+    return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
 
 
 def _silu_parts(n: int, layout: str) -> tuple[str, str]:
     """For the fused kernel's paths without the AMX epilogue: the gate_up scratch `gu` [rows, n] they write instead
     of y, and the loop y = silu(gate) * up over it (parallel over rows, as the `silu_mul_kernel` it replaces)."""
-    from .cpu_activation import silu_mul_expr  # here: cpu_activation -> cpu_attention imports this module
     _, xs, rows = _shapes(layout)
     half = n // 2
     at = lambda col: _index(layout, "r", col)  # noqa: E731
@@ -475,7 +410,7 @@ def _silu_header(src: str, n: int, layout: str, silu: bool) -> str:
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
                    panel_min: int = PANEL_MIN, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
-    return _parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision))
+    return parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision))
 
 
 def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
@@ -485,7 +420,7 @@ def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision:
     written or read again (at 512 rows the plain kernel spends ~1/4 of its time writing it, and the activation
     kernel reads it back). Below PANEL_MIN rows, without AMX, or where Linux refuses the AMX state: the blocked
     kernel's paths into a scratch, then the activation."""
-    return _parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True))
+    return parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True))
 
 
 def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False,

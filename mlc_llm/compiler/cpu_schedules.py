@@ -22,6 +22,7 @@ import tvm
 from tvm.s_tir import Schedule
 
 from . import cpu_gemv, cpu_q4_blocked
+from .cpu.amx import has_amx
 from .cpu_kernels import SILU_KERNEL  # the activation kernel swapped in for silu(gate) * up
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
     if prefill_precision not in cpu_q4_blocked.PRECISIONS:
         raise ValueError(f"unknown prefill precision '{prefill_precision}' "
                          f"(allowed: {', '.join(cpu_q4_blocked.PRECISIONS)})")
-    amx = cpu_q4_blocked.has_amx(target)
+    amx = has_amx(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
     def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -1,14 +1,11 @@
 """Parallel loops with work stealing instead of TVM's static split.
 
-TVM's thread pool runs a `T.parallel(n)` loop as one contiguous range of iterations per thread, fixed in advance.
-On a shared machine the threads of one kernel often do not run at the same speed (sampled 512-token prefills on the
-2-core VM: in one run the pool's worker spent 10-24 % more time than the main thread in every kernel; 8-10 % of all
-samples were a thread idling at the end of a kernel), and a kernel lasts as long as its slowest thread. `steal_loop` gives every task a flag:
-a thread runs its own static range first, claiming each task with an atomic fetch-and-add, then takes the tasks
-still unclaimed in the other ranges, from their far end. A task's code and results do not depend on the thread that
-runs it: outputs are bit-identical to the static split. (Handing out all tasks in order from one shared counter
-was slower, 0.89-0.96x on a 512-token prefill: each thread then reads what the other wrote in the previous kernel,
-x's rows of its half, from the other core's caches.)
+TVM's thread pool runs a `T.parallel(n)` loop as one contiguous range of iterations per thread, fixed in advance; on
+a shared machine threads do not run at the same speed, and a kernel lasts as long as its slowest thread.
+`steal_loop` gives every task a flag: a thread runs its own static range first, claiming each task with an atomic
+fetch-and-add, then takes the tasks still unclaimed in the other ranges, from their far end (the far end: each thread
+keeps reading the rows it read in the previous kernel, from its own caches). A task's code and results do not depend
+on the thread that runs it: outputs are bit-identical to the static split.
 
 TVM 0.27's LLVM backend has no atomic builtin for CPUs (`tirx.atomic_add`: "CPU backend does not support atomic add
 yet"), so the fetch-and-add and the atomic load are LLVM IR functions imported with TVM's `pragma_import_llvm`
@@ -18,7 +15,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .cpu_gemv import _indent
+from .text import indent
 
 FETCH_ADD = "mlc_atomic_fetch_add_i32"
 LOAD = "mlc_atomic_load_i32"
@@ -62,7 +59,7 @@ def steal_loop(ntasks: str, body: str, setup: str = "", teardown: str = "", task
              f"elif {_load(f'{flags}[{q0}]')} == 0:\n"
              f"    {q}[2] = T.Cast(\"{dtype}\", {_fetch_add(f'{flags}[{q0}]')} == 0)\n"
              f"else:\n    {q}[2] = {zero}\n")
-    step = (f"if {q}[2] == {one}:\n" + _indent(f"{task} = T.bind({q0})\n" + body.strip("\n"), 1) + "\n"
+    step = (f"if {q}[2] == {one}:\n" + indent(f"{task} = T.bind({q0})\n" + body.strip("\n"), 1) + "\n"
             f"if {q1} == {zero} and {q}[2] == {one} and {q0} + {one} < {n}:\n"
             f"    {q}[0] = {q0} + {one}\n"
             f"elif {q1} == {zero}:\n"
@@ -71,7 +68,7 @@ def steal_loop(ntasks: str, body: str, setup: str = "", teardown: str = "", task
             f"else:\n    {q}[0] = {q0} - {one}\n")
     loop = (f"{q}[0] = {it}\n{q}[1] = {zero}\n"
             f"while {q}[0] >= {zero}:\n"
-            f"    {q0} = T.bind({q}[0])\n    {q1} = T.bind({q}[1])\n" + _indent(claim + step, 1)
+            f"    {q0} = T.bind({q}[0])\n    {q1} = T.bind({q}[1])\n" + indent(claim + step, 1)
             + f"T.evaluate({_fetch_add(f'{done}[0]')})\n")
     inner = (setup.strip("\n") + "\n" if setup.strip() else "") + loop
     if teardown.strip():
@@ -84,7 +81,7 @@ def steal_loop(ntasks: str, body: str, setup: str = "", teardown: str = "", task
             f'with T.attr(0, "pragma_import_llvm", {_IR!r}):\n'
             f"    for {it} in T.parallel({n}):\n"
             f'        {q} = T.alloc_buffer((3,), "{dtype}", scope="global")\n'
-            f"        if {_load(f'{done}[0]')} == 0:\n" + _indent(inner, 3))
+            f"        if {_load(f'{done}[0]')} == 0:\n" + indent(inner, 3))
 
 
 def steal_parallel(text: str, var: str = "task", name: str = "", dtype: str = "int64", capacity: str = "") -> str:
@@ -105,5 +102,5 @@ def steal_parallel(text: str, var: str = "task", name: str = "", dtype: str = "i
             end += 1
         body = textwrap.dedent("\n".join(lines[i + 1:end]))
         loop = steal_loop(ntasks, body, task=var, name=name + (str(k) if k else ""), dtype=dtype, capacity=capacity)
-        lines = lines[:i] + _indent(loop, pad // 4).rstrip("\n").split("\n") + lines[end:]
+        lines = lines[:i] + indent(loop, pad // 4).rstrip("\n").split("\n") + lines[end:]
     return "\n".join(lines)

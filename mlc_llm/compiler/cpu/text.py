@@ -1,0 +1,33 @@
+"""Kernels written as TVMScript text, and the conventions that text follows.
+
+Text is used where a kernel needs what a `@T.prim_func` cannot take as a parameter: intrinsic calls whose arguments
+must be constant immediates (AMX tile numbers, prefetch hints), and loop nests whose shape (tiles, unrolled
+reductions) is chosen in Python per call.
+"""
+from __future__ import annotations
+
+import tvm
+
+
+def parse(src: str) -> tvm.tirx.PrimFunc:
+    """TVMScript text -> PrimFunc. Conventions of every kernel text, for what TVM 0.27 lowers them to
+    (tests/test_cpu_codegen.py checks them):
+    - a scalar or vector bound once is written `x = T.bind(expr)` (a Let). A plain `x = expr` declares a mutable
+      local, which becomes a TVMBackendAllocWorkspace / FreeWorkspace pair where it is declared: per parallel task,
+      per 64-row block, per KV page;
+    - per-task scratch buffers are `scope="global"` allocations inside the parallel loop: under 1 KB LLVM gets a stack
+      slot in the task's function (private to the thread, often promoted to registers); `scope="local"` ones go
+      through the workspace pool at any size. Larger buffers take the pool either way."""
+    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
+
+
+def indent(text: str, level: int) -> str:
+    """`text` (TVMScript lines) indented by `level` levels."""
+    return "".join(" " * (4 * level) + line + "\n" for line in text.strip("\n").split("\n"))
+
+
+def prefetch(element: str) -> str:
+    """TIR text: prefetch the cache line of `element` (a buffer element, e.g. `qw[i, j]`) into all cache levels.
+    A hint: an address past the end of the buffer does not fault."""
+    return (f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({element}), T.int32(0), '
+            'T.int32(3), T.int32(1)))')
