@@ -191,8 +191,8 @@ def cmd_serve(a) -> None:
     if a.backend == "ray":
         try:
             from .serve.ray_serve import serve_ray
-        except ImportError as e:
-            raise ImportError(f"--backend ray needs Ray Serve ({e}): pip install -e '.[ray]'") from None
+        except ImportError as e:  # one line, not a traceback: the extra is not installed
+            raise ValueError(f"--backend ray needs Ray Serve ({e}): pip install -e '.[ray]'") from None
         serve_ray(a.model, a.model_lib, a.device, a.mode, a.overrides, a.host, a.port, settings,
                   served_model_name=a.served_model_name, replicas=a.replicas, ray_address=a.ray_address,
                   log_level=a.log_level)

@@ -453,7 +453,14 @@ def serve_ray(model: str, model_lib: Optional[str], device: str, mode: str, over
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if ray_address:
-            ray.init(address=ray_address, logging_level=logging.WARNING)
+            try:
+                ray.init(address=ray_address, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError) as e:
+                raise ValueError(
+                    f"--ray-address {ray_address}: cannot join the Ray cluster ({str(e).splitlines()[0][:200]}). "
+                    "A cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its token "
+                    "(~/.ray/auth_token or RAY_AUTH_TOKEN) when its address is given; `--ray-address auto` finds a "
+                    "local cluster's token itself") from None
         else:
             # a cluster whose processes were killed with ours (SIGTERM to the group) must not hold the exit 60 s
             ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
