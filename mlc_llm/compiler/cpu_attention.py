@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Callable
 
 import tvm
+from tvm.script import tirx as T
 
 from .cpu import tasks as cpu_tasks
 from .cpu.amx import AMX_REQUEST, bf16_parts, intrin, tile_config
@@ -613,64 +614,59 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
 # for 128 prompt tokens, per layer. Here the rotary_dim / 2 powers theta^(2i / rotary_dim) are evaluated once per call,
 # tokens run in parallel, and each token's angles are evaluated once (the same f32 formula: pos * scale / power), then
 # applied to every q and k head.
-_ROPE = """
-@T.prim_func(s_tir=True)
-def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle,
-         apply_rope: T.int64):
-    T.func_attr({{"op_pattern": 8, "tirx.noalias": True}})
-    seq_len = T.int32()
-    position_map_elem_offset = T.int32()
-    qkv = T.match_buffer(var_qkv, (seq_len, {fused}, {d}), "{dtype}")
-    q = T.match_buffer(var_q, (seq_len, {hq}, {d}), "{dtype}")
-    k = T.match_buffer(var_k, (seq_len, {hkv}, {d}), "{dtype}")
-    v = T.match_buffer(var_v, (seq_len, {hkv}, {d}), "{dtype}")
-    position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
-    freq = T.alloc_buffer(({half},), "float32", scope="global")
-    for i in range({half}):
-        freq[i] = T.pow(T.float32({theta}), T.Cast("float32", i * 2) / T.float32({rot}))
-    for s in T.parallel(seq_len):
-        cs = T.alloc_buffer((2, {half}), "float32", scope="global")
-        for i in range({half}):
-            cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32({scale}) / freq[i])
-            cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32({scale}) / freq[i])
-        for h in range({hq} + {hkv}):
-            if apply_rope > 0:
-                for i in T.vectorized({half}):
-{store_lo}
-{store_hi}
-{rest}            else:
-                for i in T.vectorized({d}):
-{store_copy}
-        for h in range({hkv}):
-            for i in T.vectorized({d}):
-                v[s, h, i] = qkv[s, {hq} + {hkv} + h, i]
-"""
-
-
 def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, theta: float, scale: float = 1.0,
                 rotary_dim: int | None = None) -> tvm.tirx.PrimFunc:
-    """Same parameters and results as TVM's `llama_rope_with_position_map` for the default RoPE."""
+    """Same parameters and results as TVM's `llama_rope_with_position_map` for the default RoPE: q, k rotated (the
+    first `rotary_dim` dims; the rest copied) and v copied out of the fused qkv; a task per token."""
+    hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     rot = rotary_dim or head_dim
     half = rot // 2
+    theta, scale = float(theta), float(scale)
 
-    def x(col: str) -> str:
-        return f'T.Cast("float32", qkv[s, h, {col}])'
+    @T.macro
+    def store(q, k, s, h, col, value):  # q for heads < hq, else k
+        if h < hq:
+            q[s, h, col] = T.Cast(dtype, value)
+        else:
+            k[s, h - hq, col] = T.Cast(dtype, value)
 
-    def store(col: str, value: str) -> str:  # q for heads < hq, else k
-        return (f'if h < {num_q_heads}:\n    q[s, h, {col}] = T.Cast("{dtype}", {value})\n'
-                f'else:\n    k[s, h - {num_q_heads}, {col}] = T.Cast("{dtype}", {value})')
+    @T.prim_func(s_tir=True)
+    def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle,
+             apply_rope: T.int64):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        seq_len = T.int32()
+        position_map_elem_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, hq + 2 * hkv, d), dtype)
+        q = T.match_buffer(var_q, (seq_len, hq, d), dtype)
+        k = T.match_buffer(var_k, (seq_len, hkv, d), dtype)
+        v = T.match_buffer(var_v, (seq_len, hkv, d), dtype)
+        position_map = T.match_buffer(var_position_map, (seq_len,), "int32", elem_offset=position_map_elem_offset)
+        freq = T.alloc_buffer((half,), "float32", scope="global")
+        for i in range(half):
+            freq[i] = T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(rot))
+        for s in T.parallel(seq_len):
+            cs = T.alloc_buffer((2, half), "float32", scope="global")
+            for i in range(half):
+                cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
+                cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
+            for h in range(hq + hkv):
+                if apply_rope > 0:
+                    for i in T.vectorized(half):
+                        store(q, k, s, h, i, cs[0, i] * T.Cast("float32", qkv[s, h, i]) +
+                              cs[1, i] * -T.Cast("float32", qkv[s, h, i + half]))
+                        store(q, k, s, h, i + half, cs[0, i] * T.Cast("float32", qkv[s, h, i + half]) +
+                              cs[1, i] * T.Cast("float32", qkv[s, h, i]))
+                    if rot < d:  # dims past rotary_dim are copied (a Python condition: decided when built)
+                        for i in T.vectorized(d - rot):
+                            store(q, k, s, h, i + rot, T.Cast("float32", qkv[s, h, i + rot]))
+                else:
+                    for i in T.vectorized(d):
+                        store(q, k, s, h, i, T.Cast("float32", qkv[s, h, i]))
+            for h in range(hkv):
+                for i in T.vectorized(d):
+                    v[s, h, i] = qkv[s, hq + hkv + h, i]
 
-    lo = store("i", f"cs[0, i] * {x('i')} + cs[1, i] * -{x(f'i + {half}')}")
-    hi = store(f"i + {half}", f"cs[0, i] * {x(f'i + {half}')} + cs[1, i] * {x('i')}")
-    rest = ""
-    if rot < head_dim:  # dims past rotary_dim are copied
-        rest = indent(f"for i in T.vectorized({head_dim - rot}):\n" + indent(store(f"i + {rot}", x(f"i + {rot}")), 1),
-                      4)
-    src = _ROPE.format(fused=num_q_heads + 2 * num_kv_heads, hq=num_q_heads, hkv=num_kv_heads, d=head_dim,
-                       dtype=dtype, half=half, rot=rot, theta=repr(float(theta)), scale=repr(float(scale)),
-                       store_lo=indent(lo, 5), store_hi=indent(hi, 5), rest=rest,
-                       store_copy=indent(store("i", x("i")), 5))
-    return parse(src)
+    return main
 
 
 KERNELS = {"tir_attention_decode_cpu": decode_kernel, "tir_attention_prefill_ragged_cpu": ragged_prefill_kernel,
