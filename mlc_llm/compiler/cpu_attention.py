@@ -4,8 +4,7 @@ sequences already hold (`tir_attention_prefill_cpu`: the second and later chunks
 prefill_chunk_size), and RoPE + q/k/v split (`tir_split_rotary`).
 
 TVM's CPU decode kernel is serial over sequences, heads and KV rows, with scalar loops over head_dim and three `exp2`
-library calls per row and head: 3.4 ms of a 13-20 ms SmolLM2 decode step at context 128, and it grows with the
-context. This kernel
+library calls per row and head, and its cost grows with the context. This kernel
 - runs (sequence, KV head) pairs in parallel; the query heads that share a KV head (GQA) are done together, so each
   K/V row is read once for all of them;
 - works a page (16 rows) at a time: scores of the page (dot products vectorized over head_dim; each K row read once
@@ -19,12 +18,10 @@ It assumes RoPE is applied before the cache (`RopeMode.NORMAL`, what our models 
 `rotary_mode == 1` branch is not implemented) and no sliding window (the sliding-window kernel stays stock).
 The ragged prefill kernel works tiles of 16 query tokens x one KV head with one query token per vector lane: scores
 are FMAs of a query vector and a broadcast K element, the online softmax is vertical (no horizontal sums), and the
-output accumulates in 8 independent FMA chains: 1.5x the tiled kernel it replaced and ~25x TVM's at 512 tokens
-(bench/attention.py); on CPUs with AMX-BF16 it runs on tiles instead (`_PREFILL_AMX`: operands in two bfloat16
-parts, ~1.4x the vector kernel at 512 tokens, outputs within ~2e-5 of float64). The paged prefill kernel is the
-same code with each 16-row chunk a KV page: TVM's is serial and scalar and walks every row of the cache's page
-capacity for each query token and head (100 new tokens after 1,000 tokens of history: 2.2 s of a SmolLM2 prefill,
-0.14 s with ours). `cpu_kernels.replace_attention` swaps them into the module being built, under the stock
+output accumulates in 8 independent FMA chains; on CPUs with AMX-BF16 it runs on tiles instead (`_PREFILL_AMX`:
+operands in two bfloat16 parts, outputs within ~2e-5 of float64). The paged prefill kernel is the same code with each
+16-row chunk a KV page: TVM's is serial and scalar and walks every row of the cache's page capacity for each query
+token and head. Measurements: docs/BENCHMARKS.md ("Measurements that were comments"). `cpu_kernels.replace_attention` swaps them into the module being built, under the stock
 functions' names and symbols.
 """
 from __future__ import annotations
@@ -405,8 +402,7 @@ _PREFILL_AMX = """
 # KV rows per chunk of the AMX kernel: one tile product's K for the output (32 rows of P^T)
 AMX_CHUNK = 32
 # The AMX kernel runs from this many new KV rows per sequence (on average over the batch): below, its conversions
-# and half-masked 32-row chunks cost more than it saves (bench/attention.py, one sequence: 0.8x the vector kernel at
-# 64 tokens, ~1.0x at 128, 1.1x at 192, 1.4-1.5x at 512).
+# and half-masked 32-row chunks cost more than it saves (bench/attention.py).
 AMX_MIN_ROWS = 192
 
 # Query tokens per task of the ragged prefill kernel: one per lane of a float32 vector.
@@ -415,9 +411,9 @@ QTILE = 16
 
 def _score(d: int, k_row: str) -> str:
     """s[g, r] = q[g] . k_row as TIR text (`dd` in k_row is the head_dim index). With d % 16 == 0: 16-lane products
-    summed in a register, then halved 16 -> 8 -> 4 -> 2 -> 1 (vectorlow/vectorhigh: 4 extract + add steps). The
-    earlier form, 64 products in a local buffer summed as a scalar tree, cost 3x more: the halves were reloaded from
-    memory just after a full-vector store (failed store forwarding). Otherwise a balanced scalar tree."""
+    summed in a register, then halved 16 -> 8 -> 4 -> 2 -> 1 (vectorlow/vectorhigh: 4 extract + add steps; summing
+    through a buffer reloads halves just after a full-vector store, which fails store forwarding). Otherwise a
+    balanced scalar tree."""
     if d % 16 == 0:
         ramp = lambda c: f"T.ramp({16 * c}, 1, 16)"  # noqa: E731
         prods = [f"q[g, {ramp(c)}] * T.Cast(\"float32x16\", {k_row.replace('dd', ramp(c))})" for c in range(d // 16)]

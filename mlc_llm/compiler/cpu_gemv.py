@@ -6,10 +6,8 @@ DRAM) is what limits it. The kernel written here decodes 16 weights of one outpu
 K chunk and does the FMAs of a tile of 4 (2-4 rows) or 8 (more rows) rows of x with it, so the decode is shared by the
 tile. Rows of the last tile are clamped on read (`min(r, R-1)`) and skipped on write, so any row count works with a
 static register tile. One row (batch-1 decode, or the last-token lm_head of prefill) takes a branch *inside* the
-parallel loop with the rfactor kernel's loop structure (a branch around two parallel nests was measured 4x slower in
-TVM 0.27). Each parallel task covers 4 blocks of 8 output rows, so its accumulators are allocated once per 32 rows
-(TVM takes them from the workspace pool; one allocation per 8-row block made the batch-1 kernel 1.1-1.3x slower than
-the rfactor one, now 1.0-1.09x faster).
+parallel loop with the rfactor kernel's loop structure (a branch around two parallel nests was slower in TVM 0.27).
+Each parallel task covers 4 blocks of 8 output rows, so its accumulators are allocated once per 32 rows.
 
 The kernel is written as TVMScript text from the shapes of the stock kernel it replaces, and it only replaces a kernel
 that is structurally equal (`tvm_ffi.structural_equal`, attributes aside) to the stock dequantize + NT_matmul [+ residual add] of the same

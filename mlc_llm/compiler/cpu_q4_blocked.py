@@ -13,9 +13,8 @@ same numbers (same quantize formula, same scales) as `q_weight uint32[N/64, K/8,
   vector loaded contiguously.
 With several rows of x (batched decode, short prefill) one decoded weight vector feeds a tile of 4 rows, as in
 `cpu_gemv.py`: clamped rows on read, skipped on write. From PANEL_MIN rows (prefill) a task dequantizes its block once
-into a float32 panel and runs a 6 x 64 register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts): 1.15-1.6x
-faster than the 4-row tiles at 128-512 rows, ~70 % of one core's FMA peak; on CPUs with AMX-BF16 those rows run on tiles
-instead (`_AMX`, x in two bfloat16 parts times the integer weights, scaled per group).
+into a float32 panel and runs a 6 x 64 register-tiled GEMM on it (24 FMAs per 4 panel loads and 6 broadcasts); on CPUs
+with AMX-BF16 those rows run on tiles instead (`_AMX`, x in two bfloat16 parts times the integer weights, scaled per group).
 
 The kernels are TVMScript text, and replace only kernels structurally equal to the stock dequantize + NT_matmul
 [+ residual add] of the blocked layout (`cpu_gemv.replace_stock` with block 64; the NK kernels use it with block 0).
@@ -36,13 +35,11 @@ from .cpu_gemv import _index, _shapes, _source
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
-# registers. Measured with bench/gemv_batched.py: tiles of 8 rows (x 1 or 2 vectors) or 6 (x 2) were 1.1-2x slower
-# than 4 x 4 at 8 and 128 rows.
+# registers (4 x 4 beat the other tilings tried: bench/gemv_batched.py).
 PLANS = ((1, 4), (4, 4))
 
 # Groups of 32 K-values prefetched ahead (1 KB of words + 256 B of scales each): the hardware prefetcher stops at
-# 4 KB pages. Measured on the whole-model chain of decode GEMVs (30 layers + lm_head, weights streamed from memory):
-# 3.9-5.5 ms without, 3.6-4.1 ms with 2-8 groups ahead.
+# 4 KB pages.
 PREFETCH_GROUPS = 4
 
 # Prefill (R >= PANEL_MIN rows): a task dequantizes its 64-row block once into a float32 panel [K, 64] and runs a
@@ -59,25 +56,18 @@ PANEL_CHUNK = 48
 # two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits), times the integer weights in
 # two products x_hi.q + x_lo.q on freshly zeroed accumulator tiles, stored, and added to the float32 output sums times
 # the group's scales (vector FMAs). Error: x's rounding past 16 bits (2^-17 relative) and float32 sums, against float32
-# FMAs' 2^-24 per operation. (The first AMX kernel split the dequantized weights too, x_hi.w_hi + x_lo.w_hi +
-# x_hi.w_lo, with no per-group step: three products instead of two, a hi and a lo weight panel, and twice the error;
-# the integer-weight one was 1.2-1.75x faster on the three layer shapes at 512 rows: a probe, in docs/BENCHMARKS.md.)
+# FMAs' 2^-24 per operation (splitting the dequantized weights as well takes three products and doubles the error).
 # A prelude converts x once ([row tile, group, hi/lo, AMX_TILE_ROWS, 32]); tasks are (chunk of ~AMX_CHUNK_ROWS rows,
-# 64-row block), run with work stealing (cpu_tasks.steal_loop; chunks of 128 rows: 0.95x at 512 rows, each block's
-# weights unpacked twice as often): the block's integer weights are unpacked into a VNNI panel (two bf16 of
+# 64-row block), run with work stealing (cpu_tasks.steal_loop): the block's integer weights are unpacked into a VNNI panel (two bf16 of
 # consecutive k per 32-bit word), then for each tile of AMX_TILE_ROWS rows and each half of the block (32 columns),
 # group by group: 2 accumulator tiles (tile registers 0-1; x hi/lo in 4-5, weights in 6-7), stored to a scratch
-# buffer and added times the scales to the 14 x 32 output sums, which stay in 28 vector registers across the groups.
-# (Tiles of 16 rows x 64 columns, as before, need 64 registers of sums: they lived in a 4 KB buffer that every group
-# loaded and stored again, and the 14-row kernel is 1.02-1.16x faster, median ~1.06, on the three layer shapes at 512
-# rows, 1.05x on a whole 512-token prefill; the sums are added in the same order, so results are bit-identical.
-# Measured and dropped: two accumulator-tile sets alternating between groups, 0.91-0.96x; 16 columns per pass with
-# double-buffered operand tiles, 1.01-1.03x.) Linux hands out AMX state only on request (arch_prctl
+# buffer and added times the scales to the 14 x 32 output sums, which stay in 28 vector registers across the groups
+# (16 x 64 tiles would need 64 registers of sums, spilled to memory every group). Linux hands out AMX state only on request (arch_prctl
 # ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32
 # panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
-# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: 1.8-2x
-# faster kernels, ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
+# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: faster,
+# ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
 PRECISIONS = ("f32", "bf16")
 AMX_CHUNK_ROWS = 256  # rows of x per task: ceil(256 / tile rows) tiles
 AMX_TILE_ROWS = 14  # rows per tile of the f32 kernel (the bf16 one: 16)
@@ -342,7 +332,7 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
-    (task = chunk * blocks + block) the decode paths were 2-8 % slower (bench/gemv_batched.py, B=1 and 8).
+    (task = chunk * blocks + block) the decode paths were slower (bench/gemv_batched.py).
     `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
     `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback. `silu`: see
     `fused_silu_kernel`."""
