@@ -56,9 +56,9 @@ class MetricsHub:
         self.reports[replica] = report
         return self.reset_generation
 
-    def get(self) -> tuple[dict[str, dict[str, Any]], int]:
+    def get(self) -> dict[str, dict[str, Any]]:
         now = time.time()
-        return {k: v for k, v in self.reports.items() if now - v["time"] < STALE_AFTER_S}, self.reset_generation
+        return {k: v for k, v in self.reports.items() if now - v["time"] < STALE_AFTER_S}
 
     def request_reset(self) -> int:
         self.reset_generation += 1
@@ -278,15 +278,14 @@ class RemoteEngine:
         self.completions = _Endpoint(self, "completion")
         self.embeddings = _Endpoint(self, "embedding")
         self._reports: dict[str, dict[str, Any]] = {}
-        self._generation = 0
         self._refresh()
 
     # -- replica reports
     def _refresh(self) -> None:
-        self._reports, self._generation = ray.get(self._hub.get.remote())
+        self._reports = ray.get(self._hub.get.remote())
 
     async def _refresh_async(self) -> None:
-        self._reports, self._generation = await self._hub.get.remote()
+        self._reports = await self._hub.get.remote()
 
     @property
     def config(self) -> SimpleNamespace:
