@@ -21,8 +21,8 @@ are FMAs of a query vector and a broadcast K element, the online softmax is vert
 output accumulates in 8 independent FMA chains; on CPUs with AMX-BF16 it runs on tiles instead (`_PREFILL_AMX`:
 operands in two bfloat16 parts, outputs within ~2e-5 of float64). The paged prefill kernel is the same code with each
 16-row chunk a KV page: TVM's is serial and scalar and walks every row of the cache's page capacity for each query
-token and head. Measurements: docs/BENCHMARKS.md ("Measurements that were comments"). `cpu_kernels.replace_attention` swaps them into the module being built, under the stock
-functions' names and symbols.
+token and head. Measurements: docs/BENCHMARKS.md ("Measurements that were comments"). `cpu_kernels.replace_attention`
+swaps them into the module being built, under the stock functions' names and symbols.
 """
 from __future__ import annotations
 
