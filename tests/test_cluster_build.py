@@ -80,10 +80,8 @@ def test_build_all_list_from_the_command_line(tmp_path):
     assert r.returncode != 0 and "build_all names unknown deployments ['nope']" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("profile", ["slurm", "kubernetes"])
+@pytest.mark.parametrize("profile", [pytest.param(p, marks=needs_plugin(p)) for p in ("slurm", "kubernetes")])
 def test_cluster_profiles_dry_run(tmp_path, profile):
-    if importlib.util.find_spec(f"snakemake_executor_plugin_{profile}") is None:
-        pytest.skip(f"snakemake-executor-plugin-{profile} not installed (pip install -e '.[cluster]')")
     wd = workdir(tmp_path)
     r = snakemake(wd, "build_all", "--profile", str(REPO / "profiles" / profile), "--dry-run", timeout=300)
     out = r.stdout + r.stderr

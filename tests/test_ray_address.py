@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ def _cluster_apps(address: str, auth: dict[str, str]) -> tuple[list[str], float]
 
 
 def test_join_an_existing_cluster_and_leave_it_running(smollm_q4, tmp_path):
-    if not Path(RAY).exists() or shutil.which("ray", path=str(Path(RAY).parent)) is None:
+    if not Path(RAY).exists():
         pytest.skip("the `ray` command is not installed beside this Python")
     from ray._private.services import get_node_ip_address
 

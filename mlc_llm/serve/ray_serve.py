@@ -28,12 +28,14 @@ from typing import Any, AsyncIterator, Optional
 
 import ray
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from . import protocol as P
 from .request import RequestTimeout
-from .server import Overloaded, ReplicaUnavailable, ServerSettings, create_app
+from .server import Overloaded, ReplicaUnavailable, ServerSettings, create_app, prepare_process
 
 logger = logging.getLogger("mlc_llm.serve")
 
@@ -107,8 +109,7 @@ class EngineReplica:
                                               overrides=overrides)
         self.engine.request_timeout = request_timeout
         self.metrics = Metrics(served_name, replica=self.replica)
-        self.metrics.engine = self.engine
-        self.engine.core.observers.append(self.metrics.observe)
+        self.metrics.watch(self.engine)
         self.requests = 0
         self.hub = _hub(app_name)
         self.reset_applied: Optional[int] = None  # the generation at start counts as applied: the cache is empty
@@ -139,10 +140,8 @@ class EngineReplica:
             self.reset_applied = generation
             await self._report()
 
-    def info(self) -> dict[str, Any]:
-        return {"replica": self.replica, "pid": os.getpid(),
-                "max_num_sequence": self.engine.config.max_num_sequence,
-                "max_single_sequence_length": self.engine.config.max_single_sequence_length}
+    def max_single_sequence_length(self) -> int:
+        return self.engine.config.max_single_sequence_length
 
     async def generate(self, kind: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         self.requests += 1
@@ -270,9 +269,9 @@ class _Endpoint:
 class RemoteEngine:
     """What create_app needs of an engine, over the replicas: the OpenAI endpoints, config bounds, queue gauges."""
 
-    def __init__(self, handle, hub, info: dict[str, Any]):
+    def __init__(self, handle, hub, max_single_sequence_length: int):
         self._handle, self._hub = handle, hub
-        self._info = info
+        self._max_single_sequence_length = max_single_sequence_length
         self.request_timeout: Optional[float] = None  # applied by the replicas (given at their start)
         self.chat = SimpleNamespace(completions=_Endpoint(self, "chat"))
         self.completions = _Endpoint(self, "completion")
@@ -289,9 +288,10 @@ class RemoteEngine:
 
     @property
     def config(self) -> SimpleNamespace:
-        per_replica = self._info["max_num_sequence"]
-        return SimpleNamespace(max_num_sequence=per_replica * max(1, len(self._reports)),
-                               max_single_sequence_length=self._info["max_single_sequence_length"])
+        """The bounds create_app reads: sequence slots of the live replicas together (the 429 queue limit is 8 per
+        slot), and the longest request."""
+        return SimpleNamespace(max_num_sequence=max(1, sum(r["max_num_sequence"] for r in self._reports.values())),
+                               max_single_sequence_length=self._max_single_sequence_length)
 
     def metrics(self) -> dict[str, Any]:
         return {"num_waiting": sum(r["num_waiting"] for r in self._reports.values()),
@@ -345,9 +345,6 @@ class RemoteEngine:
 
     # -- requests
     async def _run(self, kind: str, body: dict[str, Any]):
-        from ray.exceptions import ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError
-
         for attempt in range(RETRIES):
             gen = self._handle.options(stream=True).generate.remote(kind, body)
             try:
@@ -376,8 +373,6 @@ class RemoteEngine:
 
     @staticmethod
     async def _relay(gen) -> AsyncIterator[_Dumped]:
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
         finished = False
         try:
             async for item in gen:
@@ -402,8 +397,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         def load() -> RemoteEngine:  # called in a thread of create_app's
-            info = self._handle.info.remote().result(timeout_s=600)
-            engine = RemoteEngine(self._handle, self._hub, info)
+            longest = self._handle.max_single_sequence_length.remote().result(timeout_s=600)
+            engine = RemoteEngine(self._handle, self._hub, longest)
             threading.Thread(target=engine.refresh_forever, name="mlc-replica-reports", daemon=True).start()
             return engine
 
@@ -435,15 +430,10 @@ def serve_ray(model: str, model_lib: Optional[str], device: str, mode: str, over
               port: int, settings: ServerSettings, served_model_name: Optional[str] = None, replicas: int = 1,
               ray_address: Optional[str] = None, log_level: str = "info") -> None:
     """Start (or join, with `ray_address`) a Ray cluster, run the app until SIGINT / SIGTERM, then remove it."""
-    from .server import LOOPBACK_HOSTS
-
     name = served_model_name or model
-    if settings.allowed_hosts is None and host in LOOPBACK_HOSTS:
-        settings.allowed_hosts = list(LOOPBACK_HOSTS)  # a local server answers only to local names
+    prepare_process(settings, host, log_level)
     cpus = os.cpu_count() or 1
     threads = int(os.environ.get("TVM_NUM_THREADS") or 0) or max(1, cpus // replicas)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(levelname)s:     %(name)s: %(message)s")
     if not ray_address and replicas * threads > cpus:
         raise ValueError(f"{replicas} replicas x {threads} threads need {replicas * threads} CPUs; this machine has "
                          f"{cpus}: lower --replicas or TVM_NUM_THREADS (device.num_threads)")
@@ -457,7 +447,7 @@ def serve_ray(model: str, model_lib: Optional[str], device: str, mode: str, over
             except (ConnectionError, RuntimeError) as e:
                 raise ValueError(
                     f"--ray-address {ray_address}: cannot join the Ray cluster ({str(e).splitlines()[0][:200]}). "
-                    "A cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token and its token "
+                    "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
                     "(~/.ray/auth_token or RAY_AUTH_TOKEN) when its address is given; `--ray-address auto` finds a "
                     "local cluster's token itself") from None
         else:

@@ -238,6 +238,11 @@ class Metrics:
             self.tpot.labels(*v).observe(extra["tpot_s"])
         self.e2e.labels(*v).observe(extra["end_to_end_latency_s"])
 
+    def watch(self, engine) -> None:
+        """Gauges read from `engine` on scrape; counters and histograms fed at each of its requests' end."""
+        self.engine = engine
+        engine.core.observers.append(self.observe)
+
     def serve_replicas(self, collector) -> None:
         """The engine runs in replicas (`--backend ray`): their series (collected by `collector`) replace this
         process's engine-side ones; the error counter stays here, where the HTTP answers are made."""
@@ -323,8 +328,7 @@ def create_app(load_engine: Callable[[], Any], model_name: str, settings: Option
         if hasattr(engine, "attach_metrics"):  # engine replicas (ray_serve.RemoteEngine) observe themselves
             engine.attach_metrics(state.metrics)
         else:
-            engine.core.observers.append(state.metrics.observe)
-            state.metrics.engine = engine
+            state.metrics.watch(engine)
         state.engine = engine
         logger.info("model %s ready", model_name)
 
@@ -574,6 +578,14 @@ def _header_timeout_protocol(timeout: float):
 
 
 # ---- process entry (mlc_llm serve) --------------------------------------------------------------------------------
+def prepare_process(settings: ServerSettings, host: str, log_level: str) -> None:
+    """What every server process (`serve`, `ray_serve.serve_ray`) sets up before it listens on `host`."""
+    if settings.allowed_hosts is None and host in LOOPBACK_HOSTS:
+        settings.allowed_hosts = list(LOOPBACK_HOSTS)  # a local server answers only to local names
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(levelname)s:     %(name)s: %(message)s")
+
+
 def serve(model: str, model_lib: Optional[str], device: str, mode: str, overrides: Optional[str], host: str,
           port: int, settings: ServerSettings, served_model_name: Optional[str] = None,
           log_level: str = "info") -> None:
@@ -582,15 +594,12 @@ def serve(model: str, model_lib: Optional[str], device: str, mode: str, override
     from .engine import AsyncMLCEngine
 
     name = served_model_name or model
-    if settings.allowed_hosts is None and host in LOOPBACK_HOSTS:
-        settings.allowed_hosts = list(LOOPBACK_HOSTS)  # a local server answers only to local names
+    prepare_process(settings, host, log_level)
 
     def load():
         return AsyncMLCEngine(model, model_lib=model_lib, device=device, mode=mode, overrides=overrides)
 
     app = create_app(load, name, settings)
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(levelname)s:     %(name)s: %(message)s")
     grace = settings.shutdown_timeout
 
     class Server(uvicorn.Server):
