@@ -62,9 +62,9 @@ PANEL_CHUNK = 48
 # consecutive k per 32-bit word), then for each tile of AMX_TILE_ROWS rows and each half of the block (32 columns),
 # group by group: 2 accumulator tiles (tile registers 0-1; x hi/lo in 4-5, weights in 6-7), stored to a scratch
 # buffer and added times the scales to the 14 x 32 output sums, which stay in 28 vector registers across the groups
-# (16 x 64 tiles would need 64 registers of sums, spilled to memory every group). Linux hands out AMX state only on request (arch_prctl
-# ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and runs the float32
-# panel GEMM if refused.
+# (16 x 64 tiles would need 64 registers of sums, spilled to memory every group). Linux hands out AMX state only on
+# request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and
+# runs the float32 panel GEMM if refused.
 # Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
 # of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: faster,
 # ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
