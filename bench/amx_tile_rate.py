@@ -27,7 +27,7 @@ os.environ["TVM_NUM_THREADS"] = "1"
 def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = True) -> str:
     """The loop of 12 products (+ 10 tile loads); `fma_rounds` > 0 adds 12 x that many float32 vector FMAs (12
     independent accumulators) to each iteration; `tiles=False` leaves only the FMAs."""
-    from mlc_llm.compiler.cpu_gemv import _indent
+    from mlc_llm.compiler.cpu.text import indent as _indent
     from mlc_llm.compiler.cpu.amx import intrin as _amx, tile_config
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
@@ -75,8 +75,8 @@ def main() -> int:
     a = ap.parse_args()
     import tvm
 
-    from mlc_llm.compiler.cpu_gemv import _parse
-    from mlc_llm.compiler.cpu_q4_blocked import has_amx
+    from mlc_llm.compiler.cpu.text import parse as _parse
+    from mlc_llm.compiler.cpu.amx import has_amx
     from mlc_llm.compiler.target import make_target
 
     target, dev = make_target("cpu"), tvm.cpu()
