@@ -50,9 +50,10 @@ def cmd_compile(a) -> None:
     from .steps.compile import compile_model
 
     overrides = _parse_compile_overrides(a.overrides) if a.overrides else None
-    suffix = "" if a.prefill_precision == "f32" else f"-{a.prefill_precision}"
+    suffix = "".join(f"-{p}" for p in (a.prefill_precision, a.decode_precision) if p != "f32")
     output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}{suffix}.so")
-    path = compile_model(a.model, a.device, output, overrides=overrides, prefill_precision=a.prefill_precision)
+    path = compile_model(a.model, a.device, output, overrides=overrides, prefill_precision=a.prefill_precision,
+                         decode_precision=a.decode_precision)
     print(f"wrote {path}")
 
 
@@ -278,7 +279,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefill-precision", default="f32", choices=["f32", "bf16"],
                    help="CPU with AMX: prefill GEMMs with float32-level accuracy (f32, default) or on bfloat16-rounded "
                         "inputs (bf16: ~1.5x faster prefill, logits within ~0.2)")
-    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16].so)")
+    m.add_argument("--decode-precision", default="f32", choices=["f32", "int8"],
+                   help="CPU with AVX512-VNNI: decode GEMVs with float32 activations (f32, default) or int8 ones "
+                        "quantized per 32 values (int8: faster decode, logits within ~1%%)")
+    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16][-int8].so)")
     m.set_defaults(func=cmd_compile)
 
     b = sub.add_parser("build", help="build a deployment's artifacts through the Snakemake pipeline")

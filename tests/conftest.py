@@ -48,14 +48,26 @@ def host_has_amx() -> bool:
     return has_amx(tvm.target.Target.from_device(tvm.cpu()))
 
 
+def host_has_vnni() -> bool:
+    import tvm
+
+    from mlc_llm.compiler import cpu_q4_int8
+
+    return cpu_q4_int8.supported(tvm.target.Target.from_device(tvm.cpu()))
+
+
 def pytest_runtest_setup(item):
-    """Tests marked `amx` skip on a CPU without AMX-BF16 tiles; with MLC_REQUIRE_AMX=1 (set it where the machine has
-    AMX) they fail instead, so that a CPU or kernel change cannot silently turn them into skips."""
-    if item.get_closest_marker("amx") is None or host_has_amx():
-        return
-    if os.environ.get("MLC_REQUIRE_AMX") == "1":
-        pytest.fail("MLC_REQUIRE_AMX=1 but this CPU has no AMX-BF16 tiles (or Linux does not grant them)")
-    pytest.skip("this CPU has no AMX-BF16 tiles")
+    """Tests marked `amx` skip on a CPU without AMX-BF16 tiles, those marked `vnni` on one without AVX512-VNNI; with
+    MLC_REQUIRE_AMX=1 / MLC_REQUIRE_VNNI=1 (set them where the machine has the feature) they fail instead, so that a
+    CPU or kernel change cannot silently turn them into skips."""
+    for marker, has, env, what in (("amx", host_has_amx, "MLC_REQUIRE_AMX", "AMX-BF16 tiles (or Linux does not grant "
+                                                                            "them)"),
+                                   ("vnni", host_has_vnni, "MLC_REQUIRE_VNNI", "AVX512-VNNI")):
+        if item.get_closest_marker(marker) is None or has():
+            continue
+        if os.environ.get(env) == "1":
+            pytest.fail(f"{env}=1 but this CPU has no {what}")
+        pytest.skip(f"this CPU has no {what}")
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ def test_user_overrides_win_over_the_deployment():
     (["quantization"], "bad override 'quantization': expected key=value"),
     (["device.prefill_precision=fp16"], "device.prefill_precision: 'fp16' is not one of f32, bf16"),
     (["device=cuda", "device.prefill_precision=bf16"], "device.prefill_precision: bf16 is an option of the CPU"),
+    (["device.decode_precision=int4"], "device.decode_precision: 'int4' is not one of f32, int8"),
+    (["device=cuda", "device.decode_precision=int8"], "device.decode_precision: int8 is an option of the CPU"),
 ])
 def test_bad_values_give_one_line_naming_key_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +75,11 @@ def test_bf16_prefill_library_shares_the_model_folder():
     assert bf16.path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so"
     assert "--prefill-precision bf16 -o artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16.so" in bf16.compile_cmd
     assert "--prefill-precision" not in f32.compile_cmd  # the default library's command (and cache) is unchanged
+    int8 = make_plan({"deployment": "smollm2_cpu", "overrides": ["device.decode_precision=int8"]}).lib_of("smollm2_cpu")
+    assert int8.model.dir == f32.model.dir
+    assert int8.path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-int8.so"
+    assert "--decode-precision int8 -o artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-int8.so" in int8.compile_cmd
+    both = make_plan({"deployment": "smollm2_cpu",
+                      "overrides": ["device.prefill_precision=bf16", "device.decode_precision=int8"]})
+    assert both.lib_of("smollm2_cpu").path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16-int8.so"
+    assert "--decode-precision" not in f32.compile_cmd

@@ -88,3 +88,22 @@ def test_amx_variants_compile_to_tile_instructions_on_any_host(name):
     assert not small, f"{name}, AMX: workspace-pool allocations of {small} bytes"
     # the same kernel's vector variant for the same target has none: the check above can fail
     assert not TILE_OPS & set(re.findall(r"llvm\.x86\.(t\w+)\(", _llvm_ir(AMX_KERNELS[name](False), AMX_TARGET)))
+
+
+def test_int8_decode_gemv_compiles_to_vnni_on_any_host():
+    """The `decode_precision: int8` GEMV for a CPU with AVX512-VNNI (the Sapphire Rapids target above has it): the
+    dot products are `vpdpbusd` instructions, and its per-task scratch stays off the workspace pool."""
+    from mlc_llm.compiler import cpu_q4_int8
+
+    assert cpu_q4_int8.supported(AMX_TARGET)
+    assert not cpu_q4_int8.supported(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu",
+                                                        "mcpu": "skylake-avx512"}))
+    for residual in (False, True, cpu_gemv.BIAS):
+        func = cpu_q4_int8.decode_kernel(1152, 896, residual).with_attr("global_symbol", "main")
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=AMX_TARGET)
+        mod = lib.mod if hasattr(lib, "mod") else lib
+        asm = mod.inspect_source("asm")
+        assert len(re.findall(r"\bvpdpbusd\b", asm)) >= 8, residual
+        small = [int(n) for n in re.findall(r"call ptr %[\w.]+\(i32 1, i32 [^,]+, i64 (\d+), i32",
+                                            mod.inspect_source("ll")) if int(n) < 1024]
+        assert not small, f"int8 GEMV: workspace-pool allocations of {small} bytes"

@@ -19,6 +19,9 @@ TOL = 1e-3
 # prefill GEMMs on bf16-rounded inputs (device.prefill_precision=bf16): 0.18 measured on LONG_TEXT (std of the
 # logits: 3.5)
 BF16_TOL = 0.5
+# decode GEMVs on int8 activations (device.decode_precision=int8): 0.78 measured (decode steps of the test prompts
+# against the float64 reference on the same prefix; std of the logits: 4.0)
+INT8_TOL = 1.5
 
 
 # 66 tokens: one sequence over several 16-token tiles of the ragged prefill attention (the short prompts fit in one)
@@ -83,6 +86,47 @@ def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
     assert int(bf16.argmax()) == int(expected.argmax())
     assert np.abs(bf16 - expected).max() < BF16_TOL, np.abs(bf16 - expected).max()
     assert np.abs(bf16 - f32).max() > 10 * TOL, "the bf16 library gave the float32 library's logits"
+
+
+@pytest.mark.vnni
+def test_int8_decode_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
+    """`snakemake build_smollm2_cpu` with device.decode_precision=int8 (lib/cpu-int8.so beside cpu.so): the five
+    prompts prefilled in one batch (float32 kernels: logits within TOL), then 4 decode steps of the batch fed the
+    float64 reference's greedy tokens: every step's logits within INT8_TOL of the reference on the same prefix, its greedy
+    token the reference's unless the reference's two candidates are within 2 * INT8_TOL (a near tie), and not the
+    float32 library's logits (the option reached the kernels)."""
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      "overrides=[device.decode_precision=int8]")
+    assert r.returncode == 0, r.stderr[-4000:]
+    prompts = smollm_prompts(smollm_q4.dir)
+    ref = reference_for(smollm_q4.dir)
+    runners = [ModelRunner(smollm_q4.dir, lib) for lib in (smollm_q4.dir / "lib" / "cpu-int8.so", smollm_q4.lib)]
+    caches = [rn.create_kv_cache(len(prompts), 1024, 256) for rn in runners]
+    ids = list(range(len(prompts)))
+    for rn, cache in zip(runners, caches):
+        for s in ids:
+            rn.add_sequence(cache, s)
+    seqs = [list(p) for p in prompts]
+    int8, f32 = (np.asarray(rn.batch_prefill(cache, ids, prompts)) for rn, cache in zip(runners, caches))
+    worst, same, off_f32 = 0.0, 0, 0.0
+    for step in range(5):
+        expected = [ref.logits(seq)[-1] for seq in seqs]
+        for i, exp in enumerate(expected):
+            diff = float(np.abs(int8[i] - exp).max())
+            assert diff < (TOL if step == 0 else INT8_TOL), (step, i, diff)
+            worst = max(worst, diff) if step else worst
+            top, best = int(int8[i].argmax()), int(exp.argmax())
+            assert top == best or exp[best] - exp[top] < 2 * INT8_TOL, (step, i, exp[best] - exp[top])
+            same += top == best
+            off_f32 = max(off_f32, float(np.abs(int8[i] - f32[i]).max())) if step else off_f32
+        if step == 4:
+            break
+        nxt = [int(exp.argmax()) for exp in expected]
+        for seq, t in zip(seqs, nxt):
+            seq.append(t)
+        int8, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
+    assert same >= 0.9 * 5 * len(prompts), same
+    assert off_f32 > 10 * TOL, "the int8 library gave the float32 library's logits"
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu"])

@@ -21,7 +21,7 @@ from typing import Optional
 import tvm
 from tvm.s_tir import Schedule
 
-from . import cpu_gemv, cpu_q4_blocked
+from . import cpu_gemv, cpu_q4_blocked, cpu_q4_int8
 from .cpu.amx import has_amx
 from .cpu_kernels import SILU_KERNEL  # the activation kernel swapped in for silu(gate) * up
 
@@ -75,13 +75,21 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     return sch.mod["main"]
 
 
-def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f32") -> tvm.transform.Pass:
+def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f32",
+                         decode_precision: str = "f32") -> tvm.transform.Pass:
     """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py` (prefill on AMX tiles where `target`
-    has them, in `prefill_precision`), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the
-    rfactor schedule above."""
+    has them, in `prefill_precision`; with `decode_precision` int8 the decode ones, x of [B, 1, K], those of
+    `cpu_q4_int8.py`), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule
+    above."""
     if prefill_precision not in cpu_q4_blocked.PRECISIONS:
         raise ValueError(f"unknown prefill precision '{prefill_precision}' "
                          f"(allowed: {', '.join(cpu_q4_blocked.PRECISIONS)})")
+    if decode_precision not in cpu_q4_int8.PRECISIONS:
+        raise ValueError(f"unknown decode precision '{decode_precision}' "
+                         f"(allowed: {', '.join(cpu_q4_int8.PRECISIONS)})")
+    if decode_precision == "int8" and not cpu_q4_int8.supported(target):
+        raise ValueError(f"decode precision int8 needs AVX512-VNNI, which target {target} lacks (Xeons since "
+                         "Cascade Lake and AMD Zen 4 have it); use f32")
     amx = has_amx(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
@@ -91,7 +99,8 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
+                scheduled = cpu_q4_int8.replace_decode_matmul(func) if decode_precision == "int8" else None
+                scheduled = scheduled or cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
                 if scheduled is not None:
                     blocked[gv] = cpu_gemv._signature(func, cpu_q4_blocked.BLOCK)
                 scheduled = scheduled or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func)

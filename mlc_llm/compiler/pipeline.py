@@ -13,9 +13,11 @@ from .passes import fuse_dequantize_matmul, mark_noalias
 from .target import is_gpu, matmul_rule_is_safe
 
 
-def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", kv: dict | None = None) -> list:
+def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", kv: dict | None = None,
+                    decode_precision: str = "f32") -> list:
     """Everything up to scheduled TIR (still dataflow Relax). `prefill_precision`: of the CPU prefill GEMMs on AMX
-    (`cpu_q4_blocked.PRECISIONS`). `kv`: the model's KV-cache shape (compile.py's metadata), for the CPU attention."""
+    (`cpu_q4_blocked.PRECISIONS`); `decode_precision`: of the CPU decode GEMVs (`cpu_q4_int8.PRECISIONS`). `kv`: the
+    model's KV-cache shape (compile.py's metadata), for the CPU attention."""
     backend = cuda_pipeline if is_gpu(target) else cpu_pipeline
     passes = ([] if is_gpu(target) else cpu_kernel_passes(target, kv)) + [
         *backend.library_dispatch_passes(target),  # sort / scan / sampling ops to the target's kernels
@@ -28,7 +30,8 @@ def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", k
         fuse_dequantize_matmul(),
         relax.transform.DeadCodeElimination(),
     ]
-    schedules = gpu_schedules(target) if is_gpu(target) else [schedule_cpu_matmuls(target, prefill_precision)]
+    schedules = (gpu_schedules(target) if is_gpu(target)
+                 else [schedule_cpu_matmuls(target, prefill_precision, decode_precision)])
     return passes + schedules + [mark_noalias]
 
 
@@ -47,9 +50,9 @@ def lowering_passes(target: tvm.target.Target) -> list:
 
 
 def optimize(mod: tvm.IRModule, target: tvm.target.Target, prefill_precision: str = "f32",
-             kv: dict | None = None) -> tvm.IRModule:
+             kv: dict | None = None, decode_precision: str = "f32") -> tvm.IRModule:
     with target, tvm.transform.PassContext(opt_level=3):
-        return tvm.transform.Sequential(optimize_passes(target, prefill_precision, kv))(mod)
+        return tvm.transform.Sequential(optimize_passes(target, prefill_precision, kv, decode_precision))(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target):

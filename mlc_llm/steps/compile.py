@@ -19,7 +19,7 @@ class CompileError(Exception):
 
 
 def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
-              prefill_precision: str = "f32") -> dict[str, Any]:
+              prefill_precision: str = "f32", decode_precision: str = "f32") -> dict[str, Any]:
     return {
         "version": METADATA_VERSION,
         "model_type": chat["model_type"],
@@ -28,6 +28,7 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
         "device": device,
         "target": str(target),
         "prefill_precision": prefill_precision,
+        "decode_precision": decode_precision,
         "context_window_size": cfg.context_window_size,
         "prefill_chunk_size": cfg.prefill_chunk_size,
         "sliding_window_size": -1,
@@ -72,22 +73,31 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
     return bb.get()
 
 
-def check_prefill_precision(device: str, prefill_precision: str) -> None:
-    """`prefill_precision` is one of PRECISIONS, and other than f32 only for the CPU."""
-    from ..compiler.cpu_q4_blocked import PRECISIONS
-    from ..compiler.target import parse_device
+def check_precisions(device: str, prefill_precision: str, decode_precision: str = "f32") -> None:
+    """Each precision is one its kernels know, other than f32 only for the CPU; int8 decode only on a CPU with
+    AVX512-VNNI."""
+    from ..compiler import cpu_q4_blocked, cpu_q4_int8
+    from ..compiler.target import make_target, parse_device
 
-    if prefill_precision not in PRECISIONS:
-        raise CompileError(f"unknown prefill precision '{prefill_precision}' (allowed: {', '.join(PRECISIONS)})")
-    if prefill_precision != "f32" and parse_device(device)[0] != "cpu":
-        raise CompileError(f"prefill precision {prefill_precision} is an option of the CPU kernels (AMX prefill "
-                           f"GEMMs); device '{device}' takes f32 only")
+    for kind, value, allowed, what in (
+            ("prefill", prefill_precision, cpu_q4_blocked.PRECISIONS, "AMX prefill GEMMs"),
+            ("decode", decode_precision, cpu_q4_int8.PRECISIONS, "VNNI decode GEMVs")):
+        if value not in allowed:
+            raise CompileError(f"unknown {kind} precision '{value}' (allowed: {', '.join(allowed)})")
+        if value != "f32" and parse_device(device)[0] != "cpu":
+            raise CompileError(f"{kind} precision {value} is an option of the CPU kernels ({what}); device "
+                               f"'{device}' takes f32 only")
+    if decode_precision == "int8" and not cpu_q4_int8.supported(make_target(device)):
+        raise CompileError(f"decode precision int8 needs AVX512-VNNI, which this CPU "
+                           f"({make_target(device).attrs.get('mcpu')}) lacks (Xeons since Cascade Lake and AMD Zen 4 "
+                           "have it); use f32")
 
 
 def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None,
-                     prefill_precision: str = "f32"):
+                     prefill_precision: str = "f32", decode_precision: str = "f32"):
     """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels.
-    `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs."""
+    `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs.
+    `decode_precision` (CPU): "f32", or "int8" for decode GEMVs on int8-quantized activations (AVX512-VNNI)."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
@@ -95,8 +105,11 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     from ..model import get_family
     from ..quantization import get_quantization
 
-    check_prefill_precision(device, prefill_precision)
+    check_precisions(device, prefill_precision, decode_precision)
     chat = read_chat_config(model_dir)
+    if decode_precision == "int8" and chat["quantization"] != "q4f32_cpu":
+        raise CompileError(f"decode precision int8 is a kernel of q4f32_cpu weights; this model is "
+                           f"{chat['quantization']}")
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
     cfg = family.config_from_dict({**chat["model_config"], **(overrides or {})})
@@ -108,11 +121,12 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     mod, params = model.export_tvm(spec=model.get_default_spec())
     if family.task == "embedding":
         metadata = _encoder_metadata(chat, cfg, quant, device, target, params)
-        mod = pipeline.optimize(_attach_metadata(mod, metadata), target, prefill_precision)
+        mod = pipeline.optimize(_attach_metadata(mod, metadata), target, prefill_precision,
+                                decode_precision=decode_precision)
     else:
-        metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision)
+        metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision, decode_precision)
         mod = add_sampling_functions(_attach_metadata(mod, metadata), cfg.vocab_size)
-        mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"])
+        mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"], decode_precision)
     if is_gpu(target):
         unbound = unbound_gpu_kernels(mod)
         if unbound:
@@ -128,12 +142,13 @@ def write_library_checksum(lib: Path, digest: str) -> None:
 
 
 def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
-                  overrides: dict[str, int] | None = None, prefill_precision: str = "f32") -> Path:
+                  overrides: dict[str, int] | None = None, prefill_precision: str = "f32",
+                  decode_precision: str = "f32") -> Path:
     """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only.
-    prefill_precision: see `optimized_module`."""
+    prefill_precision, decode_precision: see `optimized_module`."""
     from ..compiler import pipeline
 
-    mod, target = optimized_module(model_dir, device, overrides, prefill_precision)
+    mod, target = optimized_module(model_dir, device, overrides, prefill_precision, decode_precision)
     executable = pipeline.build(mod, target)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)

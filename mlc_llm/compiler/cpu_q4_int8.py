@@ -1,0 +1,176 @@
+"""Decode GEMVs with int8 activations on AVX512-VNNI: the `decode_precision: int8` option of the q4f32_cpu kernels.
+
+The float32 decode kernel (`cpu_q4_blocked.py`) spends and + convert + FMA on every 16 weights and is limited by
+those instructions, not by memory. Here each row of x is quantized per group of 32 K-values (scale max|x| / 127,
+round to nearest even, as llama.cpp's q8_0), and one `vpdpbusd` multiplies 64 unsigned weight nibbles by 64 signed
+int8 activations and adds them 4 by 4 into 16 int32 lanes. The weights need no conversion: in a word of the blocked
+layout (8 K-values of one row, nibble j = k + j), `w & 0x0F0F0F0F` holds the bytes of k, k+2, k+4, k+6 and
+`(w >> 4) & 0x0F0F0F0F` those of k+1, k+3, k+5, k+7, so x is packed in that order (two int32 per word). Per group
+and row: y += s_w * s_x * (sum(q * xq) - 7 * sum(xq)) in float32.
+
+Every decode row is computed the same way whatever the batch (one row, or tiles of ROW_TILE rows sharing the
+unpacked weights, rows clamped on read and skipped on write), so a sequence's logits do not depend on its batch.
+Only the decode kernels (x of [B, 1, K]) take it; prefill keeps `prefill_precision`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import tvm
+from tvm.script import tirx as T
+
+from . import cpu_gemv
+from .cpu_gemv import BIAS
+
+BLOCK = 64  # output rows per block of the q4f32_cpu layout
+ROW_TILE = 4  # rows of x per pass when the batch has more than one
+PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead, as the float32 kernel
+PRECISIONS = ("f32", "int8")  # decode precisions: the float32 kernels of cpu_q4_blocked.py, or these
+
+
+def supported(target: tvm.target.Target) -> bool:
+    """Whether code for `target` may use AVX512-VNNI (Cascade Lake, Ice Lake and later Xeons; AMD Zen 4 and later)."""
+    return target.kind.name == "llvm" and bool(tvm.target.codegen.target_has_features("avx512vnni", target))
+
+
+def _dpbusd(acc, weights, x_word):
+    """acc (int32x16) + the dot products of 4 unsigned bytes of `weights` (uint32x16) with 4 signed bytes of the
+    int32 `x_word`, lane by lane."""
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                   T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.Broadcast(x_word, 16)))
+
+
+@functools.lru_cache(maxsize=None)
+def decode_kernel(n: int, k: int, residual=False) -> tvm.tirx.PrimFunc:
+    """y [R, 1, N] = x [R, 1, K] . w^T (+ r [R, 1, N] if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights
+    (`qw uint32[N/64, K/8, 64]`, `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32."""
+    if n % BLOCK or k % 32:
+        raise ValueError(f"int8 decode GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
+    nb, groups, words = n // BLOCK, k // 32, k // 8
+    mask = T.Broadcast(T.uint32(0x0F0F0F0F), 16)
+    four = T.Broadcast(T.uint32(4), 16)
+
+    @T.macro
+    def quantize_row(x, r, xw, xsc, xsm):
+        """Row r of x -> per group: its scale, the sum of its int8 values, and the values packed in words."""
+        mx = T.alloc_buffer((16,), "float32", scope="global")
+        xq = T.alloc_buffer((32,), "int32", scope="global")
+        for g in range(T.int64(groups)):
+            for l in T.vectorized(16):
+                mx[l] = T.max(T.fabs(x[r, 0, g * 32 + l]), T.fabs(x[r, 0, g * 32 + 16 + l]))
+            for h in range(15):
+                mx[14 - h] = T.max(mx[14 - h], mx[15 - h])
+            xsc[r, g] = mx[0] / T.float32(127)
+            inv = T.bind(T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0)))
+            for l in T.vectorized(32):
+                xq[l] = T.Cast("int32", T.nearbyint(x[r, 0, g * 32 + l] * inv))
+            xsm[r, g] = 0
+            for l in range(32):
+                xsm[r, g] = xsm[r, g] + xq[l]
+            for w in range(4):
+                for h in range(2):  # h = 0: K-values 0, 2, 4, 6 of the word; h = 1: 1, 3, 5, 7
+                    xw[r, g * 4 + w, h] = (T.bitwise_and(xq[w * 8 + h], 255)
+                                           | T.shift_left(T.bitwise_and(xq[w * 8 + h + 2], 255), 8)
+                                           | T.shift_left(T.bitwise_and(xq[w * 8 + h + 4], 255), 16)
+                                           | T.shift_left(xq[w * 8 + h + 6], 24))
+
+    @T.macro
+    def rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, bo, t, rows):
+        """Rows bo*t .. bo*t + t - 1 (clamped to `rows` on read, skipped on write) of block `blk`'s 64 outputs."""
+        acc = T.alloc_buffer((t, 64), "float32", scope="global")
+        acci = T.alloc_buffer((t, 64), "int32", scope="global")
+        for bi in T.unroll(T.int64(t)):
+            for l in T.vectorized(64):
+                acc[bi, l] = T.float32(0)
+        for g in range(T.int64(groups)):
+            for c in T.unroll(16):  # the next groups' words (1 KB each) past the 4 KB pages the prefetcher follows
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                    qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]), T.int32(0), T.int32(3), T.int32(1)))
+            for bi in T.unroll(T.int64(t)):
+                for l in T.vectorized(64):
+                    acci[bi, l] = 0
+            for w in range(4):
+                for v in T.unroll(4):
+                    wv = T.bind(qw[blk, g * 4 + w, T.Ramp(v * 16, 1, 16)])
+                    lo = T.bind(T.bitwise_and(wv, mask))
+                    hi = T.bind(T.bitwise_and(T.shift_right(wv, four), mask))
+                    for bi in T.unroll(T.int64(t)):
+                        row = T.bind(T.min(bo * t + bi, rows - 1))
+                        acci[bi, T.Ramp(v * 16, 1, 16)] = _dpbusd(_dpbusd(
+                            acci[bi, T.Ramp(v * 16, 1, 16)], lo, xw[row, g * 4 + w, 0]), hi, xw[row, g * 4 + w, 1])
+            for bi in T.unroll(T.int64(t)):
+                row = T.bind(T.min(bo * t + bi, rows - 1))
+                for l in T.vectorized(64):
+                    acc[bi, l] = acc[bi, l] + qs[blk, g, l] * xsc[row, g] * T.Cast(
+                        "float32", acci[bi, l] - 7 * xsm[row, g])
+        for bi in range(T.int64(t)):
+            if bo * t + bi < rows:
+                for l in T.vectorized(64):
+                    if residual == BIAS:
+                        y[bo * t + bi, 0, blk * 64 + l] = acc[bi, l] + r[blk * 64 + l]
+                    elif residual:
+                        y[bo * t + bi, 0, blk * 64 + l] = r[bo * t + bi, 0, blk * 64 + l] + acc[bi, l]
+                    else:
+                        y[bo * t + bi, 0, blk * 64 + l] = acc[bi, l]
+
+    @T.macro
+    def body(qw, qs, x, r, y, rows):
+        xw = T.alloc_buffer((rows, words, 2), "int32")
+        xsc = T.alloc_buffer((rows, groups), "float32")
+        xsm = T.alloc_buffer((rows, groups), "int32")
+        if rows == 1:  # one row: quantized on the calling thread (a parallel loop costs a pool launch)
+            quantize_row(x, T.int64(0), xw, xsc, xsm)
+        else:
+            for rr in T.parallel(rows):
+                quantize_row(x, rr, xw, xsc, xsm)
+        for blk in T.parallel(T.int64(nb)):
+            if rows == 1:
+                rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, T.int64(0), 1, rows)
+            else:
+                for bo in range((rows + ROW_TILE - 1) // ROW_TILE):
+                    rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, bo, ROW_TILE, rows)
+
+    # One signature per epilogue; only the one asked for is built (the macros expand `r` per epilogue).
+    if residual == BIAS:
+        @T.prim_func(private=True, s_tir=True)
+        def with_bias(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+                      x_h: T.handle, r_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            rows = T.int64()
+            x = T.match_buffer(x_h, (rows, 1, k), "float32")
+            r = T.match_buffer(r_h, (n,), "float32")
+            y = T.match_buffer(y_h, (rows, 1, n), "float32")
+            body(qw, qs, x, r, y, rows)
+        return with_bias
+    if residual:
+        @T.prim_func(private=True, s_tir=True)
+        def with_residual(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+                          x_h: T.handle, r_h: T.handle, y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            rows = T.int64()
+            x = T.match_buffer(x_h, (rows, 1, k), "float32")
+            r = T.match_buffer(r_h, (rows, 1, n), "float32")
+            y = T.match_buffer(y_h, (rows, 1, n), "float32")
+            body(qw, qs, x, r, y, rows)
+        return with_residual
+
+    @T.prim_func(private=True, s_tir=True)
+    def plain(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+              x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, 1, k), "float32")
+        y = T.match_buffer(y_h, (rows, 1, n), "float32")
+        body(qw, qs, x, None, y, rows)
+    return plain
+
+
+def replace_decode_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
+    """The int8 kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) decode kernel (x of [B, 1, K]),
+    else None."""
+    sig = cpu_gemv._signature(func, BLOCK)
+    if sig is None or sig[2] != "b1":
+        return None
+    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, _layout, residual: decode_kernel(n, k, residual),
+                                  "q4_blocked64_int8")

@@ -1,0 +1,106 @@
+"""The int8-activation decode GEMV (`decode_precision: int8`, compiler/cpu_q4_int8.py) against a numpy reference of
+the same quantization, computed independently (integer dot products in int64, float64 scaling), and against the
+exact float64 product; where the compiler puts it in a model. (Whole-model logits: test_numerics.py.)"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from mlc_llm.compiler import cpu_gemv, cpu_q4_int8
+from mlc_llm.compiler.target import make_target
+from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
+
+from .tiny_hf import write_tiny_hf
+
+HOST = make_target("cpu")
+
+
+def int8_reference(x: np.ndarray, q: np.ndarray, s: np.ndarray, k: int) -> np.ndarray:
+    """x [R, K] . w^T with x quantized per group of 32 to round-half-even(x * 127 / max|x|), scale max|x| / 127:
+    integer dot products with the weights' (q - 7), times both scales, summed over groups in float64."""
+    rows, groups = x.shape[0], k // 32
+    xg = x.reshape(rows, groups, 32)
+    amax = np.abs(xg).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    xq = np.rint(xg * inv[..., None]).astype(np.int64)
+    assert np.abs(xq).max() <= 127
+    wq = dequantize_q4(q, np.ones_like(s), k).astype(np.int64).reshape(-1, groups, 32)  # q - 7
+    dots = np.einsum("rgk,ngk->rng", xq, wq)
+    x_scale = (amax / np.float32(127)).astype(np.float64)
+    return (dots * s.astype(np.float64)[None] * x_scale[:, None, :]).sum(-1)
+
+
+def _run(func, args, rows: int, n: int) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    out = tvm.runtime.tensor(np.full((rows, 1, n), np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+    return out.numpy()[:, 0]
+
+
+@pytest.mark.vnni
+@pytest.mark.parametrize("n,k,residual", [(960, 576, False), (3072, 576, False), (576, 1536, True),
+                                          (1152, 896, cpu_gemv.BIAS)])
+def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual):
+    """Rows 1 (its own path), 3, 4 and 9 (tiles of 4, the last one partial); one all-zero group and one all-zero row
+    (scale 0: the output is the epilogue alone). Within float32 rounding of the int8 reference, within the
+    quantization's error of the exact product, and every row bit for bit what it is in a batch of one."""
+    rng = np.random.default_rng(n + k)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    w = dequantize_q4(q, s, k).astype(np.float64)
+    func = cpu_q4_int8.decode_kernel(n, k, residual)
+    for rows in (1, 3, 4, 9):
+        x = rng.standard_normal((rows, 1, k)).astype(np.float32)
+        x[0, 0, 32:64] = 0
+        if rows > 1:
+            x[1] = 0
+        r = rng.standard_normal((n,) if residual == cpu_gemv.BIAS else (rows, 1, n)).astype(np.float32)
+        add = r if residual == cpu_gemv.BIAS else r[:, 0] if residual else 0
+        args = (block_rows(q), block_rows(s), x) + ((r,) if residual else ())
+        y = _run(func, args, rows, n)
+        exact = x[:, 0].astype(np.float64) @ w.T + add
+        scale = np.abs(exact).max()
+        assert np.abs(y - (int8_reference(x[:, 0], q, s, k) + add)).max() < 2e-6 * scale, rows
+        err = np.abs(y - exact).max() / scale
+        assert 1e-4 < err < 2e-2, (rows, err)  # int8 activations: not the float32 result, close to it
+        if rows > 1:
+            np.testing.assert_array_equal(y[1], np.broadcast_to(add, (rows, n))[1])
+            one = _run(func, (block_rows(q), block_rows(s), x[:1]) + (
+                (r if residual == cpu_gemv.BIAS else r[:1],) if residual else ()), 1, n)
+            np.testing.assert_array_equal(y[0], one[0])
+
+
+def test_int8_is_refused_where_it_cannot_run():
+    from mlc_llm.compiler.cpu_schedules import schedule_cpu_matmuls
+
+    with pytest.raises(ValueError, match="allowed: f32, int8"):
+        schedule_cpu_matmuls(HOST, "f32", "int4")
+    no_vnni = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": "skylake-avx512"})
+    with pytest.raises(ValueError, match="needs AVX512-VNNI"):
+        schedule_cpu_matmuls(no_vnni, "f32", "int8")
+    with pytest.raises(ValueError, match="N % 64 == 0"):
+        cpu_q4_int8.decode_kernel(100, 64)
+
+
+@pytest.mark.vnni
+def test_int8_replaces_the_decode_kernels_only(tmp_path):
+    """With decode_precision int8, every blocked linear layer of the decode functions (x of [B, 1, K]) gets the int8
+    kernel; prefill keeps the float32 blocked kernel; a non-blocked quantization is refused."""
+    from mlc_llm.steps.compile import CompileError, optimized_module
+    from mlc_llm.steps.gen_config import gen_config
+
+    write_tiny_hf(tmp_path / "hf")
+    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "out")
+    mod, _ = optimized_module(tmp_path / "out", "cpu", decode_precision="int8")
+    marks = {}
+    for gv, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get(cpu_gemv.KERNEL_ATTR, "").startswith("q4_blocked64"):
+            marks[gv] = f.attrs[cpu_gemv.KERNEL_ATTR]
+    int8 = {gv for gv, m in marks.items() if m == "q4_blocked64_int8"}
+    assert int8 and int8 != set(marks)
+    calls = lambda fn: {gv for gv in marks if f"R.call_tir({gv.name_hint}," in mod[fn].script()}  # noqa: E731
+    assert calls("batch_decode") and calls("batch_decode") <= int8
+    assert calls("batch_prefill") and not calls("batch_prefill") & int8
+    gen_config(str(tmp_path / "hf"), "q4f32_1", "chatml", tmp_path / "nk")
+    with pytest.raises(CompileError, match="q4f32_cpu weights"):
+        optimized_module(tmp_path / "nk", "cpu", decode_precision="int8")
