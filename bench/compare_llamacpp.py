@@ -12,8 +12,11 @@ per-repetition samples come from its JSON `samples_ts`. The machines here are sh
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
-`--model-lib A B ...` benchmarks several of our libraries in the same rounds (e.g. lib/cpu.so and the bf16-prefill
-lib/cpu-bf16.so), one row each. `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
+`--model-lib A B ...` benchmarks several of our libraries in the same rounds (e.g. lib/cpu.so, the bf16-prefill
+lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each. `--bandwidth` measures the streaming-read bandwidth
+in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the size of the weights a decode step
+reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes / the bandwidth over the
+same size (the higher of the two on these VMs, so the stricter ceiling). `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
 gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """
 from __future__ import annotations
@@ -48,6 +51,12 @@ def hf_prefill(python: str, gguf: str, threads: int, repeat: int, prompts: list[
     return json.loads(out.strip().splitlines()[-1])
 
 
+def bandwidth(threads: int, sizes_mb: list[float]) -> list[dict]:
+    cmd = [sys.executable, str(Path(__file__).with_name("bandwidth.py")), "--threads", str(threads), "--json",
+           "--size-mb", *map(str, sizes_mb)]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--llama-bench", required=True)
@@ -62,14 +71,24 @@ def main() -> int:
                    help="alternate the two sides this many times; ratios are then medians of per-round ratios")
     p.add_argument("--hf-python", help="a Python with torch + transformers + gguf: adds HF transformers' prefill")
     p.add_argument("--hf-dtype", default="bfloat16")
+    p.add_argument("--bandwidth", action="store_true",
+                   help="measure the memory bandwidth every round: decode as a share of the ceiling")
     p.add_argument("--result-json")
     a = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    from mlc_llm.bench_latency import _spread, bench_latency
+    from mlc_llm.bench_latency import _spread, bench_latency, weight_bytes
 
     libs = a.model_lib or [str(Path(a.model) / "lib" / "cpu.so")]
     rounds = []  # ((test, lib) -> (ours, theirs, hf) spread dicts) per round; the sides alternate round by round
+    nbytes = weight_bytes(a.model)
+    bws = []  # per round: (memory GB/s, GB/s over an array of the weights' size)
     for _ in range(a.rounds):
+        if a.bandwidth:
+            mem, model_size = bandwidth(a.threads, [1024.0, nbytes / 1e6])
+            bws.append((mem["median"], model_size["median"]))
+            print(f"bandwidth: {mem['median']:.1f} GB/s over 1 GB, {model_size['median']:.1f} GB/s over "
+                  f"{nbytes / 1e6:.0f} MB (the weights' size) -> decode ceiling "
+                  f"{model_size['median'] * 1e9 / nbytes:.0f} tok/s", flush=True)
         theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
         tests = {}
@@ -87,6 +106,7 @@ def main() -> int:
     width = max(8, *(len(f"{n} {lb}") + 1 for n, lb in rounds[0]))
     print(f"{'test':<{width}}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
     table = []
+    fmt = lambda v, p=1: f"{v['median']:.{p}f} [{v['min']:.{p}f}-{v['max']:.{p}f}]"  # noqa: E731
     for key in rounds[0]:  # per test, the libraries in the order given
         if any(r[key][1] is None for r in rounds):
             continue
@@ -99,7 +119,6 @@ def main() -> int:
         ratio = _spread(ratios)
         name, label = key
         row = {"test": name, "lib": label or libs[0], "ours": o, "llama_cpp": t, "ratio": ratio, "ratios": ratios}
-        fmt = lambda v, p=1: f"{v['median']:.{p}f} [{v['min']:.{p}f}-{v['max']:.{p}f}]"  # noqa: E731
         line = f"{(name + ' ' + label).strip():<{width}}{fmt(o):>28}{fmt(t):>28}{fmt(ratio, 2):>24}"
         if all(r[key][2] is not None for r in rounds) and a.hf_python:
             h = rounds[0][key][2] if a.rounds == 1 else _spread([r[key][2]["median"] for r in rounds])
@@ -107,11 +126,20 @@ def main() -> int:
             hf_ratios = [r[key][0]["median"] / r[key][2]["median"] for r in rounds]
             row.update(hf=h, hf_ratio=_spread(hf_ratios), hf_ratios=hf_ratios)
             line += f"{fmt(h):>28}{fmt(row['hf_ratio'], 2):>24}"
+        if bws and name.startswith("tg"):
+            shares = [r[key][0]["median"] * nbytes / (bw[1] * 1e9) for r, bw in zip(rounds, bws)]
+            row.update(ceiling_share=_spread(shares), ceiling_shares=shares)
+            line += f"   {fmt(row['ceiling_share'], 2)} of the bandwidth ceiling"
         table.append(row)
         print(line)
+    if bws:
+        mem = _spread([b[0] for b in bws])
+        print(f"bandwidth over the rounds: {fmt(mem)} GB/s (1 GB), "
+              f"{fmt(_spread([b[1] for b in bws]))} GB/s ({nbytes / 1e6:.0f} MB); weights {nbytes / 1e6:.1f} MB")
     if a.result_json:
         meta = {"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds,
-                "hf_dtype": a.hf_dtype if a.hf_python else None}
+                "hf_dtype": a.hf_dtype if a.hf_python else None, "weight_bytes": nbytes,
+                "bandwidth_GBps": [{"memory": b[0], "weights_size": b[1]} for b in bws]}
         Path(a.result_json).write_text(json.dumps({**meta, "rows": table}, indent=2))
     return 0
 

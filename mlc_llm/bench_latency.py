@@ -23,8 +23,12 @@ from typing import Any, Optional
 
 
 def weight_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weights a decode step reads: all of them, except an embedding table that is not also the
+    lm_head (a step gathers one of its rows)."""
     index = json.loads((Path(model_dir) / "tensor-cache.json").read_text(encoding="utf-8"))
-    return sum(int(shard["nbytes"]) for shard in index["records"])
+    params = [(p["name"], int(p["nbytes"])) for shard in index["records"] for p in shard["records"]]
+    untied = any(name.startswith("lm_head.") for name, _ in params)
+    return sum(n for name, n in params if not (untied and "embed_tokens." in name))
 
 
 def _spread(values: list[float]) -> dict[str, float]:

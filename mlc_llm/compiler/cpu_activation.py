@@ -17,6 +17,7 @@ import functools
 import tvm
 from tvm.script import tirx as T
 
+from .cpu.tasks import SERIAL_ROWS
 from .cpu.text import parse
 from .cpu.vecmath import silu_mul_expr
 
@@ -29,10 +30,16 @@ def main(x_h: T.handle, y_h: T.handle):
     x = T.match_buffer(x_h, (b, s, T.int64({two_i})), "{dtype}")
     y = T.match_buffer(y_h, (b, s, T.int64({i})), "{dtype}")
     with T.sblock("root"):
-        for r in T.parallel(b * s):
-            for c in range({chunks}):
-                for l in T.vectorized(16):
-                    y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
+        if b * s < T.int64({serial}):
+            for r in range(b * s):
+                for c in range({chunks}):
+                    for l in T.vectorized(16):
+                        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
+        else:
+            for r in T.parallel(b * s):
+                for c in range({chunks}):
+                    for l in T.vectorized(16):
+                        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
 """
 
 
@@ -49,7 +56,7 @@ def silu_mul_kernel(intermediate: int, dtype: str, act: str = "silu") -> tvm.tir
         raise ValueError(f"intermediate size {intermediate} is not a multiple of 16")
     act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]", act)
     return parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, chunks=intermediate // 16, dtype=dtype,
-                                  act=act))
+                                  act=act, serial=SERIAL_ROWS))
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +94,7 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str) -> tvm.tirx.PrimFunc:
         x = T.match_buffer(x_h, (b, s, T.int64(hidden)), dtype)
         y = T.match_buffer(y_h, (b, s, T.int64(hidden)), dtype)
         with T.sblock("root"):
-            if b * s < T.int64(4):  # a few rows: waking the thread pool costs more than the rows
+            if b * s < T.int64(SERIAL_ROWS):
                 for r in range(b * s):
                     row(x, w, y, r, s)
             else:

@@ -33,6 +33,7 @@ from tvm.script import tirx as T
 
 from .cpu import tasks as cpu_tasks
 from .cpu.amx import AMX_REQUEST, bf16_parts, intrin, tile_config
+from .cpu.tasks import SERIAL_ROWS
 from .cpu.text import indent, parse, prefetch
 from .cpu.vecmath import LOG2E, exp2, halve
 
@@ -626,6 +627,29 @@ def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
         else:
             k[s, h - hq, col] = T.Cast(dtype, value)
 
+    @T.macro
+    def token(qkv, position_map, q, k, v, freq, s, apply_rope):
+        cs = T.alloc_buffer((2, half), "float32", scope="global")
+        for i in range(half):
+            cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
+            cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
+        for h in range(hq + hkv):
+            if apply_rope > 0:
+                for i in T.vectorized(half):
+                    store(q, k, s, h, i, cs[0, i] * T.Cast("float32", qkv[s, h, i]) +
+                          cs[1, i] * -T.Cast("float32", qkv[s, h, i + half]))
+                    store(q, k, s, h, i + half, cs[0, i] * T.Cast("float32", qkv[s, h, i + half]) +
+                          cs[1, i] * T.Cast("float32", qkv[s, h, i]))
+                if rot < d:  # dims past rotary_dim are copied (a Python condition: decided when built)
+                    for i in T.vectorized(d - rot):
+                        store(q, k, s, h, i + rot, T.Cast("float32", qkv[s, h, i + rot]))
+            else:
+                for i in T.vectorized(d):
+                    store(q, k, s, h, i, T.Cast("float32", qkv[s, h, i]))
+        for h in range(hkv):
+            for i in T.vectorized(d):
+                v[s, h, i] = qkv[s, hq + hkv + h, i]
+
     @T.prim_func(s_tir=True)
     def main(var_qkv: T.handle, var_position_map: T.handle, var_q: T.handle, var_k: T.handle, var_v: T.handle,
              apply_rope: T.int64):
@@ -640,27 +664,12 @@ def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, 
         freq = T.alloc_buffer((half,), "float32", scope="global")
         for i in range(half):
             freq[i] = T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(rot))
-        for s in T.parallel(seq_len):
-            cs = T.alloc_buffer((2, half), "float32", scope="global")
-            for i in range(half):
-                cs[0, i] = T.cos(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
-                cs[1, i] = T.sin(T.Cast("float32", position_map[s]) * T.float32(scale) / freq[i])
-            for h in range(hq + hkv):
-                if apply_rope > 0:
-                    for i in T.vectorized(half):
-                        store(q, k, s, h, i, cs[0, i] * T.Cast("float32", qkv[s, h, i]) +
-                              cs[1, i] * -T.Cast("float32", qkv[s, h, i + half]))
-                        store(q, k, s, h, i + half, cs[0, i] * T.Cast("float32", qkv[s, h, i + half]) +
-                              cs[1, i] * T.Cast("float32", qkv[s, h, i]))
-                    if rot < d:  # dims past rotary_dim are copied (a Python condition: decided when built)
-                        for i in T.vectorized(d - rot):
-                            store(q, k, s, h, i + rot, T.Cast("float32", qkv[s, h, i + rot]))
-                else:
-                    for i in T.vectorized(d):
-                        store(q, k, s, h, i, T.Cast("float32", qkv[s, h, i]))
-            for h in range(hkv):
-                for i in T.vectorized(d):
-                    v[s, h, i] = qkv[s, hq + hkv + h, i]
+        if seq_len < SERIAL_ROWS:
+            for s in range(seq_len):
+                token(qkv, position_map, q, k, v, freq, s, apply_rope)
+        else:
+            for s in T.parallel(seq_len):
+                token(qkv, position_map, q, k, v, freq, s, apply_rope)
 
     return main
 

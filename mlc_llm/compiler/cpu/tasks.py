@@ -17,6 +17,10 @@ import textwrap
 
 from .text import indent
 
+# Kernels over rows (tokens, sequences) run fewer rows than this on the calling thread: waking the pool's threads
+# costs more than a decode step's one row.
+SERIAL_ROWS = 4
+
 FETCH_ADD = "mlc_atomic_fetch_add_i32"
 LOAD = "mlc_atomic_load_i32"
 _IR = f"""define i32 @{FETCH_ADD}(ptr %p, i32 %v) {{
