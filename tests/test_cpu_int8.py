@@ -104,3 +104,18 @@ def test_int8_replaces_the_decode_kernels_only(tmp_path):
     gen_config(str(tmp_path / "hf"), "q4f32_1", "chatml", tmp_path / "nk")
     with pytest.raises(CompileError, match="q4f32_cpu weights"):
         optimized_module(tmp_path / "nk", "cpu", decode_precision="int8")
+
+
+def test_software_prefetch_follows_the_target():
+    """The decode GEMVs prefetch ahead in software on Intel targets and not on AMD Zen (where it made decode
+    slower): both the float32 and the int8 kernels, as the compiler picks them."""
+    from mlc_llm.compiler import cpu_q4_blocked
+
+    intel = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": "sapphirerapids"})
+    amd = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu", "mcpu": "znver4"})
+    assert cpu_q4_blocked.prefetch_pays(intel) and not cpu_q4_blocked.prefetch_pays(amd)
+    for ahead in (True, False):
+        kernels = [cpu_q4_blocked.blocked_kernel(576, 1536, "b1", True, prefetch_ahead=ahead),
+                   cpu_q4_int8.decode_kernel(576, 1536, True, prefetch_ahead=ahead)]
+        for func in kernels:
+            assert ("llvm.prefetch" in func.script()) == ahead

@@ -39,7 +39,7 @@ BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 PLANS = ((1, 4), (4, 4))
 
 # Groups of 32 K-values prefetched ahead (1 KB of words + 256 B of scales each): the hardware prefetcher stops at
-# 4 KB pages.
+# 4 KB pages. Only where it pays (`prefetch_pays`).
 PREFETCH_GROUPS = 4
 
 # Prefill (R >= PANEL_MIN rows): a task dequantizes its 64-row block once into a float32 panel [K, 64] and runs a
@@ -82,11 +82,7 @@ for bi in T.unroll({t}):
         for l in T.vectorized(16):
             acc[bi, v * 16 + l] = T.float32(0)
 for g in range(T.int64({g})):
-    for c in T.unroll(16):
-        {prefetch_qw}
-    for c in T.unroll(4):
-        {prefetch_qs}
-    for bi in T.unroll({t}):
+{prefetch}    for bi in T.unroll({t}):
         for rr in T.vectorized(32):
             xs[bi, rr] = x[{xrow}, g * 32 + rr] * T.reinterpret("float32", T.shift_left(T.Cast("uint32", 127 - 4 * (rr % 8)), T.uint32(23)))
         for l in T.vectorized(16):
@@ -288,18 +284,25 @@ def _res_plus(residual, layout: str, row: str, col: str) -> str:
     return res + " + " if res else ""
 
 
-def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int) -> str:
+def prefetch_pays(target: tvm.target.Target) -> bool:
+    """Whether the decode GEMVs prefetch the groups ahead in software: faster on the Intel VMs, slower on AMD Zen 4
+    (the whole decode step 1.1-1.2x without; docs/BENCHMARKS.md)."""
+    return not str(target.attrs.get("mcpu", "")).startswith("znver")
+
+
+def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int, prefetch_ahead: bool = True) -> str:
     """Buffers and loops for row tiles of `t` rows, 16*v output rows per pass."""
     rows = _shapes(layout)[2]
     pr = 16 * v
     row = f"T.min(bo * {t} + bi, {rows} - T.int64(1))" if t > 1 else "T.int64(0)"
     out = f"bo * {t} + bi" if t > 1 else "T.int64(0)"
     col = f"blk * {BLOCK} + p * {pr} + i"
+    qw_ahead = prefetch(f"qw[blk, g * 4 + {4 * PREFETCH_GROUPS} + c // 4, (c % 4) * 16]")
+    qs_ahead = prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]")
+    ahead = f"for c in T.unroll(16):\n    {qw_ahead}\nfor c in T.unroll(4):\n    {qs_ahead}"
     body = _PASS.format(
-        t=t, v=v, pr=pr, g=k // 32,
-        prefetch_qw=prefetch(f"qw[blk, g * 4 + {4 * PREFETCH_GROUPS} + c // 4, (c % 4) * 16]"),
-        prefetch_qs=prefetch(f"qs[blk, g + {PREFETCH_GROUPS}, c * 16]"), xrow=_index(layout, row, "0").rsplit(",", 1)[0],
-        xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
+        t=t, v=v, pr=pr, g=k // 32, prefetch=indent(ahead, 1) if prefetch_ahead else "",
+        xrow=_index(layout, row, "0").rsplit(",", 1)[0], xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
     )
     write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=_res_plus(residual, layout, out, col))
     if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
@@ -328,14 +331,14 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
 
 
 def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
-                   amx: bool = False, precision: str = "f32", silu: bool = False) -> str:
+                   amx: bool = False, precision: str = "f32", silu: bool = False, prefetch_ahead: bool = True) -> str:
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
     (task = chunk * blocks + block) the decode paths were slower (bench/gemv_batched.py).
     `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
     `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback. `silu`: see
-    `fused_silu_kernel`."""
+    `fused_silu_kernel`. `prefetch_ahead`: software prefetch in the GEMV paths (`prefetch_pays`)."""
     rows = _shapes(layout)[2]
     nb = n // BLOCK
     if silu:
@@ -346,18 +349,19 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
     def into_scratch(code: str) -> str:  # (silu) a path writing gu instead of y, then the activation
         return scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if layout == "11":
-        code = f"for blk in T.parallel(T.int64({nb})):\n" + indent(_plan(n, k, layout, residual, *plans[0]), 1)
+        code = f"for blk in T.parallel(T.int64({nb})):\n" + indent(_plan(n, k, layout, residual, *plans[0],
+                                                                          prefetch_ahead), 1)
         if silu:
             code = into_scratch(code)
         return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
-    branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0]))]
-    branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v)) for t, v in plans[1:-1]]
+    branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0], prefetch_ahead))]
+    branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v, prefetch_ahead)) for t, v in plans[1:-1]]
     code, level = "", 2
     for op, bound, nest in branches:
         code += indent(f"if {rows} {op} {bound}:", level) + indent(nest, level + 1)
         code += indent("else:", level)
         level += 1
-    code += indent(_plan(n, k, layout, residual, *plans[-1]), level)
+    code += indent(_plan(n, k, layout, residual, *plans[-1], prefetch_ahead), level)
     small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
     if silu:
         small = into_scratch(small)
@@ -398,24 +402,28 @@ def _silu_header(src: str, n: int, layout: str, silu: bool) -> str:
     return src.replace(old, f'y = T.match_buffer(y_h, ({xs}, T.int64({n // 2})), "float32")')
 
 
-def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS,
-                   panel_min: int = PANEL_MIN, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
-    return parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision))
+def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
+                   amx: bool = False, precision: str = "f32", prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
+    return parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision,
+                                prefetch_ahead=prefetch_ahead))
 
 
-def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision: str = "f32") -> tvm.tirx.PrimFunc:
+def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision: str = "f32",
+                      prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
     """The gate_up layer (N = 2I rows: gate then up, I a multiple of 64) and the gated activation in one kernel:
     y [rows, I] = silu(x . gate^T) * (x . up^T), the `silu_mul_kernel` formula. On AMX (from PANEL_MIN rows) a task
     computes gate block b and up block b + I/64 and writes their product: the [rows, 2I] intermediate is never
     written or read again (at 512 rows the plain kernel spends ~1/4 of its time writing it, and the activation
     kernel reads it back). Below PANEL_MIN rows, without AMX, or where Linux refuses the AMX state: the blocked
     kernel's paths into a scratch, then the activation."""
-    return parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True))
+    return parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True,
+                                prefetch_ahead=prefetch_ahead))
 
 
-def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False,
-                              precision: str = "f32") -> Optional[tvm.tirx.PrimFunc]:
+def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False, precision: str = "f32",
+                              prefetch_ahead: bool = True) -> Optional[tvm.tirx.PrimFunc]:
     """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None.
     `amx`: prefill rows on AMX tiles (`has_amx(target)`) in `precision`."""
-    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx, precision=precision),
+    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx, precision=precision,
+                                                                           prefetch_ahead=prefetch_ahead),
                                   "q4_blocked64")

@@ -1,12 +1,14 @@
 """Decode GEMVs with int8 activations on AVX512-VNNI: the `decode_precision: int8` option of the q4f32_cpu kernels.
 
-The float32 decode kernel (`cpu_q4_blocked.py`) spends and + convert + FMA on every 16 weights and is limited by
-those instructions, not by memory. Here each row of x is quantized per group of 32 K-values (scale max|x| / 127,
-round to nearest even, as llama.cpp's q8_0), and one `vpdpbusd` multiplies 64 unsigned weight nibbles by 64 signed
-int8 activations and adds them 4 by 4 into 16 int32 lanes. The weights need no conversion: in a word of the blocked
-layout (8 K-values of one row, nibble j = k + j), `w & 0x0F0F0F0F` holds the bytes of k, k+2, k+4, k+6 and
-`(w >> 4) & 0x0F0F0F0F` those of k+1, k+3, k+5, k+7, so x is packed in that order (two int32 per word). Per group
-and row: y += s_w * s_x * (sum(q * xq) - 7 * sum(xq)) in float32.
+The float32 decode kernel (`cpu_q4_blocked.py`) spends and + convert + FMA on every 16 weights: about as fast as
+two cores stream memory, so slower than the memory of larger machines. Here each row of x is quantized per group of
+32 K-values (scale max|x| / 127, round to nearest even, as llama.cpp's q8_0), and one `vpdpbusd` multiplies 64
+unsigned weight nibbles by 64 signed int8 activations and adds them 4 by 4 into 16 int32 lanes: ~3.5x fewer
+instructions per weight. The weights need no conversion: a word of the blocked layout holds K-values k .. k+7 of one
+row (nibble j: k + j), so `w & 0x0F0F0F0F` has the bytes of k, k+2, k+4, k+6 and `(w >> 4) & 0x0F0F0F0F` those of
+k+1, k+3, k+5, k+7, and x is packed in that order (two int32 per word). Per group
+and row: y += s_w * s_x * (sum(q * xq) - 7 * sum(xq)) in float32. Software prefetch of the groups ahead as the
+float32 kernel, where it pays (`cpu_q4_blocked.prefetch_pays`).
 
 Every decode row is computed the same way whatever the batch (one row, or tiles of ROW_TILE rows sharing the
 unpacked weights, rows clamped on read and skipped on write), so a sequence's logits do not depend on its batch.
@@ -25,7 +27,7 @@ from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
 ROW_TILE = 4  # rows of x per pass when the batch has more than one
-PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead, as the float32 kernel
+PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead (with prefetch_ahead), as the float32 kernel
 PRECISIONS = ("f32", "int8")  # decode precisions: the float32 kernels of cpu_q4_blocked.py, or these
 
 
@@ -36,15 +38,16 @@ def supported(target: tvm.target.Target) -> bool:
 
 def _dpbusd(acc, weights, x_word):
     """acc (int32x16) + the dot products of 4 unsigned bytes of `weights` (uint32x16) with 4 signed bytes of the
-    int32 `x_word`, lane by lane."""
+    int32 `x_word`, lane by lane. The byte operands are int8x64 (LLVM 22's signature of the intrinsic)."""
     return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
                                    T.reinterpret("int8x64", weights), T.reinterpret("int8x64", T.Broadcast(x_word, 16)))
 
 
 @functools.lru_cache(maxsize=None)
-def decode_kernel(n: int, k: int, residual=False) -> tvm.tirx.PrimFunc:
+def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
     """y [R, 1, N] = x [R, 1, K] . w^T (+ r [R, 1, N] if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights
-    (`qw uint32[N/64, K/8, 64]`, `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32."""
+    (`qw uint32[N/64, K/8, 64]`, `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32.
+    `prefetch_ahead`: prefetch the words and scales PREFETCH_GROUPS groups ahead in software."""
     if n % BLOCK or k % 32:
         raise ValueError(f"int8 decode GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
     nb, groups, words = n // BLOCK, k // 32, k // 8
@@ -84,9 +87,14 @@ def decode_kernel(n: int, k: int, residual=False) -> tvm.tirx.PrimFunc:
             for l in T.vectorized(64):
                 acc[bi, l] = T.float32(0)
         for g in range(T.int64(groups)):
-            for c in T.unroll(16):  # the next groups' words (1 KB each) past the 4 KB pages the prefetcher follows
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                    qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]), T.int32(0), T.int32(3), T.int32(1)))
+            if prefetch_ahead:  # a Python condition: decided when built
+                for c in T.unroll(16):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]), T.int32(0), T.int32(3),
+                        T.int32(1)))
+                for c in T.unroll(4):
+                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
+                        qs[blk, g + PREFETCH_GROUPS, c * 16]), T.int32(0), T.int32(3), T.int32(1)))
             for bi in T.unroll(T.int64(t)):
                 for l in T.vectorized(64):
                     acci[bi, l] = 0
@@ -166,11 +174,12 @@ def decode_kernel(n: int, k: int, residual=False) -> tvm.tirx.PrimFunc:
     return plain
 
 
-def replace_decode_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
+def replace_decode_matmul(func: tvm.tirx.PrimFunc, prefetch_ahead: bool = True) -> Optional[tvm.tirx.PrimFunc]:
     """The int8 kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) decode kernel (x of [B, 1, K]),
     else None."""
     sig = cpu_gemv._signature(func, BLOCK)
     if sig is None or sig[2] != "b1":
         return None
-    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, _layout, residual: decode_kernel(n, k, residual),
+    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, _layout, residual: decode_kernel(n, k, residual,
+                                                                                           prefetch_ahead),
                                   "q4_blocked64_int8")

@@ -90,7 +90,7 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
     if decode_precision == "int8" and not cpu_q4_int8.supported(target):
         raise ValueError(f"decode precision int8 needs AVX512-VNNI, which target {target} lacks (Xeons since "
                          "Cascade Lake and AMD Zen 4 have it); use f32")
-    amx = has_amx(target)
+    amx, prefetch_ahead = has_amx(target), cpu_q4_blocked.prefetch_pays(target)
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
     def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -99,8 +99,10 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = cpu_q4_int8.replace_decode_matmul(func) if decode_precision == "int8" else None
-                scheduled = scheduled or cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision)
+                scheduled = (cpu_q4_int8.replace_decode_matmul(func, prefetch_ahead) if decode_precision == "int8"
+                             else None)
+                scheduled = scheduled or cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision,
+                                                                                  prefetch_ahead)
                 if scheduled is not None:
                     blocked[gv] = cpu_gemv._signature(func, cpu_q4_blocked.BLOCK)
                 scheduled = scheduled or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func)
@@ -112,7 +114,7 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
         for gv, func in updates.items():
             mod[gv] = func
         if amx:
-            mod = fuse_gate_up_silu(mod, blocked, prefill_precision)
+            mod = fuse_gate_up_silu(mod, blocked, prefill_precision, prefetch_ahead)
         return mod
 
     return schedule
@@ -120,7 +122,8 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
 
 
 
-def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") -> tvm.IRModule:
+def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32",
+                      prefetch_ahead: bool = True) -> tvm.IRModule:
     """In prefill calls (rows as [1, R, K]: layout "1s"), a blocked gate_up GEMM (`blocked`: GlobalVar -> its
     (N, K, layout, residual)) whose output only feeds the activation kernel becomes one call of
     `cpu_q4_blocked.fused_silu_kernel` (AMX targets: its tiles write silu(gate) * up directly). Decode calls keep the
@@ -134,7 +137,8 @@ def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32") 
     def fused_gv(gv):
         if gv not in fused:
             n, k, layout, _ = blocked[gv]
-            kernel = cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=True, precision=precision)
+            kernel = cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=True, precision=precision,
+                                                      prefetch_ahead=prefetch_ahead)
             fused[gv] = bb.add_func(kernel.with_attr(cpu_gemv.KERNEL_ATTR, "q4_blocked64_silu"),
                                     f"{gv.name_hint}_silu")
         return fused[gv]
