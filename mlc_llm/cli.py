@@ -50,7 +50,9 @@ def cmd_compile(a) -> None:
     from .steps.compile import compile_model
 
     overrides = _parse_compile_overrides(a.overrides) if a.overrides else None
-    suffix = "".join(f"-{p}" for p in (a.prefill_precision, a.decode_precision) if p != "f32")
+    from .config.schema import library_suffix
+
+    suffix = library_suffix(a.prefill_precision, a.decode_precision)
     output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}{suffix}.so")
     path = compile_model(a.model, a.device, output, overrides=overrides, prefill_precision=a.prefill_precision,
                          decode_precision=a.decode_precision)
@@ -276,13 +278,14 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="folder with mlc-chat-config.json")
     m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:sm_XX")
     m.add_argument("--overrides", help='"context_window_size=N;prefill_chunk_size=N;max_batch_size=N"')
-    m.add_argument("--prefill-precision", default="f32", choices=["f32", "bf16"],
-                   help="CPU with AMX: prefill GEMMs with float32-level accuracy (f32, default) or on bfloat16-rounded "
-                        "inputs (bf16: ~1.5x faster prefill, logits within ~0.2)")
+    m.add_argument("--prefill-precision", default="f32", choices=["f32", "bf16", "int8"],
+                   help="CPU: prefill GEMMs with float32-level accuracy (f32, default), on bfloat16-rounded inputs "
+                        "(bf16, CPUs with AMX: ~1.5x faster prefill, logits within ~0.2) or on int8 activations (int8, "
+                        "AVX512-VNNI: logits within ~1%%)")
     m.add_argument("--decode-precision", default="f32", choices=["f32", "int8"],
                    help="CPU with AVX512-VNNI: decode GEMVs with float32 activations (f32, default) or int8 ones "
                         "quantized per 32 values (int8: faster decode, logits within ~1%%)")
-    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16][-int8].so)")
+    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16|-prefill-int8][-int8].so)")
     m.set_defaults(func=cmd_compile)
 
     b = sub.add_parser("build", help="build a deployment's artifacts through the Snakemake pipeline")

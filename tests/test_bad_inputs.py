@@ -36,7 +36,7 @@ def _err(r) -> str:
      "models--meta-llama--Meta-Llama-3-8B-Instruct/snapshots"),
     (["compile", "{tmp}", "--device", "cuda12", "-o", "{tmp}/x.so"], "no mlc-chat-config.json"),
     (["compile", "{tmp}", "--device", "cuda", "--prefill-precision", "bf16", "-o", "{tmp}/x.so"],
-     "prefill precision bf16 is an option of the CPU kernels (AMX prefill GEMMs); device 'cuda' takes f32 only"),
+     "prefill precision bf16 is an option of the CPU kernels (AMX / VNNI prefill GEMMs); device 'cuda' takes f32 only"),
     (["build", "smollm2_cpu", "device.prefill_precision=bf8"],
      "device.prefill_precision: 'bf8' is not one of f32, bf16"),
     (["compile", "{tmp}", "--device", "cuda", "--decode-precision", "int8", "-o", "{tmp}/x.so"],

@@ -99,7 +99,7 @@ def test_int8_decode_gemv_compiles_to_vnni_on_any_host():
     assert not cpu_q4_int8.supported(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-unknown-linux-gnu",
                                                         "mcpu": "skylake-avx512"}))
     for residual in (False, True, cpu_gemv.BIAS):
-        func = cpu_q4_int8.decode_kernel(1152, 896, residual).with_attr("global_symbol", "main")
+        func = cpu_q4_int8.gemv_kernel(1152, 896, "b1", residual).with_attr("global_symbol", "main")
         lib = tvm.compile(tvm.IRModule({"main": func}), target=AMX_TARGET)
         mod = lib.mod if hasattr(lib, "mod") else lib
         asm = mod.inspect_source("asm")

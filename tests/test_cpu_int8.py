@@ -31,42 +31,49 @@ def int8_reference(x: np.ndarray, q: np.ndarray, s: np.ndarray, k: int) -> np.nd
     return (dots * s.astype(np.float64)[None] * x_scale[:, None, :]).sum(-1)
 
 
-def _run(func, args, rows: int, n: int) -> np.ndarray:
+def _run(func, args, rows: int, n: int, layout: str) -> np.ndarray:
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
-    out = tvm.runtime.tensor(np.full((rows, 1, n), np.nan, np.float32))
+    out = tvm.runtime.tensor(np.full(_shape(layout, rows, n), np.nan, np.float32))
     lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
-    return out.numpy()[:, 0]
+    return out.numpy().reshape(rows, n)
+
+
+def _shape(layout: str, rows: int, width: int) -> tuple[int, int, int]:
+    return (rows, 1, width) if layout == "b1" else (1, rows, width)
 
 
 @pytest.mark.vnni
+@pytest.mark.parametrize("layout", ["b1", "1s"])
 @pytest.mark.parametrize("n,k,residual", [(960, 576, False), (3072, 576, False), (576, 1536, True),
                                           (1152, 896, cpu_gemv.BIAS)])
-def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual):
-    """Rows 1 (its own path), 3, 4 and 9 (tiles of 4, the last one partial); one all-zero group and one all-zero row
-    (scale 0: the output is the epilogue alone). Within float32 rounding of the int8 reference, within the
-    quantization's error of the exact product, and every row bit for bit what it is in a batch of one."""
+def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual, layout):
+    """Rows (decode "b1": [R, 1, K]; prefill "1s": [1, R, K]) 1 (its own path), 3, 4, 9 and 37 (tiles of 4, the last
+    one partial); one all-zero group and one all-zero row (scale 0: the output is the epilogue alone). Within float32
+    rounding of the int8 reference, within the quantization's error of the exact product, and every row bit for bit
+    what it is in a batch of one."""
     rng = np.random.default_rng(n + k)
     q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
     w = dequantize_q4(q, s, k).astype(np.float64)
-    func = cpu_q4_int8.decode_kernel(n, k, residual)
-    for rows in (1, 3, 4, 9):
-        x = rng.standard_normal((rows, 1, k)).astype(np.float32)
-        x[0, 0, 32:64] = 0
+    func = cpu_q4_int8.gemv_kernel(n, k, layout, residual)
+    for rows in (1, 3, 4, 9, 37):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        x[0, 32:64] = 0
         if rows > 1:
             x[1] = 0
-        r = rng.standard_normal((n,) if residual == cpu_gemv.BIAS else (rows, 1, n)).astype(np.float32)
-        add = r if residual == cpu_gemv.BIAS else r[:, 0] if residual else 0
-        args = (block_rows(q), block_rows(s), x) + ((r,) if residual else ())
-        y = _run(func, args, rows, n)
-        exact = x[:, 0].astype(np.float64) @ w.T + add
+        r = rng.standard_normal((n,) if residual == cpu_gemv.BIAS else (rows, n)).astype(np.float32)
+        add = r if residual else 0
+        as_arg = lambda a: a.reshape(_shape(layout, a.shape[0], a.shape[1]))  # noqa: E731
+        res = (r if residual == cpu_gemv.BIAS else as_arg(r),) if residual else ()
+        y = _run(func, (block_rows(q), block_rows(s), as_arg(x)) + res, rows, n, layout)
+        exact = x.astype(np.float64) @ w.T + add
         scale = np.abs(exact).max()
-        assert np.abs(y - (int8_reference(x[:, 0], q, s, k) + add)).max() < 2e-6 * scale, rows
+        assert np.abs(y - (int8_reference(x, q, s, k) + add)).max() < 2e-6 * scale, rows
         err = np.abs(y - exact).max() / scale
         assert 1e-4 < err < 2e-2, (rows, err)  # int8 activations: not the float32 result, close to it
         if rows > 1:
             np.testing.assert_array_equal(y[1], np.broadcast_to(add, (rows, n))[1])
-            one = _run(func, (block_rows(q), block_rows(s), x[:1]) + (
-                (r if residual == cpu_gemv.BIAS else r[:1],) if residual else ()), 1, n)
+            res1 = (r if residual == cpu_gemv.BIAS else as_arg(r[:1]),) if residual else ()
+            one = _run(func, (block_rows(q), block_rows(s), as_arg(x[:1])) + res1, 1, n, layout)
             np.testing.assert_array_equal(y[0], one[0])
 
 
@@ -79,28 +86,33 @@ def test_int8_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="needs AVX512-VNNI"):
         schedule_cpu_matmuls(no_vnni, "f32", "int8")
     with pytest.raises(ValueError, match="N % 64 == 0"):
-        cpu_q4_int8.decode_kernel(100, 64)
+        cpu_q4_int8.gemv_kernel(100, 64)
 
 
 @pytest.mark.vnni
-def test_int8_replaces_the_decode_kernels_only(tmp_path):
-    """With decode_precision int8, every blocked linear layer of the decode functions (x of [B, 1, K]) gets the int8
-    kernel; prefill keeps the float32 blocked kernel; a non-blocked quantization is refused."""
+@pytest.mark.parametrize("prefill,decode", [("f32", "int8"), ("int8", "f32"), ("int8", "int8")])
+def test_int8_replaces_the_kernels_of_its_phase(tmp_path, prefill, decode):
+    """With decode_precision int8 every blocked linear layer of the decode functions (x of [B, 1, K]) gets the int8
+    kernel, with prefill_precision int8 every one of the prefill functions ([1, S, K]); the other phase keeps the
+    float32 blocked kernel; a non-blocked quantization is refused."""
     from mlc_llm.steps.compile import CompileError, optimized_module
     from mlc_llm.steps.gen_config import gen_config
 
     write_tiny_hf(tmp_path / "hf")
     gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "out")
-    mod, _ = optimized_module(tmp_path / "out", "cpu", decode_precision="int8")
+    mod, _ = optimized_module(tmp_path / "out", "cpu", prefill_precision=prefill, decode_precision=decode)
     marks = {}
     for gv, f in mod.functions.items():
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get(cpu_gemv.KERNEL_ATTR, "").startswith("q4_blocked64"):
             marks[gv] = f.attrs[cpu_gemv.KERNEL_ATTR]
     int8 = {gv for gv, m in marks.items() if m == "q4_blocked64_int8"}
-    assert int8 and int8 != set(marks)
     calls = lambda fn: {gv for gv in marks if f"R.call_tir({gv.name_hint}," in mod[fn].script()}  # noqa: E731
-    assert calls("batch_decode") and calls("batch_decode") <= int8
-    assert calls("batch_prefill") and not calls("batch_prefill") & int8
+    for fn, precision in (("batch_decode", decode), ("batch_prefill", prefill)):
+        assert calls(fn), fn
+        if precision == "int8":  # the prefill's last-token lm_head ([1, 1, K]) stays float32
+            assert len(calls(fn) & int8) >= len(calls(fn)) - 1, fn
+        else:
+            assert not calls(fn) & int8, fn
     gen_config(str(tmp_path / "hf"), "q4f32_1", "chatml", tmp_path / "nk")
     with pytest.raises(CompileError, match="q4f32_cpu weights"):
         optimized_module(tmp_path / "nk", "cpu", decode_precision="int8")
@@ -116,6 +128,6 @@ def test_software_prefetch_follows_the_target():
     assert cpu_q4_blocked.prefetch_pays(intel) and not cpu_q4_blocked.prefetch_pays(amd)
     for ahead in (True, False):
         kernels = [cpu_q4_blocked.blocked_kernel(576, 1536, "b1", True, prefetch_ahead=ahead),
-                   cpu_q4_int8.decode_kernel(576, 1536, True, prefetch_ahead=ahead)]
+                   cpu_q4_int8.gemv_kernel(576, 1536, "b1", True, prefetch_ahead=ahead)]
         for func in kernels:
             assert ("llvm.prefetch" in func.script()) == ahead

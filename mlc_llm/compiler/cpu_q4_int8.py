@@ -1,4 +1,5 @@
-"""Decode GEMVs with int8 activations on AVX512-VNNI: the `decode_precision: int8` option of the q4f32_cpu kernels.
+"""GEMVs / GEMMs with int8 activations on AVX512-VNNI: the `decode_precision: int8` and `prefill_precision: int8`
+options of the q4f32_cpu kernels.
 
 The float32 decode kernel (`cpu_q4_blocked.py`) spends and + convert + FMA on every 16 weights: about as fast as
 two cores stream memory, so slower than the memory of larger machines. Here each row of x is quantized per group of
@@ -10,9 +11,10 @@ k+1, k+3, k+5, k+7, and x is packed in that order (two int32 per word). Per grou
 and row: y += s_w * s_x * (sum(q * xq) - 7 * sum(xq)) in float32. Software prefetch of the groups ahead as the
 float32 kernel, where it pays (`cpu_q4_blocked.prefetch_pays`).
 
-Every decode row is computed the same way whatever the batch (one row, or tiles of ROW_TILE rows sharing the
-unpacked weights, rows clamped on read and skipped on write), so a sequence's logits do not depend on its batch.
-Only the decode kernels (x of [B, 1, K]) take it; prefill keeps `prefill_precision`.
+Every row is computed the same way whatever the batch (one row, or tiles of ROW_TILE rows sharing the unpacked
+weights, rows clamped on read and skipped on write), so a sequence's logits do not depend on its batch. The compiler
+gives them the decode kernels (x of [B, 1, K]) with decode_precision int8, the prefill ones ([1, S, K]) with
+prefill_precision int8.
 """
 from __future__ import annotations
 
@@ -44,13 +46,19 @@ def _dpbusd(acc, weights, x_word):
 
 
 @functools.lru_cache(maxsize=None)
-def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
-    """y [R, 1, N] = x [R, 1, K] . w^T (+ r [R, 1, N] if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights
-    (`qw uint32[N/64, K/8, 64]`, `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32.
-    `prefetch_ahead`: prefetch the words and scales PREFETCH_GROUPS groups ahead in software."""
+def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
+    """y = x . w^T (+ r if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights (`qw uint32[N/64, K/8, 64]`,
+    `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32; rows of x, y, r on axis 0 ([R, 1, K]: decode,
+    `layout` "b1") or 1 ([1, R, K]: prefill, "1s"). `prefetch_ahead`: prefetch the words and scales PREFETCH_GROUPS
+    groups ahead in software."""
+    if layout not in ("b1", "1s"):
+        raise ValueError(f"int8 GEMV layout '{layout}' is not b1 or 1s")
     if n % BLOCK or k % 32:
         raise ValueError(f"int8 decode GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
     nb, groups, words = n // BLOCK, k // 32, k // 8
+
+    def shape(rows, width):
+        return (rows, 1, width) if layout == "b1" else (1, rows, width)
     mask = T.Broadcast(T.uint32(0x0F0F0F0F), 16)
     four = T.Broadcast(T.uint32(4), 16)
 
@@ -61,13 +69,13 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
         xq = T.alloc_buffer((32,), "int32", scope="global")
         for g in range(T.int64(groups)):
             for l in T.vectorized(16):
-                mx[l] = T.max(T.fabs(x[r, 0, g * 32 + l]), T.fabs(x[r, 0, g * 32 + 16 + l]))
+                mx[l] = T.max(T.fabs(x[r, g * 32 + l]), T.fabs(x[r, g * 32 + 16 + l]))
             for h in range(15):
                 mx[14 - h] = T.max(mx[14 - h], mx[15 - h])
             xsc[r, g] = mx[0] / T.float32(127)
             inv = T.bind(T.Select(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0)))
             for l in T.vectorized(32):
-                xq[l] = T.Cast("int32", T.nearbyint(x[r, 0, g * 32 + l] * inv))
+                xq[l] = T.Cast("int32", T.nearbyint(x[r, g * 32 + l] * inv))
             xsm[r, g] = 0
             for l in range(32):
                 xsm[r, g] = xsm[r, g] + xq[l]
@@ -116,14 +124,14 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
             if bo * t + bi < rows:
                 for l in T.vectorized(64):
                     if residual == BIAS:
-                        y[bo * t + bi, 0, blk * 64 + l] = acc[bi, l] + r[blk * 64 + l]
+                        y[bo * t + bi, blk * 64 + l] = acc[bi, l] + r[blk * 64 + l]
                     elif residual:
-                        y[bo * t + bi, 0, blk * 64 + l] = r[bo * t + bi, 0, blk * 64 + l] + acc[bi, l]
+                        y[bo * t + bi, blk * 64 + l] = r[bo * t + bi, blk * 64 + l] + acc[bi, l]
                     else:
-                        y[bo * t + bi, 0, blk * 64 + l] = acc[bi, l]
+                        y[bo * t + bi, blk * 64 + l] = acc[bi, l]
 
     @T.macro
-    def body(qw, qs, x, r, y, rows):
+    def rows_all(qw, qs, x, r, y, rows):
         xw = T.alloc_buffer((rows, words, 2), "int32")
         xsc = T.alloc_buffer((rows, groups), "float32")
         xsm = T.alloc_buffer((rows, groups), "int32")
@@ -139,6 +147,17 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
                 for bo in range((rows + ROW_TILE - 1) // ROW_TILE):
                     rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, bo, ROW_TILE, rows)
 
+    @T.macro
+    def body(qw, qs, x3, r3, y3, rows):
+        # [rows, width] views of the 3-D buffers, whichever axis holds the rows
+        x = T.decl_buffer((rows, k), "float32", data=x3.data)
+        y = T.decl_buffer((rows, n), "float32", data=y3.data)
+        if residual is True:  # a Python condition: decided when built
+            r = T.decl_buffer((rows, n), "float32", data=r3.data)
+            rows_all(qw, qs, x, r, y, rows)
+        else:
+            rows_all(qw, qs, x, r3, y, rows)
+
     # One signature per epilogue; only the one asked for is built (the macros expand `r` per epilogue).
     if residual == BIAS:
         @T.prim_func(private=True, s_tir=True)
@@ -146,9 +165,9 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
                       x_h: T.handle, r_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             rows = T.int64()
-            x = T.match_buffer(x_h, (rows, 1, k), "float32")
+            x = T.match_buffer(x_h, shape(rows, k), "float32")
             r = T.match_buffer(r_h, (n,), "float32")
-            y = T.match_buffer(y_h, (rows, 1, n), "float32")
+            y = T.match_buffer(y_h, shape(rows, n), "float32")
             body(qw, qs, x, r, y, rows)
         return with_bias
     if residual:
@@ -157,9 +176,9 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
                           x_h: T.handle, r_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             rows = T.int64()
-            x = T.match_buffer(x_h, (rows, 1, k), "float32")
-            r = T.match_buffer(r_h, (rows, 1, n), "float32")
-            y = T.match_buffer(y_h, (rows, 1, n), "float32")
+            x = T.match_buffer(x_h, shape(rows, k), "float32")
+            r = T.match_buffer(r_h, shape(rows, n), "float32")
+            y = T.match_buffer(y_h, shape(rows, n), "float32")
             body(qw, qs, x, r, y, rows)
         return with_residual
 
@@ -168,18 +187,19 @@ def decode_kernel(n: int, k: int, residual=False, prefetch_ahead: bool = True) -
               x_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         rows = T.int64()
-        x = T.match_buffer(x_h, (rows, 1, k), "float32")
-        y = T.match_buffer(y_h, (rows, 1, n), "float32")
+        x = T.match_buffer(x_h, shape(rows, k), "float32")
+        y = T.match_buffer(y_h, shape(rows, n), "float32")
         body(qw, qs, x, None, y, rows)
     return plain
 
 
-def replace_decode_matmul(func: tvm.tirx.PrimFunc, prefetch_ahead: bool = True) -> Optional[tvm.tirx.PrimFunc]:
-    """The int8 kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) decode kernel (x of [B, 1, K]),
-    else None."""
+def replace_int8_matmul(func: tvm.tirx.PrimFunc, layouts: tuple[str, ...],
+                        prefetch_ahead: bool = True) -> Optional[tvm.tirx.PrimFunc]:
+    """The int8 kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel whose rows are laid out as
+    one of `layouts` ("b1": decode, "1s": prefill), else None."""
     sig = cpu_gemv._signature(func, BLOCK)
-    if sig is None or sig[2] != "b1":
+    if sig is None or sig[2] not in layouts:
         return None
-    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, _layout, residual: decode_kernel(n, k, residual,
-                                                                                           prefetch_ahead),
+    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, layout, residual: gemv_kernel(n, k, layout, residual,
+                                                                                        prefetch_ahead),
                                   "q4_blocked64_int8")

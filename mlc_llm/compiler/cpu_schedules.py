@@ -75,22 +75,26 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     return sch.mod["main"]
 
 
+PREFILL_PRECISIONS = cpu_q4_blocked.PRECISIONS + ("int8",)  # f32, bf16 (AMX tiles), int8 (cpu_q4_int8.py)
+DECODE_PRECISIONS = cpu_q4_int8.PRECISIONS
+
+
 def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f32",
                          decode_precision: str = "f32") -> tvm.transform.Pass:
     """Blocked q4f32_cpu linear layers get the kernels of `cpu_q4_blocked.py` (prefill on AMX tiles where `target`
-    has them, in `prefill_precision`; with `decode_precision` int8 the decode ones, x of [B, 1, K], those of
-    `cpu_q4_int8.py`), NK q4f32 ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule
-    above."""
-    if prefill_precision not in cpu_q4_blocked.PRECISIONS:
-        raise ValueError(f"unknown prefill precision '{prefill_precision}' "
-                         f"(allowed: {', '.join(cpu_q4_blocked.PRECISIONS)})")
-    if decode_precision not in cpu_q4_int8.PRECISIONS:
-        raise ValueError(f"unknown decode precision '{decode_precision}' "
-                         f"(allowed: {', '.join(cpu_q4_int8.PRECISIONS)})")
-    if decode_precision == "int8" and not cpu_q4_int8.supported(target):
-        raise ValueError(f"decode precision int8 needs AVX512-VNNI, which target {target} lacks (Xeons since "
-                         "Cascade Lake and AMD Zen 4 have it); use f32")
+    has them, in `prefill_precision`); the int8 kernels of `cpu_q4_int8.py` instead for the decode ones (x of
+    [B, 1, K]) with `decode_precision` int8, for the prefill ones ([1, S, K]) with `prefill_precision` int8; NK q4f32
+    ones the batch-tiled kernel of `cpu_gemv.py`; other matmuls the rfactor schedule above."""
+    for kind, value, allowed in (("prefill", prefill_precision, PREFILL_PRECISIONS),
+                                 ("decode", decode_precision, DECODE_PRECISIONS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {kind} precision '{value}' (allowed: {', '.join(allowed)})")
+    int8_layouts = tuple(layout for layout, p in (("b1", decode_precision), ("1s", prefill_precision)) if p == "int8")
+    if int8_layouts and not cpu_q4_int8.supported(target):
+        raise ValueError(f"precision int8 needs AVX512-VNNI, which target {target} lacks (Xeons since Cascade Lake "
+                         "and AMD Zen 4 have it); use f32")
     amx, prefetch_ahead = has_amx(target), cpu_q4_blocked.prefetch_pays(target)
+    blocked_precision = "f32" if prefill_precision == "int8" else prefill_precision
 
     @tvm.transform.module_pass(opt_level=0, name="ScheduleCPUMatmul")
     def schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -99,12 +103,11 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
             if not isinstance(func, tvm.tirx.PrimFunc) or "NT_matmul" not in gv.name_hint:
                 continue
             try:
-                scheduled = (cpu_q4_int8.replace_decode_matmul(func, prefetch_ahead) if decode_precision == "int8"
-                             else None)
-                scheduled = scheduled or cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, prefill_precision,
-                                                                                  prefetch_ahead)
-                if scheduled is not None:
-                    blocked[gv] = cpu_gemv._signature(func, cpu_q4_blocked.BLOCK)
+                scheduled = cpu_q4_int8.replace_int8_matmul(func, int8_layouts, prefetch_ahead)
+                if scheduled is None:
+                    scheduled = cpu_q4_blocked.replace_blocked_q4_matmul(func, amx, blocked_precision, prefetch_ahead)
+                    if scheduled is not None:  # (the gate_up + silu fusion below takes these)
+                        blocked[gv] = cpu_gemv._signature(func, cpu_q4_blocked.BLOCK)
                 scheduled = scheduled or cpu_gemv.replace_q4_matmul(func) or schedule_nt_matmul(func)
             except Exception as e:  # noqa: BLE001 - a shape this schedule does not cover keeps the stock kernel
                 logger.warning("no CPU schedule for %s: %s", gv.name_hint, str(e).splitlines()[0] if str(e) else e)
@@ -114,7 +117,7 @@ def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f3
         for gv, func in updates.items():
             mod[gv] = func
         if amx:
-            mod = fuse_gate_up_silu(mod, blocked, prefill_precision, prefetch_ahead)
+            mod = fuse_gate_up_silu(mod, blocked, blocked_precision, prefetch_ahead)
         return mod
 
     return schedule

@@ -73,12 +73,24 @@ class ConvTemplateConfig:
             raise ValueError(f"conv_template.name: {e}") from None
 
 
+PREFILL_PRECISIONS = ("f32", "bf16", "int8")
+DECODE_PRECISIONS = ("f32", "int8")
+
+
+def library_suffix(prefill_precision: str, decode_precision: str) -> str:
+    """The part of a library's file name after the device for non-default precisions: -bf16 / -prefill-int8, then
+    -int8 for int8 decode (cpu-int8.so, cpu-prefill-int8-int8.so, ...)."""
+    prefill = {"f32": "", "bf16": "-bf16"}.get(prefill_precision, f"-prefill-{prefill_precision}")
+    return prefill + ("" if decode_precision == "f32" else f"-{decode_precision}")
+
+
 @dataclass
 class DeviceConfig:
     name: DeviceName = MISSING
     arch: Optional[str] = None  # CUDA arch, e.g. sm_90
     num_threads: Optional[int] = None  # CPU threads for the runtime (TVM_NUM_THREADS)
-    # CPU prefill GEMMs on AMX tiles: f32 (float32-level logits) or bf16 (inputs rounded to bfloat16, ~1.5x faster)
+    # CPU prefill GEMMs: f32 (float32-level logits), bf16 (AMX tiles, inputs rounded to bfloat16, ~1.5x faster) or
+    # int8 (AVX512-VNNI, activations quantized per 32 values as llama.cpp's prompt processing)
     prefill_precision: str = "f32"
     # CPU decode GEMVs: f32, or int8 activations on AVX512-VNNI (faster decode, logits within ~1 %)
     decode_precision: str = "f32"
@@ -86,12 +98,15 @@ class DeviceConfig:
     def check(self) -> None:
         if self.arch is not None and self.name is not DeviceName.cuda:
             raise ValueError("device.arch: only meaningful for cuda")
-        if self.prefill_precision not in ("f32", "bf16"):
-            raise ValueError(f"device.prefill_precision: '{self.prefill_precision}' is not one of f32, bf16")
+        if self.prefill_precision not in PREFILL_PRECISIONS:
+            raise ValueError(f"device.prefill_precision: '{self.prefill_precision}' is not one of "
+                             f"{', '.join(PREFILL_PRECISIONS)}")
         if self.prefill_precision != "f32" and self.name is not DeviceName.cpu:
-            raise ValueError("device.prefill_precision: bf16 is an option of the CPU kernels (cuda takes f32)")
-        if self.decode_precision not in ("f32", "int8"):
-            raise ValueError(f"device.decode_precision: '{self.decode_precision}' is not one of f32, int8")
+            raise ValueError(f"device.prefill_precision: {self.prefill_precision} is an option of the CPU kernels "
+                             "(cuda takes f32)")
+        if self.decode_precision not in DECODE_PRECISIONS:
+            raise ValueError(f"device.decode_precision: '{self.decode_precision}' is not one of "
+                             f"{', '.join(DECODE_PRECISIONS)}")
         if self.decode_precision != "f32" and self.name is not DeviceName.cpu:
             raise ValueError("device.decode_precision: int8 is an option of the CPU kernels (cuda takes f32)")
         if self.arch is not None and not (self.arch.startswith("sm_") and self.arch[3:].rstrip("a").isdigit()):
@@ -182,5 +197,5 @@ class BuildConfig:
     @property
     def model_lib(self) -> str:
         dev = self.device.name.value + (f"-{self.device.arch}" if self.device.arch else "")
-        dev += "".join(f"-{p}" for p in (self.device.prefill_precision, self.device.decode_precision) if p != "f32")
+        dev += library_suffix(self.device.prefill_precision, self.device.decode_precision)
         return f"{self.model_dir}/lib/{dev}.so"

@@ -74,30 +74,30 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
 
 
 def check_precisions(device: str, prefill_precision: str, decode_precision: str = "f32") -> None:
-    """Each precision is one its kernels know, other than f32 only for the CPU; int8 decode only on a CPU with
-    AVX512-VNNI."""
-    from ..compiler import cpu_q4_blocked, cpu_q4_int8
+    """Each precision is one its kernels know, other than f32 only for the CPU; int8 only on a CPU with AVX512-VNNI."""
+    from ..compiler import cpu_q4_int8
+    from ..compiler.cpu_schedules import DECODE_PRECISIONS, PREFILL_PRECISIONS
     from ..compiler.target import make_target, parse_device
 
     for kind, value, allowed, what in (
-            ("prefill", prefill_precision, cpu_q4_blocked.PRECISIONS, "AMX prefill GEMMs"),
-            ("decode", decode_precision, cpu_q4_int8.PRECISIONS, "VNNI decode GEMVs")):
+            ("prefill", prefill_precision, PREFILL_PRECISIONS, "AMX / VNNI prefill GEMMs"),
+            ("decode", decode_precision, DECODE_PRECISIONS, "VNNI decode GEMVs")):
         if value not in allowed:
             raise CompileError(f"unknown {kind} precision '{value}' (allowed: {', '.join(allowed)})")
         if value != "f32" and parse_device(device)[0] != "cpu":
             raise CompileError(f"{kind} precision {value} is an option of the CPU kernels ({what}); device "
                                f"'{device}' takes f32 only")
-    if decode_precision == "int8" and not cpu_q4_int8.supported(make_target(device)):
-        raise CompileError(f"decode precision int8 needs AVX512-VNNI, which this CPU "
-                           f"({make_target(device).attrs.get('mcpu')}) lacks (Xeons since Cascade Lake and AMD Zen 4 "
-                           "have it); use f32")
+    if "int8" in (prefill_precision, decode_precision) and not cpu_q4_int8.supported(make_target(device)):
+        raise CompileError(f"precision int8 needs AVX512-VNNI, which this CPU ({make_target(device).attrs.get('mcpu')})"
+                           " lacks (Xeons since Cascade Lake and AMD Zen 4 have it); use f32")
 
 
 def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None,
                      prefill_precision: str = "f32", decode_precision: str = "f32"):
     """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels.
-    `prefill_precision` (CPU): "f32", or "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs.
-    `decode_precision` (CPU): "f32", or "int8" for decode GEMVs on int8-quantized activations (AVX512-VNNI)."""
+    `prefill_precision` (CPU): "f32", "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs, or "int8"
+    for them on int8-quantized activations (AVX512-VNNI). `decode_precision` (CPU): "f32", or "int8" for the decode
+    GEMVs on int8-quantized activations."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
@@ -107,9 +107,8 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
 
     check_precisions(device, prefill_precision, decode_precision)
     chat = read_chat_config(model_dir)
-    if decode_precision == "int8" and chat["quantization"] != "q4f32_cpu":
-        raise CompileError(f"decode precision int8 is a kernel of q4f32_cpu weights; this model is "
-                           f"{chat['quantization']}")
+    if "int8" in (prefill_precision, decode_precision) and chat["quantization"] != "q4f32_cpu":
+        raise CompileError(f"precision int8 is a kernel of q4f32_cpu weights; this model is {chat['quantization']}")
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
     cfg = family.config_from_dict({**chat["model_config"], **(overrides or {})})
