@@ -65,7 +65,10 @@ def test_join_an_existing_cluster_and_leave_it_running(smollm_q4, tmp_path):
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12,
             "temperature": 0}, timeout=120)
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
-        assert len(requests.get(server.url + "/health", timeout=10).json()["replicas"]) == 2
+        deadline = time.time() + 120  # each replica appears once its first report reaches the hub
+        while len(replicas := requests.get(server.url + "/health", timeout=10).json()["replicas"]) != 2:
+            assert time.time() < deadline, replicas
+            time.sleep(0.5)
         assert _cluster_apps(address, auth)[0] == ["mlc_llm"]
         assert server.stop(signal.SIGINT, timeout=90) == 0, server.log()[-3000:]
         # the cluster outlives the server: our application is gone and its CPUs are free again

@@ -54,7 +54,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
     if layout not in ("b1", "1s"):
         raise ValueError(f"int8 GEMV layout '{layout}' is not b1 or 1s")
     if n % BLOCK or k % 32:
-        raise ValueError(f"int8 decode GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
+        raise ValueError(f"int8 GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
     nb, groups, words = n // BLOCK, k // 32, k // 8
 
     def shape(rows, width):

@@ -87,9 +87,11 @@ def check_precisions(device: str, prefill_precision: str, decode_precision: str 
         if value != "f32" and parse_device(device)[0] != "cpu":
             raise CompileError(f"{kind} precision {value} is an option of the CPU kernels ({what}); device "
                                f"'{device}' takes f32 only")
-    if "int8" in (prefill_precision, decode_precision) and not cpu_q4_int8.supported(make_target(device)):
-        raise CompileError(f"precision int8 needs AVX512-VNNI, which this CPU ({make_target(device).attrs.get('mcpu')})"
-                           " lacks (Xeons since Cascade Lake and AMD Zen 4 have it); use f32")
+    if "int8" in (prefill_precision, decode_precision):
+        target = make_target(device)
+        if not cpu_q4_int8.supported(target):
+            raise CompileError(f"precision int8 needs AVX512-VNNI, which this CPU ({target.attrs.get('mcpu')}) lacks "
+                               "(Xeons since Cascade Lake and AMD Zen 4 have it); use f32")
 
 
 def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None,
