@@ -18,7 +18,7 @@ import tvm
 
 
 def kernels() -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
-    from mlc_llm.compiler import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked
+    from mlc_llm.compiler import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked, cpu_q4_int8
 
     out: dict[str, Callable[[], tvm.tirx.PrimFunc]] = {}
     for hq, hkv, d in ((9, 3, 64), (14, 2, 64), (4, 1, 256)):
@@ -44,6 +44,14 @@ def kernels() -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
                         out[f"blocked q4 {tag} amx={amx} {precision}"] = \
                             lambda a=(n, k, layout, residual), amx=amx, p=precision: \
                             cpu_q4_blocked.blocked_kernel(*a, amx=amx, precision=p)
+        for layout in ("b1", "1s"):
+            for residual in (False, True, cpu_gemv.BIAS):
+                for ahead in (True, False):
+                    tag = f"{n}x{k} {layout} residual={residual} prefetch={ahead}"
+                    out[f"int8 {tag}"] = lambda a=(n, k, layout, residual), p=ahead: cpu_q4_int8.gemv_kernel(
+                        *a, prefetch_ahead=p)
+        out[f"blocked q4 {n}x{k} b1 no prefetch"] = lambda a=(n, k): cpu_q4_blocked.blocked_kernel(
+            *a, "b1", True, prefetch_ahead=False)
     for n, k in ((3072, 576), (9728, 896)):
         for amx in (False, True):
             for precision in ("f32", "bf16"):

@@ -158,29 +158,22 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         else:
             rows_all(qw, qs, x, r3, y, rows)
 
-    # One signature per epilogue; only the one asked for is built (the macros expand `r` per epilogue).
-    if residual == BIAS:
-        @T.prim_func(private=True, s_tir=True)
-        def with_bias(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
-                      x_h: T.handle, r_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            rows = T.int64()
-            x = T.match_buffer(x_h, shape(rows, k), "float32")
-            r = T.match_buffer(r_h, (n,), "float32")
-            y = T.match_buffer(y_h, shape(rows, n), "float32")
-            body(qw, qs, x, r, y, rows)
-        return with_bias
+    def r_shape(rows):
+        return (n,) if residual == BIAS else shape(rows, n)
+
+    # One signature with the epilogue's addend, one without; only the one asked for is built (the macros expand `r`
+    # per epilogue).
     if residual:
         @T.prim_func(private=True, s_tir=True)
-        def with_residual(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
-                          x_h: T.handle, r_h: T.handle, y_h: T.handle):
+        def with_addend(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+                        x_h: T.handle, r_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             rows = T.int64()
             x = T.match_buffer(x_h, shape(rows, k), "float32")
-            r = T.match_buffer(r_h, shape(rows, n), "float32")
+            r = T.match_buffer(r_h, r_shape(rows), "float32")
             y = T.match_buffer(y_h, shape(rows, n), "float32")
             body(qw, qs, x, r, y, rows)
-        return with_residual
+        return with_addend
 
     @T.prim_func(private=True, s_tir=True)
     def plain(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
