@@ -5,8 +5,9 @@
 A parallel kernel sums a float32 array (64 lanes = 4 independent AVX-512 accumulators per thread, contiguous
 chunks split over the pool's threads like a GEMV's rows), compiled for this CPU; the array is written once before,
 so its pages exist. GB/s = bytes read / median time of `--repeat` runs (each averaging enough calls for ~0.2 s).
-Sizes: the model's weight bytes (what decode streams each token; partly served from the last-level cache when it
-fits) and a size far above the caches (memory). The decode ceiling is weight bytes ÷ the larger-size bandwidth.
+Sizes: the bytes a decode step reads (partly served from the last-level cache when they fit) and a size far above
+the caches (memory). `bench/compare_llamacpp.py --bandwidth` takes as the ceiling those bytes ÷ the fastest timing
+over as many bytes.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-pytho
 lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each. `--bandwidth` measures the streaming-read bandwidth
 in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the size of the weights a decode step
 reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes / the bandwidth over the
-same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its repetitions. `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
+same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its repetitions.
+`--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
 gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """
 from __future__ import annotations

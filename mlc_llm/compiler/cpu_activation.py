@@ -18,7 +18,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .cpu.tasks import SERIAL_ROWS
-from .cpu.text import parse
+from .cpu.text import indent, parse
 from .cpu.vecmath import silu_mul_expr
 
 _SILU_MUL = """
@@ -31,15 +31,13 @@ def main(x_h: T.handle, y_h: T.handle):
     y = T.match_buffer(y_h, (b, s, T.int64({i})), "{dtype}")
     with T.sblock("root"):
         if b * s < T.int64({serial}):
-            for r in range(b * s):
-                for c in range({chunks}):
-                    for l in T.vectorized(16):
-                        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
-        else:
-            for r in T.parallel(b * s):
-                for c in range({chunks}):
-                    for l in T.vectorized(16):
-                        y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
+{serial_rows}        else:
+{parallel_rows}"""
+_SILU_MUL_ROWS = """
+for r in {loop}(b * s):
+    for c in range({chunks}):
+        for l in T.vectorized(16):
+            y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
 """
 
 
@@ -55,8 +53,9 @@ def silu_mul_kernel(intermediate: int, dtype: str, act: str = "silu") -> tvm.tir
     if not supported(intermediate):
         raise ValueError(f"intermediate size {intermediate} is not a multiple of 16")
     act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]", act)
-    return parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, chunks=intermediate // 16, dtype=dtype,
-                                  act=act, serial=SERIAL_ROWS))
+    rows = {kind: indent(_SILU_MUL_ROWS.format(loop=loop, chunks=intermediate // 16, dtype=dtype, act=act), 3)
+            for kind, loop in (("serial_rows", "range"), ("parallel_rows", "T.parallel"))}
+    return parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, dtype=dtype, serial=SERIAL_ROWS, **rows))
 
 
 @functools.lru_cache(maxsize=None)

@@ -285,8 +285,8 @@ def _res_plus(residual, layout: str, row: str, col: str) -> str:
 
 
 def prefetch_pays(target: tvm.target.Target) -> bool:
-    """Whether the decode GEMVs prefetch the groups ahead in software: faster on the Intel VMs, slower on AMD Zen 4
-    (the whole decode step 1.1-1.2x without; docs/BENCHMARKS.md)."""
+    """Whether the decode GEMVs prefetch the groups ahead in software: it paid on the Intel VMs and made decode slower
+    on AMD Zen 4 (docs/BENCHMARKS.md)."""
     return not str(target.attrs.get("mcpu", "")).startswith("znver")
 
 

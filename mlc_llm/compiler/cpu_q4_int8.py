@@ -25,12 +25,12 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
+from .cpu.tasks import SERIAL_ROWS
 from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
 ROW_TILE = 4  # rows of x per pass when the batch has more than one
 PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead (with prefetch_ahead), as the float32 kernel
-PRECISIONS = ("f32", "int8")  # decode precisions: the float32 kernels of cpu_q4_blocked.py, or these
 
 
 def supported(target: tvm.target.Target) -> bool:
@@ -135,8 +135,9 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         xw = T.alloc_buffer((rows, words, 2), "int32")
         xsc = T.alloc_buffer((rows, groups), "float32")
         xsm = T.alloc_buffer((rows, groups), "int32")
-        if rows == 1:  # one row: quantized on the calling thread (a parallel loop costs a pool launch)
-            quantize_row(x, T.int64(0), xw, xsc, xsm)
+        if rows < SERIAL_ROWS:
+            for rr in range(rows):
+                quantize_row(x, rr, xw, xsc, xsm)
         else:
             for rr in T.parallel(rows):
                 quantize_row(x, rr, xw, xsc, xsm)

@@ -21,6 +21,7 @@ from typing import Optional
 import tvm
 from tvm.s_tir import Schedule
 
+from ..config.schema import DECODE_PRECISIONS, PREFILL_PRECISIONS
 from . import cpu_gemv, cpu_q4_blocked, cpu_q4_int8
 from .cpu.amx import has_amx
 from .cpu_kernels import SILU_KERNEL  # the activation kernel swapped in for silu(gate) * up
@@ -73,10 +74,6 @@ def schedule_nt_matmul(func: tvm.tirx.PrimFunc) -> Optional[tvm.tirx.PrimFunc]:
     sch.set_scope(rf, 0, "local")
     sch.decompose_reduction(rf, k0)
     return sch.mod["main"]
-
-
-PREFILL_PRECISIONS = cpu_q4_blocked.PRECISIONS + ("int8",)  # f32, bf16 (AMX tiles), int8 (cpu_q4_int8.py)
-DECODE_PRECISIONS = cpu_q4_int8.PRECISIONS
 
 
 def schedule_cpu_matmuls(target: tvm.target.Target, prefill_precision: str = "f32",

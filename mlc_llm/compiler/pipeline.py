@@ -16,7 +16,7 @@ from .target import is_gpu, matmul_rule_is_safe
 def optimize_passes(target: tvm.target.Target, prefill_precision: str = "f32", kv: dict | None = None,
                     decode_precision: str = "f32") -> list:
     """Everything up to scheduled TIR (still dataflow Relax). `prefill_precision`: of the CPU prefill GEMMs on AMX
-    (`cpu_q4_blocked.PRECISIONS`); `decode_precision`: of the CPU decode GEMVs (`cpu_q4_int8.PRECISIONS`). `kv`: the
+    (`config.schema.PREFILL_PRECISIONS`); `decode_precision`: of the CPU decode GEMVs (`DECODE_PRECISIONS`). `kv`: the
     model's KV-cache shape (compile.py's metadata), for the CPU attention."""
     backend = cuda_pipeline if is_gpu(target) else cpu_pipeline
     passes = ([] if is_gpu(target) else cpu_kernel_passes(target, kv)) + [

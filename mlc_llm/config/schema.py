@@ -73,6 +73,8 @@ class ConvTemplateConfig:
             raise ValueError(f"conv_template.name: {e}") from None
 
 
+# Precisions of the CPU kernels: f32; bf16 (AMX prefill, compiler/cpu_q4_blocked.py); int8 (VNNI,
+# compiler/cpu_q4_int8.py). The compiler validates against these too.
 PREFILL_PRECISIONS = ("f32", "bf16", "int8")
 DECODE_PRECISIONS = ("f32", "int8")
 

@@ -76,7 +76,7 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
 def check_precisions(device: str, prefill_precision: str, decode_precision: str = "f32") -> None:
     """Each precision is one its kernels know, other than f32 only for the CPU; int8 only on a CPU with AVX512-VNNI."""
     from ..compiler import cpu_q4_int8
-    from ..compiler.cpu_schedules import DECODE_PRECISIONS, PREFILL_PRECISIONS
+    from ..config.schema import DECODE_PRECISIONS, PREFILL_PRECISIONS
     from ..compiler.target import make_target, parse_device
 
     for kind, value, allowed, what in (
