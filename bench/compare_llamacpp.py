@@ -13,7 +13,8 @@ A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-pytho
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
 `--model-lib A B ...` benchmarks several of our libraries in the same rounds (e.g. lib/cpu.so, the bf16-prefill
-lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each. `--bandwidth` measures the streaming-read bandwidth
+lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each; a library inside another artifact folder
+(`OTHER/lib/X.so`, e.g. the same GGUF converted to q4f32_cpu_f16scale) runs on that folder's weights. `--bandwidth` measures the streaming-read bandwidth
 in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the size of the weights a decode step
 reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes / the bandwidth over the
 same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its repetitions.
@@ -58,6 +59,12 @@ def bandwidth(threads: int, sizes_mb: list[float]) -> list[dict]:
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout)
 
 
+def model_of(lib: str, default: str) -> str:
+    """The artifact folder whose weights a library runs on: the one it lies in (FOLDER/lib/X.so), else `default`."""
+    folder = Path(lib).resolve().parent.parent
+    return str(folder if (folder / "mlc-chat-config.json").exists() else Path(default).resolve())
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--llama-bench", required=True)
@@ -80,6 +87,11 @@ def main() -> int:
     from mlc_llm.bench_latency import _spread, bench_latency, weight_bytes
 
     libs = a.model_lib or [str(Path(a.model) / "lib" / "cpu.so")]
+    models = {lib: model_of(lib, a.model) for lib in libs}
+    several = len(set(models.values())) > 1
+    labels = {lib: ((f"{Path(models[lib]).name}/" if several else "") + Path(lib).name if len(libs) > 1 else "")
+              for lib in libs}
+    lib_bytes = {labels[lib]: weight_bytes(m) for lib, m in models.items()}  # by label
     rounds = []  # ((test, lib) -> (ours, theirs, hf) spread dicts) per round; the sides alternate round by round
     nbytes = weight_bytes(a.model)
     bws = []  # per round: (memory GB/s, GB/s over an array of the weights' size)
@@ -94,8 +106,8 @@ def main() -> int:
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
         tests = {}
         for lib in libs:
-            ours = bench_latency(a.model, lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False, 128, 1, None)
-            label = Path(lib).name if len(libs) > 1 else ""
+            ours = bench_latency(models[lib], lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False, 128, 1, None)
+            label = labels[lib]
             for run in ours["runs"]:
                 name = f"pp{run['prompt_len']}"
                 tests[(name, label)] = (run["prefill_tok_s"], theirs.get(name), hf.get(name))
@@ -128,7 +140,7 @@ def main() -> int:
             row.update(hf=h, hf_ratio=_spread(hf_ratios), hf_ratios=hf_ratios)
             line += f"{fmt(h):>28}{fmt(row['hf_ratio'], 2):>24}"
         if bws and name.startswith("tg"):
-            shares = [r[key][0]["median"] * nbytes / (bw[1] * 1e9) for r, bw in zip(rounds, bws)]
+            shares = [r[key][0]["median"] * lib_bytes[label] / (bw[1] * 1e9) for r, bw in zip(rounds, bws)]
             row.update(ceiling_share=_spread(shares), ceiling_shares=shares)
             line += f"   {fmt(row['ceiling_share'], 2)} of the bandwidth ceiling"
         table.append(row)

@@ -72,19 +72,22 @@ def cmd_generate(a) -> None:
     """Greedy generation through the paged KV cache: the minimal check that artifacts run."""
     import time
 
-    from tokenizers import Tokenizer
-
-    from .conversation import Conversation
+    from .conversation import JINJA, Conversation
     from .serve.runner import ModelRunner
+    from .tokenizer import Tokenizer
 
     _check_model_paths(a, chat=True)
     model_lib = a.model_lib or str(Path(a.model) / "lib" / f"{a.device}.so")
     runner = ModelRunner(a.model, model_lib, a.device)
-    tok = Tokenizer.from_file(str(Path(a.model) / "tokenizer.json"))
+    tok = Tokenizer(a.model)
     conv = Conversation.from_dict(runner.chat_config["conv_template"])
-    text = a.prompt if a.raw else conv.as_prompt([{"role": "user", "content": a.prompt}])
+    messages = [{"role": "user", "content": a.prompt}]
+    if a.raw:
+        text = a.prompt
+    else:  # the named template, or (jinja) the model's own chat template
+        text = tok.render_chat(messages) if conv.name == JINJA else conv.as_prompt(messages)
     ids = list(conv.system_prefix_token_ids or []) if not a.raw else []
-    ids += tok.encode(text, add_special_tokens=False).ids
+    ids += tok.encode(text)
     start = time.perf_counter()
     out = runner.greedy_generate(ids, a.max_tokens, conv.stop_token_ids)
     elapsed = time.perf_counter() - start

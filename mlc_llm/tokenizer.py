@@ -30,6 +30,22 @@ class Tokenizer:
         self._as_text = _HFTokenizer.from_str(self._tok.to_str())
         self._as_text.encode_special_tokens = True
 
+    def render_chat(self, messages: list[dict[str, str]], error: type[Exception] = ValueError) -> str:
+        """`messages` through the model's own chat template (Jinja), ending with the assistant's turn opener; the
+        template's `raise_exception` raises `error`."""
+        if not self.chat_template:
+            raise error("the model has neither a conversation template nor a tokenizer chat template")
+        import jinja2
+
+        def fail(msg):
+            raise error(msg)
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = fail
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.config.get("bos_token") or "",
+            eos_token=self.config.get("eos_token") or "")
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

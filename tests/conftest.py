@@ -86,6 +86,15 @@ def smollm_q4(pipeline_dir):
 
 
 @pytest.fixture(scope="session")
+def smollm_q4_f16scale(pipeline_dir, smollm_q4):
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      "overrides=[quantization=q4f32_cpu_f16scale]")
+    assert r.returncode == 0, r.stderr[-4000:]
+    d = pipeline_dir / SMOLLM_DIR.format(quant="q4f32_cpu_f16scale")
+    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so")
+
+
+@pytest.fixture(scope="session")
 def smollm_q0(pipeline_dir, smollm_q4):
     r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
                       "overrides=[quantization=q0f32]")

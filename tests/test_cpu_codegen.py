@@ -40,6 +40,10 @@ AMX_KERNELS = {
     "blocked q4, bf16 prefill": lambda amx: cpu_q4_blocked.blocked_kernel(3072, 576, "1s", False, amx=amx,
                                                                           precision="bf16"),
     "blocked q4 gate_up + silu": lambda amx: cpu_q4_blocked.fused_silu_kernel(3072, 576, "1s", amx=amx),
+    "blocked q4, float16 scales": lambda amx: cpu_q4_blocked.blocked_kernel(576, 1536, "1s", True, amx=amx,
+                                                                            scale_dtype="float16"),
+    "blocked q4 gate_up + silu, float16 scales": lambda amx: cpu_q4_blocked.fused_silu_kernel(
+        3072, 576, "1s", amx=amx, scale_dtype="float16"),
 }
 TILE_OPS = {"tdpbf16ps", "tileloadd64", "tilestored64", "tilerelease"}
 

@@ -44,17 +44,18 @@ def _shape(layout: str, rows: int, width: int) -> tuple[int, int, int]:
 
 @pytest.mark.vnni
 @pytest.mark.parametrize("layout", ["b1", "1s"])
-@pytest.mark.parametrize("n,k,residual", [(960, 576, False), (3072, 576, False), (576, 1536, True),
-                                          (1152, 896, cpu_gemv.BIAS)])
-def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual, layout):
+@pytest.mark.parametrize("n,k,residual,scale_dtype", [
+    (960, 576, False, "float32"), (3072, 576, False, "float32"), (576, 1536, True, "float32"),
+    (1152, 896, cpu_gemv.BIAS, "float32"), (576, 1536, True, "float16"), (1152, 896, cpu_gemv.BIAS, "float16")])
+def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual, scale_dtype, layout):
     """Rows (decode "b1": [R, 1, K]; prefill "1s": [1, R, K]) 1 (its own path), 3, 4, 9 and 37 (tiles of 4, the last
     one partial); one all-zero group and one all-zero row (scale 0: the output is the epilogue alone). Within float32
     rounding of the int8 reference, within the quantization's error of the exact product, and every row bit for bit
     what it is in a batch of one."""
     rng = np.random.default_rng(n + k)
-    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), scale_dtype)
     w = dequantize_q4(q, s, k).astype(np.float64)
-    func = cpu_q4_int8.gemv_kernel(n, k, layout, residual)
+    func = cpu_q4_int8.gemv_kernel(n, k, layout, residual, scale_dtype=scale_dtype)
     for rows in (1, 3, 4, 9, 37):
         x = rng.standard_normal((rows, k)).astype(np.float32)
         x[0, 32:64] = 0
@@ -90,8 +91,9 @@ def test_int8_is_refused_where_it_cannot_run():
 
 
 @pytest.mark.vnni
-@pytest.mark.parametrize("prefill,decode", [("f32", "int8"), ("int8", "f32"), ("int8", "int8")])
-def test_int8_replaces_the_kernels_of_its_phase(tmp_path, prefill, decode):
+@pytest.mark.parametrize("prefill,decode,quant", [("f32", "int8", "q4f32_cpu"), ("int8", "f32", "q4f32_cpu"),
+                                                  ("int8", "int8", "q4f32_cpu"), ("int8", "int8", "q4f32_cpu_f16scale")])
+def test_int8_replaces_the_kernels_of_its_phase(tmp_path, prefill, decode, quant):
     """With decode_precision int8 every blocked linear layer of the decode functions (x of [B, 1, K]) gets the int8
     kernel, with prefill_precision int8 every one of the prefill functions ([1, S, K]); the other phase keeps the
     float32 blocked kernel; a non-blocked quantization is refused."""
@@ -99,7 +101,7 @@ def test_int8_replaces_the_kernels_of_its_phase(tmp_path, prefill, decode):
     from mlc_llm.steps.gen_config import gen_config
 
     write_tiny_hf(tmp_path / "hf")
-    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "out")
+    gen_config(str(tmp_path / "hf"), quant, "chatml", tmp_path / "out")
     mod, _ = optimized_module(tmp_path / "out", "cpu", prefill_precision=prefill, decode_precision=decode)
     marks = {}
     for gv, f in mod.functions.items():
@@ -114,7 +116,7 @@ def test_int8_replaces_the_kernels_of_its_phase(tmp_path, prefill, decode):
         else:
             assert not calls(fn) & int8, fn
     gen_config(str(tmp_path / "hf"), "q4f32_1", "chatml", tmp_path / "nk")
-    with pytest.raises(CompileError, match="q4f32_cpu weights"):
+    with pytest.raises(CompileError, match="row-blocked int4 weights"):
         optimized_module(tmp_path / "nk", "cpu", decode_precision="int8")
 
 

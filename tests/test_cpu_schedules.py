@@ -14,7 +14,7 @@ from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
 from .tiny_hf import write_tiny_hf
 
 
-@pytest.mark.parametrize("quant", ["q4f32_1", "q4f32_cpu", "q0f32"])
+@pytest.mark.parametrize("quant", ["q4f32_1", "q4f32_cpu", "q4f32_cpu_f16scale", "q0f32"])
 def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
     from mlc_llm.steps.compile import optimized_module
     from mlc_llm.steps.gen_config import gen_config
@@ -29,14 +29,17 @@ def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
         text = f.script()
         assert "T.parallel" in text and "T.vectorized" in text, name
         assert "dequantize_intermediate" not in text, name  # int4 decoded in registers, not into a buffer
-        # q4f32_cpu layers with N % 64 == 0 are stored in row blocks and get the blocked kernel
-        # (cpu_q4_blocked.py); other q4f32 linear layers the batch-tiled kernel (cpu_gemv.py); unquantized ones and
-        # output sizes that are not a multiple of 8 rows (the tiny vocab of 300) the rfactor schedule
+        # q4f32_cpu[_f16scale] layers with N % 64 == 0 are stored in row blocks and get the blocked kernel
+        # (cpu_q4_blocked.py); other q4f32 linear layers with float32 scales the batch-tiled kernel (cpu_gemv.py);
+        # unquantized ones, float16-scaled NK ones and output sizes that are not a multiple of 8 rows (the tiny
+        # vocab of 300) the rfactor schedule
         n_out = int(f.params[-1].shape[-1])
-        expected = ("q4_blocked64" if quant == "q4f32_cpu" and n_out % 64 == 0 else
-                    "q4_row_tiled" if quant.startswith("q4f32") and n_out % 8 == 0 else None)
+        expected = ("q4_blocked64" if quant.startswith("q4f32_cpu") and n_out % 64 == 0 else
+                    "q4_row_tiled" if quant in ("q4f32_1", "q4f32_cpu") and n_out % 8 == 0 else None)
         assert f.attrs.get(cpu_gemv.KERNEL_ATTR) == expected, name
-    if quant == "q4f32_cpu":  # the tiny model has both kinds of layer
+        if expected == "q4_blocked64":
+            assert str(f.params[1].dtype) == ("float16" if quant.endswith("f16scale") else "float32"), name
+    if quant.startswith("q4f32_cpu"):  # the tiny model has both kinds of layer
         assert {f.attrs.get(cpu_gemv.KERNEL_ATTR) for f in kernels.values()} == {"q4_blocked64", None}
 
 
@@ -81,14 +84,15 @@ def test_scheduled_kernel_matches_numpy(n, k, batch, epilogue):
 
 
 @pytest.mark.parametrize("layout", ["b1", "1s", "11"])
-@pytest.mark.parametrize("n,residual", [(64, True), (40, False)])  # 64: 4 row blocks per task; 40: one per task
-def test_row_tiled_q4_kernel_matches_numpy(layout, n, residual):
+@pytest.mark.parametrize("n,residual,scale_dtype", [(64, True, "float32"), (40, False, "float32"),
+                                                    (64, False, "float16")])  # 64: 4 row blocks per task; 40: one
+def test_row_tiled_q4_kernel_matches_numpy(layout, n, residual, scale_dtype):
     """The batch-tiled kernel for every row count branch (1 row, tile 4 with clamped tail, tile 8 with tail)."""
     k = 96
     rng = np.random.default_rng(n)
-    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), scale_dtype)
     wd = dequantize_q4(q, s, k).astype(np.float64)
-    func = cpu_gemv.tiled_kernel(n, k, layout, residual)
+    func = cpu_gemv.tiled_kernel(n, k, layout, residual, scale_dtype=scale_dtype)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=tvm.target.Target.from_device(tvm.cpu()))
     dev = tvm.cpu()
@@ -116,14 +120,17 @@ def test_row_tiled_kernel_replaces_only_the_stock_q4_form():
 
 
 @pytest.mark.parametrize("layout", ["b1", "1s", "11"])
-@pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
-def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual):
-    """The 64-row-blocked kernel (q4f32_cpu) for one row, for row tiles with a clamped tail, and (from PANEL_MIN rows)
-    for the panel GEMM: chunks of PANEL_CHUNK rows, a last chunk of 1 row, tiles with a clamped tail."""
+@pytest.mark.parametrize("n,k,residual,scale_dtype", [(64, 96, True, "float32"), (192, 64, False, "float32"),
+                                                      (128, 96, True, "float16")])
+def test_blocked_q4_kernel_matches_numpy(layout, n, k, residual, scale_dtype):
+    """The 64-row-blocked kernel (q4f32_cpu; float16 scales: q4f32_cpu_f16scale) for one row, for row tiles with a
+    clamped tail, and (from PANEL_MIN rows) for the panel GEMM: chunks of PANEL_CHUNK rows, a last chunk of 1 row,
+    tiles with a clamped tail."""
     rng = np.random.default_rng(n + k)
-    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, scale_dtype)
+    assert s.dtype == scale_dtype
     wd = dequantize_q4(q, s, k).astype(np.float64)
-    func = cpu_q4_blocked.blocked_kernel(n, k, layout, residual)
+    func = cpu_q4_blocked.blocked_kernel(n, k, layout, residual, scale_dtype=scale_dtype)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=tvm.target.Target.from_device(tvm.cpu()))
     dev = tvm.cpu()
@@ -150,18 +157,20 @@ def _bf16(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.amx
 @pytest.mark.parametrize("layout", ["b1", "1s"])
-@pytest.mark.parametrize("n,k,residual", [(64, 96, True), (192, 64, False)])
-def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual):
+@pytest.mark.parametrize("n,k,residual,scale_dtype", [(64, 96, True, "float32"), (192, 64, False, "float32"),
+                                                      (128, 96, False, "float16")])
+def test_blocked_q4_kernel_on_amx_tiles(layout, n, k, residual, scale_dtype):
     """From PANEL_MIN rows on an AMX CPU: x as bf16 hi + lo times the integer weights, two tile products per group,
     scaled per group in float32. Rows: one tile, clamped tails, several chunks of AMX_CHUNK_ROWS rows.
     Checked against float64 on x cut to its two bfloat16 parts (tight: only float32 sums differ; the weights are
     exact), and near float32 on the exact x; not the float32 panel's result (so the tile path ran: the kernel falls
     back to the panel if Linux refuses AMX)."""
     rng = np.random.default_rng(n + k + 1)
-    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, "float32")
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32) * 3, scale_dtype)
     wd = dequantize_q4(q, s, k).astype(np.float64)
-    libs = [tvm.compile(tvm.IRModule({"main": cpu_q4_blocked.blocked_kernel(n, k, layout, residual, amx=amx)
-                                      .with_attr("global_symbol", "main")}), target=_HOST) for amx in (True, False)]
+    libs = [tvm.compile(tvm.IRModule({"main": cpu_q4_blocked.blocked_kernel(
+        n, k, layout, residual, amx=amx, scale_dtype=scale_dtype).with_attr("global_symbol", "main")}), target=_HOST)
+        for amx in (True, False)]
     dev = tvm.cpu()
     for rows in [16, 17, 29, 100, 2 * cpu_q4_blocked.AMX_CHUNK_ROWS + 1]:
         shape = (rows, 1) if layout == "b1" else (1, rows)
@@ -214,10 +223,12 @@ def test_blocked_q4_kernel_in_bf16_precision(layout, n, k, residual):
             assert np.abs(out.numpy() - exact).max() > 10 * bound, f"rows={rows}: not rounded to bf16"
 
 
-@pytest.mark.parametrize("amx,precision", [(False, "f32"), pytest.param(True, "f32", marks=pytest.mark.amx),
-                                           pytest.param(True, "bf16", marks=pytest.mark.amx)])
+@pytest.mark.parametrize("amx,precision,scale_dtype", [
+    (False, "f32", "float32"), (False, "f32", "float16"), pytest.param(True, "f32", "float32", marks=pytest.mark.amx),
+    pytest.param(True, "f32", "float16", marks=pytest.mark.amx),
+    pytest.param(True, "bf16", "float32", marks=pytest.mark.amx)])
 @pytest.mark.parametrize("layout", ["1s", "b1"])
-def test_fused_gate_up_silu_kernel(amx, precision, layout):
+def test_fused_gate_up_silu_kernel(amx, precision, scale_dtype, layout):
     """gate_up (N = 2I: gate rows, then up rows) and silu(gate) * up in one kernel: against float64 on the same
     weights (f32: within the AMX kernel's error; bf16: within bf16 rounding), and against the two kernels it
     replaces (the blocked GEMM, then the activation kernel) — every path: GEMV rows below PANEL_MIN, the AMX epilogue
@@ -225,12 +236,14 @@ def test_fused_gate_up_silu_kernel(amx, precision, layout):
     from mlc_llm.compiler import cpu_activation
     n, k = 256, 96
     rng = np.random.default_rng(11)
-    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float32")
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), scale_dtype)
     wd = dequantize_q4(q, s, k).astype(np.float64)
     build = lambda f: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),  # noqa: E731
                                   target=_HOST)["main"]
-    fused = build(cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=amx, precision=precision))
-    gemm = build(cpu_q4_blocked.blocked_kernel(n, k, layout, False, amx=amx, precision=precision))
+    fused = build(cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=amx, precision=precision,
+                                                   scale_dtype=scale_dtype))
+    gemm = build(cpu_q4_blocked.blocked_kernel(n, k, layout, False, amx=amx, precision=precision,
+                                               scale_dtype=scale_dtype))
     act = build(cpu_activation.silu_mul_kernel(n // 2, "float32"))
     for rows in [1, 5, 16, 29, 2 * cpu_q4_blocked.AMX_CHUNK_ROWS + 1]:
         shape = (rows, 1) if layout == "b1" else (1, rows)

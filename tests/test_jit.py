@@ -10,6 +10,8 @@ import pytest
 from mlc_llm import MLCEngine
 from mlc_llm.serve.jit import library_key
 
+from .conftest import run_cli
+
 
 def test_jit_policies(smollm_q4, tmp_path, monkeypatch):
     monkeypatch.setenv("MLC_LLM_HOME", str(tmp_path / "home"))
@@ -63,3 +65,8 @@ def test_tokenizer_chat_template_fallback(smollm_q4, tmp_path):
         reply = engine.chat.completions.create(messages=msgs, temperature=0, max_tokens=12)
     assert prompt.startswith("<|im_start|>system\n" + conv["system_message"])
     assert "Paris" in reply.choices[0].message.content
+    # the `generate` command renders it too
+    r = run_cli("generate", str(d), "--model-lib", str(smollm_q4.lib), "--prompt", msgs[0]["content"],
+                "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout, r.stdout

@@ -37,7 +37,7 @@ def smollm_prompts(model_dir) -> list[list[int]]:
     return [tok.encode(t).ids for t in texts]
 
 
-@pytest.mark.parametrize("fixture", ["smollm_q0", "smollm_q4"])
+@pytest.mark.parametrize("fixture", ["smollm_q0", "smollm_q4", "smollm_q4_f16scale"])
 def test_smollm2_logits_match_numpy(fixture, request):
     art = request.getfixturevalue(fixture)
     diff = max_logit_diff(art.dir, art.lib, smollm_prompts(art.dir), decode_steps=4)
@@ -129,7 +129,7 @@ def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib
     assert off_f32 > 10 * TOL, "the int8 library gave the float32 library's logits"
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu"])
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu", "q4f32_cpu_f16scale"])
 def test_tiny_llama31_from_hf_folder_matches_numpy(tmp_path, quant):
     """Untied lm_head, GQA, Llama-3.1 RoPE scaling, bf16 + f32 safetensors across two shards."""
     write_tiny_hf(tmp_path / "hf")

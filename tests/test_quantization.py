@@ -49,3 +49,18 @@ def test_registry():
     assert get_quantization("q0f32").is_group is False
     with pytest.raises(ValueError, match="unknown quantization 'q8'"):
         get_quantization("q8")
+
+
+def test_f16scale_stores_float16_scales_in_row_blocks():
+    """q4f32_cpu_f16scale: q4f32_cpu's words and layout, the scales rounded to float16 (activations stay float32)."""
+    from mlc_llm.steps.convert_weight import make_quantizer
+
+    w = np.random.default_rng(0).standard_normal((128, 96)).astype(np.float32)
+    f32 = make_quantizer(get_quantization("q4f32_cpu"))("l", w)
+    f16 = make_quantizer(get_quantization("q4f32_cpu_f16scale"))("l", w)
+    assert get_quantization("q4f32_cpu_f16scale").model_dtype == "float32"
+    assert f16["l.q_scale"].dtype == np.float16 and f32["l.q_scale"].dtype == np.float32
+    assert f16["l.q_scale"].shape == f32["l.q_scale"].shape == (2, 3, 64)
+    np.testing.assert_array_equal(f16["l.q_scale"], f32["l.q_scale"].astype(np.float16))
+    # the words differ only where the float16 scale moved a value across a rounding boundary
+    assert np.mean(f16["l.q_weight"] == f32["l.q_weight"]) > 0.95

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import tvm
 import tvm_ffi
+from tvm.script import tirx as T
 
 from .cpu.text import indent, parse
 
@@ -31,7 +32,7 @@ GROUP = 4  # row blocks per parallel task (a task allocates its accumulators onc
 
 _HEADER = """
 @T.prim_func(private=True, s_tir=True)
-def main(qw: T.Buffer(({qw_shape}), "uint32"), qs: T.Buffer(({qs_shape}), "float32"),
+def main(qw: T.Buffer(({qw_shape}), "uint32"), qs: T.Buffer(({qs_shape}), "{scale_dtype}"),
          x_h: T.handle, {res_param}y_h: T.handle):
     T.func_attr({{"tirx.noalias": True}})
     {rdef}
@@ -41,7 +42,7 @@ def main(qw: T.Buffer(({qw_shape}), "uint32"), qs: T.Buffer(({qs_shape}), "float
 """
 
 # The stock kernel (what LegalizeOps + FuseOps + FuseTIR produce for our q4 dequantize and the NT matmul); {w} and
-# {s} are the word and the scale of weight [v_n, v_j] in the storage layout (`_weight_refs`).
+# {s} are the word and the scale of weight [v_n, v_j] in the storage layout (`_weight_refs`), {sv} the scale as float32.
 _STOCK = """
     dequantize_intermediate = T.sblock_alloc_buffer((T.int64({n}), T.int64({k})))
     {mm_alloc}for n, j in T.grid(T.int64({n}), T.int64({k})):
@@ -49,7 +50,7 @@ _STOCK = """
             v_n, v_j = T.axis.remap("SS", [n, j])
             T.reads({w}, {s})
             T.writes(dequantize_intermediate[v_n, v_j])
-            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", {w} >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * {s}
+            dequantize_intermediate[v_n, v_j] = (T.Cast("float32", {w} >> T.Cast("uint32", v_j % T.int64(8) * T.int64(4)) & T.uint32(15)) - T.float32(7.0)) * {sv}
     for i0, i1, i2, k in T.grid({xs}, T.int64({n}), T.int64({k})):
         with T.sblock("NT_matmul"):
             v_i0, v_i1, v_i2, v_k = T.axis.remap("SSSR", [i0, i1, i2, k])
@@ -80,7 +81,7 @@ _STOCK_BIAS = """
 BIAS = "bias"  # the `residual` argument of the kernels below: False, True (y = r + x.w^T) or BIAS (y = x.w^T + r[col])
 
 _DEQ = ("(T.Cast(\"float32\", (qw[nb * {rows} + ni, (k0 * {lanes} + l) // 8] >> T.Cast(\"uint32\", (k0 * {lanes} + l) % 8 "
-        "* 4)) & T.uint32(15)) - T.float32(7)) * qs[nb * {rows} + ni, (k0 * {lanes} + l) // 32]")
+        "* 4)) & T.uint32(15)) - T.float32(7)) * {scale}")
 
 _ONE_ROW = """
 for ni in range({rows}):
@@ -111,6 +112,11 @@ for bo in range(({R} + T.int64({t} - 1)) // T.int64({t})):
                 for l in range({lanes}):
                     y[{y}] = y[{y}] + acc[bi, ni, l]
 """
+
+
+def as_f32(value, dtype: str):
+    """A weight scale of `dtype` as float32 (float16 scales are widened; float32 ones are left as they are)."""
+    return value if dtype == "float32" else T.Cast("float32", value)
 
 
 def _index(layout: str, row: str, col: str) -> str:
@@ -147,6 +153,11 @@ def _weight_refs(block: int) -> tuple[str, str]:
     return "qw[v_n, v_j // T.int64(8)]", "qs[v_n, v_j // T.int64(32)]"
 
 
+def scale_text(ref: str, scale_dtype: str) -> str:
+    """TIR text of the weight scale `ref` (an element of qs) as float32: float16 scales are widened."""
+    return ref if scale_dtype == "float32" else f'T.Cast("float32", {ref})'
+
+
 def res_ref(residual, layout: str, row: str, col: str) -> str:
     """The epilogue's addend for output [row, col] (`residual`: False, True or BIAS), or "" for none."""
     if residual == BIAS:
@@ -154,45 +165,50 @@ def res_ref(residual, layout: str, row: str, col: str) -> str:
     return f"r[{_index(layout, row, col)}]" if residual else ""
 
 
-def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0) -> str:
-    """The function header (parameters for these shapes and this weight layout) followed by `body`."""
+def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0, scale_dtype: str = "float32") -> str:
+    """The function header (parameters for these shapes, this weight layout and scale dtype) followed by `body`."""
     rdef, xs, _ = _shapes(layout)
     qw_shape, qs_shape = _weight_shapes(n, k, block)
     r_shape = f"T.int64({n})," if residual == BIAS else f"{xs}, T.int64({n})"
     return _HEADER.format(
-        n=n, k=k, qw_shape=qw_shape, qs_shape=qs_shape, rdef=rdef, xs=xs,
+        n=n, k=k, qw_shape=qw_shape, qs_shape=qs_shape, scale_dtype=scale_dtype, rdef=rdef, xs=xs,
         res_param="r_h: T.handle, " if residual else "",
         res_buf=f"r = T.match_buffer(r_h, ({r_shape}), \"float32\")" if residual else "") + body
 
 
-def stock_kernel(n: int, k: int, layout: str, residual: bool, block: int = 0) -> tvm.tirx.PrimFunc:
+def stock_kernel(n: int, k: int, layout: str, residual: bool, block: int = 0,
+                 scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
     """The unscheduled kernel this module knows how to replace (for the equivalence check)."""
-    return parse(stock_source(n, k, layout, residual, block))
+    return parse(stock_source(n, k, layout, residual, block, scale_dtype))
 
 
-def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0) -> str:
-    """The stock dequantize + NT_matmul [+ residual add] for weights in the NK (block 0) or row-blocked layout."""
+def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0, scale_dtype: str = "float32") -> str:
+    """The stock dequantize + NT_matmul [+ residual add] for weights in the NK (block 0) or row-blocked layout, with
+    scales in `scale_dtype`."""
     xs = _shapes(layout)[1]
     w, sc = _weight_refs(block)
     mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
-    body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, mm="NT_matmul_intermediate" if residual else "y",
+    body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, sv=scale_text(sc, scale_dtype), mm="NT_matmul_intermediate" if residual else "y",
                          mm_alloc=mm_alloc)
     if residual:
         body += (_STOCK_BIAS if residual == BIAS else _STOCK_ADD).format(n=n, xs=xs)
-    return _source(body, n, k, layout, residual, block)
+    return _source(body, n, k, layout, residual, block, scale_dtype)
 
 
-def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> tvm.tirx.PrimFunc:
-    return parse(tiled_source(n, k, layout, residual, tiles))
+def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES,
+                 scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
+    return parse(tiled_source(n, k, layout, residual, tiles, scale_dtype))
 
 
-def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES) -> str:
+def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES,
+                 scale_dtype: str = "float32") -> str:
     """TVMScript of the kernel: one parallel task per GROUP blocks of ROWS output rows; inside it a branch on the row
     count R: one row, then R <= tiles[0] with tiles[0] rows per tile, ... , the last tile size for the rest."""
     group = GROUP if n % (ROWS * GROUP) == 0 else 1
     rows = _shapes(layout)[2]
     col = f"nb * {ROWS} + ni"
-    common = dict(rows=ROWS, lanes=LANES, kc=k // LANES, R=rows, deq=_DEQ.format(rows=ROWS, lanes=LANES))
+    common = dict(rows=ROWS, lanes=LANES, kc=k // LANES, R=rows, deq=_DEQ.format(
+        rows=ROWS, lanes=LANES, scale=scale_text(f"qs[nb * {ROWS} + ni, (k0 * {LANES} + l) // 32]", scale_dtype)))
 
     def one_row() -> str:
         return _ONE_ROW.format(x=f"x[{_index(layout, '0', f'k0 * {LANES} + l')}]", y=_index(layout, "0", col),
@@ -220,14 +236,15 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
         level += 1
     code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
     head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
-    return _source(head + code, n, k, layout, residual)
+    return _source(head + code, n, k, layout, residual, scale_dtype=scale_dtype)
 
 
 def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:
     """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer with weights in
-    the NK layout (block 0) or in blocks of `block` rows; residual: False, True (a residual add) or BIAS."""
+    the NK layout (block 0) or in blocks of `block` rows (scales float32, or float16: `scale_dtype_of`); residual:
+    False, True (a residual add) or BIAS."""
     bufs = list(func.params) if len(func.params) in (4, 5) else []  # TVM 0.27 tirx: params are the buffers
-    if not bufs or [b.dtype for b in bufs] != ["uint32", "float32"] + ["float32"] * (len(bufs) - 2):
+    if not bufs or [b.dtype for b in bufs] != ["uint32", scale_dtype_of(func)] + ["float32"] * (len(bufs) - 2):
         return None
     shapes = [list(b.shape) for b in bufs]
     bias = len(shapes) == 5 and len(shapes[3]) == 1
@@ -251,11 +268,18 @@ def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, i
     return n, k, layout, BIAS if bias else len(bufs) == 5
 
 
+def scale_dtype_of(func: tvm.tirx.PrimFunc) -> str:
+    """The dtype of a q4 kernel's scales (its second parameter): float32, or float16 (`q4f32_cpu_f16scale`); anything
+    else is not a q4 kernel of ours."""
+    dtype = str(func.params[1].dtype) if len(func.params) > 1 else ""
+    return dtype if dtype in ("float32", "float16") else "float32"
+
+
 def replace_stock(func: tvm.tirx.PrimFunc, block: int, make: Callable[..., tvm.tirx.PrimFunc],
                   mark: str) -> Optional[tvm.tirx.PrimFunc]:
-    """`make(N, K, layout, residual)` in place of `func` if `func` is the stock q4f32 dequantize + NT_matmul [+ add]
-    of the weight layout `block` (structurally equal, attributes aside), with `func`'s attributes and `mark`; else
-    None."""
+    """`make(N, K, layout, residual, scale_dtype=...)` in place of `func` if `func` is the stock q4f32 dequantize +
+    NT_matmul [+ add] of the weight layout `block` (structurally equal, attributes aside), with `func`'s attributes and
+    `mark`; else None."""
     sig = _signature(func, block)
     if sig is None:
         return None
@@ -263,9 +287,10 @@ def replace_stock(func: tvm.tirx.PrimFunc, block: int, make: Callable[..., tvm.t
     def strip(f: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:  # compare parameters and body, not attributes
         return tvm.tirx.PrimFunc(f.params, f.body)
 
-    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig, block)), map_free_vars=True):
+    sd = scale_dtype_of(func)
+    if not tvm_ffi.structural_equal(strip(func), strip(stock_kernel(*sig, block, sd)), map_free_vars=True):
         return None
-    kernel = make(*sig)
+    kernel = make(*sig, scale_dtype=sd)
     for key, value in func.attrs.items():  # keep the stock kernel's attributes (symbol, op pattern, ...)
         kernel = kernel.with_attr(key, value)
     return kernel.with_attr(KERNEL_ATTR, mark)

@@ -31,7 +31,7 @@ from .cpu import tasks as cpu_tasks
 from .cpu.amx import AMX_REQUEST, bf16_parts, bf16x32, intrin, round_bf16, tile_config
 from .cpu.text import indent, parse, prefetch
 from .cpu.vecmath import silu_mul_expr
-from .cpu_gemv import _index, _shapes, _source
+from .cpu_gemv import _index, _shapes, _source, scale_text
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
@@ -101,7 +101,7 @@ for g in range(T.int64({g})):
     for bi in T.unroll({t}):
         for v in T.unroll({v}):
             for l in T.vectorized(16):
-                acc[bi, v * 16 + l] = acc[bi, v * 16 + l] + qs[blk, g, p * {pr} + v * 16 + l] * (part[bi, v * 16 + l] - T.float32(7) * ({xsum}))
+                acc[bi, v * 16 + l] = acc[bi, v * 16 + l] + {scale} * (part[bi, v * 16 + l] - T.float32(7) * ({xsum}))
 """
 _PANEL = """
 wp = T.alloc_buffer((T.int64({k}), 64), "float32")
@@ -110,7 +110,7 @@ for g in range(T.int64({g})):
     for w in range(4):
         for j in T.unroll(8):
             for l in T.vectorized(64):
-                wp[g * 32 + w * 8 + j, l] = (T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + w, l], T.Cast("uint32", j * 4)), T.uint32(15))) - T.float32(7)) * qs[blk, g, l]
+                wp[g * 32 + w * 8 + j, l] = (T.Cast("float32", T.bitwise_and(T.shift_right(qw[blk, g * 4 + w, l], T.Cast("uint32", j * 4)), T.uint32(15))) - T.float32(7)) * {scale}
 for bo in range({tiles}):
     for bi in T.unroll({t}):
         for l in T.vectorized(64):
@@ -158,7 +158,7 @@ for mt in range(c * T.int64({cht}), T.min((c + 1) * T.int64({cht}), {mtiles})):
 
 
 def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision: str = "f32",
-              silu: bool = False) -> str:
+              silu: bool = False, scale_dtype: str = "float32") -> str:
     """The AMX GEMM for R >= PANEL_MIN rows (`panel`: the float32 panel GEMM, run when AMX is refused). `precision`
     "f32": two products per group on the integer weights (x_hi.q + x_lo.q), times the group's scales in float32, in
     tiles of AMX_TILE_ROWS rows; "bf16": one product of x and w rounded to bfloat16, in tiles of 16 rows. `silu`:
@@ -206,7 +206,8 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
             lines += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
             qb = f"blk + T.int64({nb})" if side else "blk"
             lines += [f"        acc{t}[mi, l] = {'' if first else f'acc{t}[mi, l] + '}"
-                      f"qs[{qb}, g, h * 32 + {16 * t} + l] * cg[mi, {16 * t} + l]" for t in range(2)]
+                      f"{scale_text(f'qs[{qb}, g, h * 32 + {16 * t} + l]', scale_dtype)} * cg[mi, {16 * t} + l]"
+                      for t in range(2)]
             return indent("\n".join(lines), 1).rstrip("\n").split("\n")
 
         def sums(side: int) -> list[str]:  # the first group sets acc (no zeroing pass)
@@ -229,7 +230,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
                              for b in (("acc", "gb") if silu else ("acc",)) for t in range(2)])
         cfg = tile_config((tr,) * 6 + (16, 16))
     else:
-        w = [f"{v} * qs[{wblk}, g, ct * 16 + l]" for v in q]
+        w = [f"{v} * {scale_text(f'qs[{wblk}, g, ct * 16 + l]', scale_dtype)}" for v in q]
         w_convert = f"wh[side, g, ct, k2, l] = {bf16_parts(w[0], w[1])[0]}"
 
         def sums(side: int, buf: str) -> list[str]:
@@ -270,12 +271,12 @@ for i in range({pr}):
 """
 
 
-def stock_source(n: int, k: int, layout: str, residual: bool) -> str:
-    return cpu_gemv.stock_source(n, k, layout, residual, BLOCK)
+def stock_source(n: int, k: int, layout: str, residual: bool, scale_dtype: str = "float32") -> str:
+    return cpu_gemv.stock_source(n, k, layout, residual, BLOCK, scale_dtype)
 
 
-def stock_kernel(n: int, k: int, layout: str, residual: bool) -> tvm.tirx.PrimFunc:
-    return cpu_gemv.stock_kernel(n, k, layout, residual, BLOCK)
+def stock_kernel(n: int, k: int, layout: str, residual: bool, scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
+    return cpu_gemv.stock_kernel(n, k, layout, residual, BLOCK, scale_dtype)
 
 
 def _res_plus(residual, layout: str, row: str, col: str) -> str:
@@ -290,7 +291,8 @@ def prefetch_pays(target: tvm.target.Target) -> bool:
     return not str(target.attrs.get("mcpu", "")).startswith("znver")
 
 
-def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int, prefetch_ahead: bool = True) -> str:
+def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int, prefetch_ahead: bool = True,
+          scale_dtype: str = "float32") -> str:
     """Buffers and loops for row tiles of `t` rows, 16*v output rows per pass."""
     rows = _shapes(layout)[2]
     pr = 16 * v
@@ -302,6 +304,7 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int, prefetch_
     ahead = f"for c in T.unroll(16):\n    {qw_ahead}\nfor c in T.unroll(4):\n    {qs_ahead}"
     body = _PASS.format(
         t=t, v=v, pr=pr, g=k // 32, prefetch=indent(ahead, 1) if prefetch_ahead else "",
+        scale=scale_text(f"qs[blk, g, p * {pr} + v * 16 + l]", scale_dtype),
         xrow=_index(layout, row, "0").rsplit(",", 1)[0], xsum=" + ".join(f"xsum[bi, {i}]" for i in range(16)),
     )
     write = _WRITE.format(pr=pr, yidx=_index(layout, out, col), res=_res_plus(residual, layout, out, col))
@@ -318,7 +321,8 @@ def _plan(n: int, k: int, layout: str, residual: bool, t: int, v: int, prefetch_
     return head + loops + indent(body, 2)
 
 
-def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chunk: int = PANEL_CHUNK) -> str:
+def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chunk: int = PANEL_CHUNK,
+           scale_dtype: str = "float32") -> str:
     """Rows [ch * chunk, min(R, (ch + 1) * chunk)) of block `blk`: dequantize the block into a panel, then tiles of
     `t` rows (the last tile's rows past R clamped on read, skipped on write)."""
     rows = _shapes(layout)[2]
@@ -326,19 +330,22 @@ def _panel(n: int, k: int, layout: str, residual: bool, t: int = PANEL_TILE, chu
     row, out, col = f"T.min({first} + bi, {rows} - T.int64(1))", f"{first} + bi", "blk * 64 + i"
     tiles = f"T.min(T.int64({chunk // t}), ({rows} - ch * T.int64({chunk}) + T.int64({t - 1})) // T.int64({t}))"
     return _PANEL.format(k=k, g=k // 32, t=t, tiles=tiles, rows=rows, out=out,
+                         scale=scale_text("qs[blk, g, l]", scale_dtype),
                          xrow=_index(layout, row, "0").rsplit(",", 1)[0], yidx=_index(layout, out, col),
                          res=_res_plus(residual, layout, out, col))
 
 
 def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
-                   amx: bool = False, precision: str = "f32", silu: bool = False, prefetch_ahead: bool = True) -> str:
+                   amx: bool = False, precision: str = "f32", silu: bool = False, prefetch_ahead: bool = True,
+                   scale_dtype: str = "float32") -> str:
     """Below `panel_min` rows: one parallel task per 64-row block; inside it a branch on the row count R: one row
     (plans[0]), then R <= t of each middle plan, then the last plan. From `panel_min` rows: the panel GEMM, parallel
     over (chunk of PANEL_CHUNK rows, block). Two parallel nests under one branch: bound inside one parallel loop
     (task = chunk * blocks + block) the decode paths were slower (bench/gemv_batched.py).
     `panel_min=0`: no panel GEMM (the last plan for any R: the kernel before the panel, for comparisons). `amx`: from
     `panel_min` rows the AMX GEMM in `precision` (PRECISIONS), with the panel GEMM as its fallback. `silu`: see
-    `fused_silu_kernel`. `prefetch_ahead`: software prefetch in the GEMV paths (`prefetch_pays`)."""
+    `fused_silu_kernel`. `prefetch_ahead`: software prefetch in the GEMV paths (`prefetch_pays`). `scale_dtype`: of
+    the weights' scales (float32 or float16)."""
     rows = _shapes(layout)[2]
     nb = n // BLOCK
     if silu:
@@ -350,33 +357,34 @@ def blocked_source(n: int, k: int, layout: str, residual: bool, plans=PLANS, pan
         return scratch + code.replace("y[", "gu[").rstrip("\n") + "\n" + act
     if layout == "11":
         code = f"for blk in T.parallel(T.int64({nb})):\n" + indent(_plan(n, k, layout, residual, *plans[0],
-                                                                          prefetch_ahead), 1)
+                                                                          prefetch_ahead, scale_dtype), 1)
         if silu:
             code = into_scratch(code)
-        return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
-    branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0], prefetch_ahead))]
-    branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v, prefetch_ahead)) for t, v in plans[1:-1]]
+        return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK, scale_dtype), n, layout, silu)
+    branches = [("==", "T.int64(1)", _plan(n, k, layout, residual, *plans[0], prefetch_ahead, scale_dtype))]
+    branches += [("<=", f"T.int64({t})", _plan(n, k, layout, residual, t, v, prefetch_ahead, scale_dtype))
+                 for t, v in plans[1:-1]]
     code, level = "", 2
     for op, bound, nest in branches:
         code += indent(f"if {rows} {op} {bound}:", level) + indent(nest, level + 1)
         code += indent("else:", level)
         level += 1
-    code += indent(_plan(n, k, layout, residual, *plans[-1], prefetch_ahead), level)
+    code += indent(_plan(n, k, layout, residual, *plans[-1], prefetch_ahead, scale_dtype), level)
     small = cpu_tasks.steal_parallel(f"for blk in T.parallel(T.int64({nb})):\n" + code, var="blk", name="_gemv")
     if silu:
         small = into_scratch(small)
     if not panel_min:
-        return _silu_header(_source(indent(small, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+        return _silu_header(_source(indent(small, 1), n, k, layout, residual, BLOCK, scale_dtype), n, layout, silu)
     chunks = f"(({rows} + T.int64({PANEL_CHUNK - 1})) // T.int64({PANEL_CHUNK}))"
     panel = (f"for task in T.parallel(T.int64({nb}) * {chunks}):\n"
              f"    blk = T.bind(task % T.int64({nb}))\n    ch = T.bind(task // T.int64({nb}))\n"
-             + indent(_panel(n, k, layout, residual), 1))
+             + indent(_panel(n, k, layout, residual, scale_dtype=scale_dtype), 1))
     if silu:
         panel = into_scratch(panel)
     if amx:
-        panel = _amx_gemm(n, k, layout, residual, panel, precision, silu)
+        panel = _amx_gemm(n, k, layout, residual, panel, precision, silu, scale_dtype)
     code = f"if {rows} < T.int64({panel_min}):\n" + indent(small, 1) + "else:\n" + indent(panel, 1)
-    return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK), n, layout, silu)
+    return _silu_header(_source(indent(code, 1), n, k, layout, residual, BLOCK, scale_dtype), n, layout, silu)
 
 
 def _silu_parts(n: int, layout: str) -> tuple[str, str]:
@@ -403,13 +411,14 @@ def _silu_header(src: str, n: int, layout: str, silu: bool) -> str:
 
 
 def blocked_kernel(n: int, k: int, layout: str, residual: bool, plans=PLANS, panel_min: int = PANEL_MIN,
-                   amx: bool = False, precision: str = "f32", prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
+                   amx: bool = False, precision: str = "f32", prefetch_ahead: bool = True,
+                   scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
     return parse(blocked_source(n, k, layout, residual, plans, panel_min, amx, precision,
-                                prefetch_ahead=prefetch_ahead))
+                                prefetch_ahead=prefetch_ahead, scale_dtype=scale_dtype))
 
 
 def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision: str = "f32",
-                      prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
+                      prefetch_ahead: bool = True, scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
     """The gate_up layer (N = 2I rows: gate then up, I a multiple of 64) and the gated activation in one kernel:
     y [rows, I] = silu(x . gate^T) * (x . up^T), the `silu_mul_kernel` formula. On AMX (from PANEL_MIN rows) a task
     computes gate block b and up block b + I/64 and writes their product: the [rows, 2I] intermediate is never
@@ -417,13 +426,12 @@ def fused_silu_kernel(n: int, k: int, layout: str, amx: bool = False, precision:
     kernel reads it back). Below PANEL_MIN rows, without AMX, or where Linux refuses the AMX state: the blocked
     kernel's paths into a scratch, then the activation."""
     return parse(blocked_source(n, k, layout, False, amx=amx, precision=precision, silu=True,
-                                prefetch_ahead=prefetch_ahead))
+                                prefetch_ahead=prefetch_ahead, scale_dtype=scale_dtype))
 
 
 def replace_blocked_q4_matmul(func: tvm.tirx.PrimFunc, amx: bool = False, precision: str = "f32",
                               prefetch_ahead: bool = True) -> Optional[tvm.tirx.PrimFunc]:
     """The blocked-layout kernel for a stock blocked q4f32 (dequantize + NT_matmul [+ add]) kernel, else None.
     `amx`: prefill rows on AMX tiles (`has_amx(target)`) in `precision`."""
-    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig: blocked_kernel(*sig, amx=amx, precision=precision,
-                                                                           prefetch_ahead=prefetch_ahead),
-                                  "q4_blocked64")
+    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig, scale_dtype: blocked_kernel(
+        *sig, amx=amx, precision=precision, prefetch_ahead=prefetch_ahead, scale_dtype=scale_dtype), "q4_blocked64")

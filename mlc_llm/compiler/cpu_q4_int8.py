@@ -46,9 +46,10 @@ def _dpbusd(acc, weights, x_word):
 
 
 @functools.lru_cache(maxsize=None)
-def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahead: bool = True) -> tvm.tirx.PrimFunc:
+def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahead: bool = True,
+                scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
     """y = x . w^T (+ r if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights (`qw uint32[N/64, K/8, 64]`,
-    `qs float32[N/64, K/32, 64]`), x quantized to int8 per group of 32; rows of x, y, r on axis 0 ([R, 1, K]: decode,
+    `qs[N/64, K/32, 64]` in `scale_dtype`: float32 or float16), x quantized to int8 per group of 32; rows of x, y, r on axis 0 ([R, 1, K]: decode,
     `layout` "b1") or 1 ([1, R, K]: prefill, "1s"). `prefetch_ahead`: prefetch the words and scales PREFETCH_GROUPS
     groups ahead in software."""
     if layout not in ("b1", "1s"):
@@ -118,7 +119,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
             for bi in T.unroll(T.int64(t)):
                 row = T.bind(T.min(bo * t + bi, rows - 1))
                 for l in T.vectorized(64):
-                    acc[bi, l] = acc[bi, l] + qs[blk, g, l] * xsc[row, g] * T.Cast(
+                    acc[bi, l] = acc[bi, l] + cpu_gemv.as_f32(qs[blk, g, l], scale_dtype) * xsc[row, g] * T.Cast(
                         "float32", acci[bi, l] - 7 * xsm[row, g])
         for bi in range(T.int64(t)):
             if bo * t + bi < rows:
@@ -166,7 +167,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
     # per epilogue).
     if residual:
         @T.prim_func(private=True, s_tir=True)
-        def with_addend(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+        def with_addend(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), scale_dtype),
                         x_h: T.handle, r_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             rows = T.int64()
@@ -177,7 +178,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         return with_addend
 
     @T.prim_func(private=True, s_tir=True)
-    def plain(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), "float32"),
+    def plain(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), scale_dtype),
               x_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         rows = T.int64()
@@ -194,6 +195,5 @@ def replace_int8_matmul(func: tvm.tirx.PrimFunc, layouts: tuple[str, ...],
     sig = cpu_gemv._signature(func, BLOCK)
     if sig is None or sig[2] not in layouts:
         return None
-    return cpu_gemv.replace_stock(func, BLOCK, lambda n, k, layout, residual: gemv_kernel(n, k, layout, residual,
-                                                                                        prefetch_ahead),
+    return cpu_gemv.replace_stock(func, BLOCK, lambda *sig, scale_dtype: gemv_kernel(*sig, prefetch_ahead, scale_dtype),
                                   "q4_blocked64_int8")

@@ -138,7 +138,8 @@ def fuse_gate_up_silu(mod: tvm.IRModule, blocked: dict, precision: str = "f32",
         if gv not in fused:
             n, k, layout, _ = blocked[gv]
             kernel = cpu_q4_blocked.fused_silu_kernel(n, k, layout, amx=True, precision=precision,
-                                                      prefetch_ahead=prefetch_ahead)
+                                                      prefetch_ahead=prefetch_ahead,
+                                                      scale_dtype=cpu_gemv.scale_dtype_of(mod[gv]))
             fused[gv] = bb.add_func(kernel.with_attr(cpu_gemv.KERNEL_ATTR, "q4_blocked64_silu"),
                                     f"{gv.name_hint}_silu")
         return fused[gv]

@@ -19,6 +19,7 @@ class QuantName(Enum):
     q4f16_1 = "q4f16_1"
     q4f32_1 = "q4f32_1"
     q4f32_cpu = "q4f32_cpu"
+    q4f32_cpu_f16scale = "q4f32_cpu_f16scale"
 
 
 class ModeName(Enum):

@@ -21,7 +21,7 @@ def _q4_value(qw: te.Tensor, qs: te.Tensor, n, j, dtype: str, blocked: bool):
         word, scale = qw[n, j // ELEMS_PER_WORD], qs[n, j // GROUP_SIZE]
     shift = ((j % ELEMS_PER_WORD) * 4).astype("uint32")
     nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
-    return (nibble.astype(dtype) - tirx.const(MAX_INT, dtype)) * scale
+    return (nibble.astype(dtype) - tirx.const(MAX_INT, dtype)) * (scale if scale.dtype == dtype else scale.astype(dtype))
 
 
 def _dequantize(q_weight: Tensor, q_scale: Tensor, rows, k: int, dtype: str, name: str, blocked: bool) -> Tensor:
@@ -37,8 +37,8 @@ def _q4_params(quant: Quantization, rows: int, k: int) -> tuple[nn.Parameter, nn
     if quant.blocked(rows):
         b = rows // BLOCK_ROWS
         return (nn.Parameter((b, words, BLOCK_ROWS), "uint32"),
-                nn.Parameter((b, groups, BLOCK_ROWS), quant.model_dtype), True)
-    return nn.Parameter((rows, words), "uint32"), nn.Parameter((rows, groups), quant.model_dtype), False
+                nn.Parameter((b, groups, BLOCK_ROWS), quant.scale), True)
+    return nn.Parameter((rows, words), "uint32"), nn.Parameter((rows, groups), quant.scale), False
 
 
 def take(x: Tensor, indices: Tensor, axis: int) -> Tensor:

@@ -272,17 +272,7 @@ class _EngineBase:
         return ids
 
     def _render_jinja(self, messages: list[dict[str, str]]) -> str:
-        template = self.tokenizer.chat_template
-        if not template:
-            raise P.BadRequestError("the model has neither a conversation template nor a tokenizer chat template")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(P.BadRequestError(msg))
-        cfg = self.tokenizer.config
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=cfg.get("bos_token") or "",
-                                                eos_token=cfg.get("eos_token") or "")
+        return self.tokenizer.render_chat(messages, P.BadRequestError)
 
     def _generation(self, req: P.SamplingFields, prompt: list[int], max_tokens: Optional[int], logprobs: bool,
                     top_logprobs: int) -> GenerationConfig:

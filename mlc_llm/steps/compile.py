@@ -109,10 +109,11 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
 
     check_precisions(device, prefill_precision, decode_precision)
     chat = read_chat_config(model_dir)
-    if "int8" in (prefill_precision, decode_precision) and chat["quantization"] != "q4f32_cpu":
-        raise CompileError(f"precision int8 is a kernel of q4f32_cpu weights; this model is {chat['quantization']}")
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
+    if "int8" in (prefill_precision, decode_precision) and not (quant.is_group and quant.block_rows):
+        raise CompileError("precision int8 is a kernel of the row-blocked int4 weights (q4f32_cpu, "
+                           f"q4f32_cpu_f16scale); this model is {chat['quantization']}")
     cfg = family.config_from_dict({**chat["model_config"], **(overrides or {})})
     target = make_target(device)
     if quant.block_rows and is_gpu(target):

@@ -17,7 +17,7 @@ def make_quantizer(quant):
 
     def quantize(mlc_prefix: str, w: np.ndarray) -> dict[str, np.ndarray]:
         if quant.is_group:
-            q_weight, q_scale = quantize_q4(w, quant.model_dtype)
+            q_weight, q_scale = quantize_q4(w, quant.scale)
             if quant.blocked(w.shape[0]):
                 q_weight, q_scale = block_rows(q_weight), block_rows(q_scale)
             return {f"{mlc_prefix}.q_weight": q_weight, f"{mlc_prefix}.q_scale": q_scale}
