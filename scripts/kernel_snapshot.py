@@ -52,6 +52,16 @@ def kernels() -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
                         *a, prefetch_ahead=p)
         out[f"blocked q4 {n}x{k} b1 no prefetch"] = lambda a=(n, k): cpu_q4_blocked.blocked_kernel(
             *a, "b1", True, prefetch_ahead=False)
+        # float16 scales (q4f32_cpu_f16scale): every kernel family once
+        f16 = {"stock": lambda a=(n, k): cpu_gemv.stock_kernel(*a, "1s", True, 0, "float16"),
+               "tiled": lambda a=(n, k): cpu_gemv.tiled_kernel(*a, "1s", True, scale_dtype="float16"),
+               "blocked": lambda a=(n, k): cpu_q4_blocked.blocked_kernel(*a, "1s", True, scale_dtype="float16"),
+               "blocked amx": lambda a=(n, k): cpu_q4_blocked.blocked_kernel(*a, "1s", True, amx=True,
+                                                                             scale_dtype="float16"),
+               "blocked amx bf16": lambda a=(n, k): cpu_q4_blocked.blocked_kernel(
+                   *a, "1s", True, amx=True, precision="bf16", scale_dtype="float16"),
+               "int8": lambda a=(n, k): cpu_q4_int8.gemv_kernel(*a, "b1", True, scale_dtype="float16")}
+        out.update({f"{kind} {n}x{k} float16 scales": make for kind, make in f16.items()})
     for n, k in ((3072, 576), (9728, 896)):
         for amx in (False, True):
             for precision in ("f32", "bf16"):

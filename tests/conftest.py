@@ -85,19 +85,20 @@ def smollm_q4(pipeline_dir):
     return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so", first=first, second=second)
 
 
+def _smollm_as(pipeline_dir, quant: str) -> SimpleNamespace:
+    """`snakemake build_smollm2_cpu` with another quantization (its own artifact folder in the same workdir)."""
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      f"overrides=[quantization={quant}]")
+    assert r.returncode == 0, r.stderr[-4000:]
+    d = pipeline_dir / SMOLLM_DIR.format(quant=quant)
+    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so")
+
+
 @pytest.fixture(scope="session")
 def smollm_q4_f16scale(pipeline_dir, smollm_q4):
-    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
-                      "overrides=[quantization=q4f32_cpu_f16scale]")
-    assert r.returncode == 0, r.stderr[-4000:]
-    d = pipeline_dir / SMOLLM_DIR.format(quant="q4f32_cpu_f16scale")
-    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so")
+    return _smollm_as(pipeline_dir, "q4f32_cpu_f16scale")
 
 
 @pytest.fixture(scope="session")
 def smollm_q0(pipeline_dir, smollm_q4):
-    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
-                      "overrides=[quantization=q0f32]")
-    assert r.returncode == 0, r.stderr[-4000:]
-    d = pipeline_dir / SMOLLM_DIR.format(quant="q0f32")
-    return SimpleNamespace(dir=d, lib=d / "lib" / "cpu.so")
+    return _smollm_as(pipeline_dir, "q0f32")

@@ -114,11 +114,6 @@ for bo in range(({R} + T.int64({t} - 1)) // T.int64({t})):
 """
 
 
-def as_f32(value, dtype: str):
-    """A weight scale of `dtype` as float32 (float16 scales are widened; float32 ones are left as they are)."""
-    return value if dtype == "float32" else T.Cast("float32", value)
-
-
 def _index(layout: str, row: str, col: str) -> str:
     """x / y / residual element at flat row `row`: rows are dim 0 ("b1": [R, 1, *]), dim 1 ("1s": [1, R, *]) or
     there is one ("11")."""
@@ -158,6 +153,11 @@ def scale_text(ref: str, scale_dtype: str) -> str:
     return ref if scale_dtype == "float32" else f'T.Cast("float32", {ref})'
 
 
+def as_f32(value, dtype: str):
+    """The same for `@T.prim_func` kernels: a weight scale (a PrimExpr) of `dtype` as float32."""
+    return value if dtype == "float32" else T.Cast("float32", value)
+
+
 def res_ref(residual, layout: str, row: str, col: str) -> str:
     """The epilogue's addend for output [row, col] (`residual`: False, True or BIAS), or "" for none."""
     if residual == BIAS:
@@ -188,8 +188,8 @@ def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0, sc
     xs = _shapes(layout)[1]
     w, sc = _weight_refs(block)
     mm_alloc = f"NT_matmul_intermediate = T.sblock_alloc_buffer(({xs}, T.int64({n})))\n    " if residual else ""
-    body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, sv=scale_text(sc, scale_dtype), mm="NT_matmul_intermediate" if residual else "y",
-                         mm_alloc=mm_alloc)
+    body = _STOCK.format(n=n, k=k, xs=xs, w=w, s=sc, sv=scale_text(sc, scale_dtype),
+                         mm="NT_matmul_intermediate" if residual else "y", mm_alloc=mm_alloc)
     if residual:
         body += (_STOCK_BIAS if residual == BIAS else _STOCK_ADD).format(n=n, xs=xs)
     return _source(body, n, k, layout, residual, block, scale_dtype)
