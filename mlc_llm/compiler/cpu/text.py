@@ -1,8 +1,9 @@
 """Kernels written as TVMScript text, and the conventions that text follows.
 
-Text is used where a kernel needs what a `@T.prim_func` cannot take as a parameter: intrinsic calls whose arguments
-must be constant immediates (AMX tile numbers, prefetch hints), and loop nests whose shape (tiles, unrolled
-reductions) is chosen in Python per call.
+The attention, blocked / row-tiled q4 and activation kernels are text: their loop nests (tiles, unrolled reductions,
+AMX tile numbers as immediates) are assembled in Python per call. A `@T.prim_func` closure can take the same
+Python-chosen constants (`cpu_q4_int8.py`: tiles, prefetch hints, epilogues; `cpu_activation.rms_norm_kernel`), which
+is where new kernels go; the text ones have not been moved yet.
 """
 from __future__ import annotations
 
