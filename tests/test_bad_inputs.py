@@ -23,7 +23,7 @@ def _err(r) -> str:
 
 @pytest.mark.parametrize("args, expected", [
     (["gen_config", GGUF, "--quantization", "q9f16", "--conv-template", "chatml", "-o", "{tmp}/x"],
-     "unknown quantization 'q9f16' (allowed: q0f32, q0f16, q4f16_1, q4f32_1, q4f32_cpu)"),
+     "unknown quantization 'q9f16' (allowed: q0f32, q0f16, q4f16_1, q4f32_1, q4f32_cpu, q4f32_cpu_f16scale)"),
     (["gen_config", GGUF, "--quantization", "q4f16_1", "--conv-template", "nope", "-o", "{tmp}/x"],
      "unknown conv_template 'nope'"),
     (["gen_config", "{tmp}/missing.gguf", "--quantization", "q4f16_1", "--conv-template", "chatml", "-o", "{tmp}/x"],

@@ -502,7 +502,9 @@ def test_sigterm_lets_short_requests_finish_and_ends_long_streams_in_band(smollm
         with requests.post(srv.url + "/v1/completions", json=body, stream=True, timeout=120) as r:
             events[i] = [line.decode() for line in r.iter_lines() if line]
 
-    threads = [threading.Thread(target=stream, args=(i, n)) for i, n in enumerate((3000, 3000, 4))]
+    # the short one: long enough to be seen running (4 tokens once finished between two polls), short enough to end
+    # well within the 5 s grace
+    threads = [threading.Thread(target=stream, args=(i, n)) for i, n in enumerate((3000, 3000, 64))]
     for t in threads:
         t.start()
     deadline = time.time() + 60
