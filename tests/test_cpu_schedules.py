@@ -30,12 +30,11 @@ def test_every_cpu_matmul_kernel_is_scheduled(tmp_path, quant):
         assert "T.parallel" in text and "T.vectorized" in text, name
         assert "dequantize_intermediate" not in text, name  # int4 decoded in registers, not into a buffer
         # q4f32_cpu[_f16scale] layers with N % 64 == 0 are stored in row blocks and get the blocked kernel
-        # (cpu_q4_blocked.py); other q4f32 linear layers with float32 scales the batch-tiled kernel (cpu_gemv.py);
-        # unquantized ones, float16-scaled NK ones and output sizes that are not a multiple of 8 rows (the tiny
-        # vocab of 300) the rfactor schedule
+        # (cpu_q4_blocked.py); other q4f32 linear layers the batch-tiled kernel (cpu_gemv.py); unquantized ones and
+        # output sizes that are not a multiple of 8 rows (the tiny vocab of 300) the rfactor schedule
         n_out = int(f.params[-1].shape[-1])
         expected = ("q4_blocked64" if quant.startswith("q4f32_cpu") and n_out % 64 == 0 else
-                    "q4_row_tiled" if quant in ("q4f32_1", "q4f32_cpu") and n_out % 8 == 0 else None)
+                    "q4_row_tiled" if quant.startswith("q4f32") and n_out % 8 == 0 else None)
         assert f.attrs.get(cpu_gemv.KERNEL_ATTR) == expected, name
         if expected == "q4_blocked64":
             assert str(f.params[1].dtype) == ("float16" if quant.endswith("f16scale") else "float32"), name
