@@ -14,10 +14,11 @@ A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-pytho
 --target llama-bench`.
 `--model-lib A B ...` benchmarks several of our libraries in the same rounds (e.g. lib/cpu.so, the bf16-prefill
 lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each; a library inside another artifact folder
-(`OTHER/lib/X.so`, e.g. the same GGUF converted to q4f32_cpu_f16scale) runs on that folder's weights. `--bandwidth` measures the streaming-read bandwidth
-in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the size of the weights a decode step
-reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes / the bandwidth over the
-same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its repetitions.
+(`OTHER/lib/X.so`, e.g. the same GGUF converted to q4f32_cpu_f16scale) runs on that folder's weights. `--bandwidth`
+measures the streaming-read bandwidth in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the
+size of the weights a decode step reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes
+/ the bandwidth over the same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its
+repetitions.
 `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
 gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """

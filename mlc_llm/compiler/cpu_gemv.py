@@ -27,6 +27,7 @@ from .cpu.text import indent, parse
 LANES = 16  # float32 lanes of an AVX-512 register
 ROWS = 8  # output rows per parallel task
 TILES = (4, 8)  # rows of x sharing one decoded weight vector: 4 for 2-4 rows, 8 above (bench/gemv_batched.py)
+SCALE_DTYPES = ("float32", "float16")  # q4f32_* / q4f32_cpu_f16scale
 KERNEL_ATTR = "mlc_llm.cpu_kernel"  # marks the kernels replaced here (tests look for it)
 GROUP = 4  # row blocks per parallel task (a task allocates its accumulators once)
 
@@ -241,10 +242,11 @@ def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, 
 
 def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:
     """(N, K, layout, residual) when the kernel's parameters have the shapes of a q4f32 linear layer with weights in
-    the NK layout (block 0) or in blocks of `block` rows (scales float32, or float16: `scale_dtype_of`); residual:
+    the NK layout (block 0) or in blocks of `block` rows (scales in one of SCALE_DTYPES); residual:
     False, True (a residual add) or BIAS."""
     bufs = list(func.params) if len(func.params) in (4, 5) else []  # TVM 0.27 tirx: params are the buffers
-    if not bufs or [b.dtype for b in bufs] != ["uint32", scale_dtype_of(func)] + ["float32"] * (len(bufs) - 2):
+    dtypes = [str(b.dtype) for b in bufs]
+    if not bufs or dtypes[0] != "uint32" or dtypes[1] not in SCALE_DTYPES or set(dtypes[2:]) != {"float32"}:
         return None
     shapes = [list(b.shape) for b in bufs]
     bias = len(shapes) == 5 and len(shapes[3]) == 1
@@ -269,10 +271,8 @@ def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, i
 
 
 def scale_dtype_of(func: tvm.tirx.PrimFunc) -> str:
-    """The dtype of a q4 kernel's scales (its second parameter): float32, or float16 (`q4f32_cpu_f16scale`); anything
-    else is not a q4 kernel of ours."""
-    dtype = str(func.params[1].dtype) if len(func.params) > 1 else ""
-    return dtype if dtype in ("float32", "float16") else "float32"
+    """The dtype of a q4 kernel's second parameter, its scales (`SCALE_DTYPES` in the kernels of this package)."""
+    return str(func.params[1].dtype) if len(func.params) > 1 else ""
 
 
 def replace_stock(func: tvm.tirx.PrimFunc, block: int, make: Callable[..., tvm.tirx.PrimFunc],

@@ -49,9 +49,9 @@ def _dpbusd(acc, weights, x_word):
 def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahead: bool = True,
                 scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
     """y = x . w^T (+ r if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights (`qw uint32[N/64, K/8, 64]`,
-    `qs[N/64, K/32, 64]` in `scale_dtype`: float32 or float16), x quantized to int8 per group of 32; rows of x, y, r on axis 0 ([R, 1, K]: decode,
-    `layout` "b1") or 1 ([1, R, K]: prefill, "1s"). `prefetch_ahead`: prefetch the words and scales PREFETCH_GROUPS
-    groups ahead in software."""
+    `qs[N/64, K/32, 64]` in `scale_dtype`: float32 or float16), x quantized to int8 per group of 32; rows of x, y, r
+    on axis 0 ([R, 1, K]: decode, `layout` "b1") or 1 ([1, R, K]: prefill, "1s"). `prefetch_ahead`: prefetch the
+    words and scales PREFETCH_GROUPS groups ahead in software."""
     if layout not in ("b1", "1s"):
         raise ValueError(f"int8 GEMV layout '{layout}' is not b1 or 1s")
     if n % BLOCK or k % 32:

@@ -21,7 +21,7 @@ def _q4_value(qw: te.Tensor, qs: te.Tensor, n, j, dtype: str, blocked: bool):
         word, scale = qw[n, j // ELEMS_PER_WORD], qs[n, j // GROUP_SIZE]
     shift = ((j % ELEMS_PER_WORD) * 4).astype("uint32")
     nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
-    return (nibble.astype(dtype) - tirx.const(MAX_INT, dtype)) * (scale if scale.dtype == dtype else scale.astype(dtype))
+    return (nibble.astype(dtype) - tirx.const(MAX_INT, dtype)) * scale.astype(dtype)
 
 
 def _dequantize(q_weight: Tensor, q_scale: Tensor, rows, k: int, dtype: str, name: str, blocked: bool) -> Tensor:

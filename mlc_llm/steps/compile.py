@@ -105,15 +105,16 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     from ..compiler.sampling import add_sampling_functions
     from ..compiler.target import is_gpu, make_target
     from ..model import get_family
-    from ..quantization import get_quantization
+    from ..quantization import QUANTIZATIONS, get_quantization
 
     check_precisions(device, prefill_precision, decode_precision)
     chat = read_chat_config(model_dir)
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
     if "int8" in (prefill_precision, decode_precision) and not (quant.is_group and quant.block_rows):
-        raise CompileError("precision int8 is a kernel of the row-blocked int4 weights (q4f32_cpu, "
-                           f"q4f32_cpu_f16scale); this model is {chat['quantization']}")
+        blocked = ", ".join(q.name for q in QUANTIZATIONS.values() if q.is_group and q.block_rows)
+        raise CompileError(f"precision int8 is a kernel of the row-blocked int4 weights ({blocked}); this model is "
+                           f"{chat['quantization']}")
     cfg = family.config_from_dict({**chat["model_config"], **(overrides or {})})
     target = make_target(device)
     if quant.block_rows and is_gpu(target):
