@@ -6,7 +6,8 @@ A parallel kernel sums a float32 array (64 lanes = 4 independent AVX-512 accumul
 chunks split over the pool's threads like a GEMV's rows), compiled for this CPU; the array is written once before,
 so its pages exist. GB/s = bytes read / median time of `--repeat` runs (each averaging enough calls for ~0.2 s).
 Sizes: the bytes a decode step reads (partly served from the last-level cache when they fit) and a size far above
-the caches (memory). `bench/compare_llamacpp.py --bandwidth` takes as the ceiling those bytes ÷ the fastest timing
+the caches (memory). The array lies in huge pages as the runner's weights do (`mlc_llm/serve/weight_arena.py`;
+`--pages 4k`: TVM's allocation, 4 KB pages). `bench/compare_llamacpp.py --bandwidth` takes as the ceiling those bytes ÷ the fastest timing
 over as many bytes.
 """
 from __future__ import annotations
@@ -41,17 +42,26 @@ def build(nchunk: int, chunk: int):
     return tvm.compile(tvm.IRModule({"read_sum": read_sum}), target=make_target("cpu")).jit()
 
 
-def measure(size_mb: float, repeat: int = 5, chunk_kb: int = 256) -> dict:
-    """Read bandwidth in GB/s over an array of `size_mb` MB (median, min, max of `repeat` timings)."""
+def measure(size_mb: float, repeat: int = 5, chunk_kb: int = 256, huge_pages: bool = True) -> dict:
+    """Read bandwidth in GB/s over an array of `size_mb` MB (median, min, max of `repeat` timings), in huge pages
+    (where the platform has them) or TVM's allocation."""
     import numpy as np
     import tvm
+
+    from mlc_llm.serve import weight_arena
 
     chunk = chunk_kb * 1024 // 4
     nchunk = max(1, int(size_mb * 1e6) // (chunk * 4))
     lib = build(nchunk, chunk)
     dev = tvm.cpu()
     host = np.random.default_rng(0).random((nchunk, chunk), dtype=np.float32)
-    a = tvm.runtime.tensor(host, dev)
+    if huge_pages and weight_arena.wanted():
+        arena = weight_arena.Arena(host.nbytes)
+        view = arena.bytes.view(np.float32).reshape(host.shape)
+        view[...] = host
+        a = tvm.runtime.from_dlpack(view)
+    else:
+        a = tvm.runtime.tensor(host, dev)
     out = tvm.runtime.tensor(np.zeros((nchunk, LANES), np.float32), dev)
     lib["read_sum"](a, out)
     # the kernel really read everything: per-chunk lane sums add up to the array's sum
@@ -73,9 +83,10 @@ def main() -> int:
     p.add_argument("--size-mb", type=float, nargs="+", default=[1024.0])
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument("--pages", choices=("huge", "4k"), default="huge")
     a = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
-    rows = [measure(s, a.repeat) for s in a.size_mb]
+    rows = [measure(s, a.repeat, huge_pages=a.pages == "huge") for s in a.size_mb]
     if a.json:
         print(json.dumps(rows))
     else:

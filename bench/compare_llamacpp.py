@@ -19,6 +19,8 @@ measures the streaming-read bandwidth in every round (bench/bandwidth.py: TVM's 
 size of the weights a decode step reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes
 / the bandwidth over the same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its
 repetitions.
+`--huge-pages both` runs each of our libraries twice in every round, weights in TVM's 4 KB pages ("[4k]") and in the
+runner's huge-page arena ("[huge]", the default: mlc_llm/serve/weight_arena.py).
 `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
 gguf: `pip install torch==2.13.0 transformers gguf accelerate`) in the same rounds, with its own ratio column.
 """
@@ -82,6 +84,8 @@ def main() -> int:
     p.add_argument("--hf-dtype", default="bfloat16")
     p.add_argument("--bandwidth", action="store_true",
                    help="measure the memory bandwidth every round: decode as a share of the ceiling")
+    p.add_argument("--huge-pages", choices=("on", "off", "both"), default="on",
+                   help="our weights in the huge-page arena (on, the runner's default), in 4 KB pages (off), or both")
     p.add_argument("--result-json")
     a = p.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
@@ -90,9 +94,12 @@ def main() -> int:
     libs = a.model_lib or [str(Path(a.model) / "lib" / "cpu.so")]
     models = {lib: model_of(lib, a.model) for lib in libs}
     several = len(set(models.values())) > 1
-    labels = {lib: ((f"{Path(models[lib]).name}/" if several else "") + Path(lib).name if len(libs) > 1 else "")
-              for lib in libs}
-    lib_bytes = {labels[lib]: weight_bytes(m) for lib, m in models.items()}  # by label
+    modes = {"on": [True], "off": [False], "both": [False, True]}[a.huge_pages]
+    runs = [(lib, huge) for lib in libs for huge in modes]  # our side of a round, in this order
+    labels = {(lib, huge): " ".join(filter(None, [
+        (f"{Path(models[lib]).name}/" if several else "") + Path(lib).name if len(libs) > 1 else "",
+        f"[{'huge' if huge else '4k'}]" if len(modes) > 1 else ""])) for lib, huge in runs}
+    lib_bytes = {labels[run]: weight_bytes(models[run[0]]) for run in runs}  # by label
     rounds = []  # ((test, lib) -> (ours, theirs, hf) spread dicts) per round; the sides alternate round by round
     nbytes = weight_bytes(a.model)
     bws = []  # per round: (memory GB/s, GB/s over an array of the weights' size)
@@ -106,9 +113,10 @@ def main() -> int:
         theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
         tests = {}
-        for lib in libs:
+        for lib, huge in runs:
+            os.environ["MLC_HUGE_PAGES"] = "1" if huge else "0"  # read when the engine loads the weights
             ours = bench_latency(models[lib], lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False, 128, 1, None)
-            label = labels[lib]
+            label = labels[(lib, huge)]
             for run in ours["runs"]:
                 name = f"pp{run['prompt_len']}"
                 tests[(name, label)] = (run["prefill_tok_s"], theirs.get(name), hf.get(name))

@@ -9,6 +9,8 @@ batch-1 `batch_decode` calls through ModelRunner (no engine thread, no sampling 
 median step. Prints the median [min-max] over rounds per library and context (and for the other libraries the
 median [min-max] over rounds of the first library's step / theirs), the first greedy tokens of each library
 (they must agree), and per library the median over rounds of step(first context) / step(last context).
+`--huge-pages both` runs every library twice, weights in 4 KB pages ("[4k]", TVM's loader) and in the huge-page arena
+("[huge]", the runner's default on Linux; `mlc_llm/serve/weight_arena.py`).
 """
 from __future__ import annotations
 
@@ -29,11 +31,20 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--huge-pages", choices=("on", "off", "both"), default="on",
+                    help="weights in the huge-page arena (on), in TVM's 4 KB pages (off), or each library both ways")
     a = ap.parse_args()
 
     from mlc_llm.serve.runner import ModelRunner
 
-    runners = [ModelRunner(a.model, lib, "cpu") for lib in a.libs]
+    modes = {"on": [True], "off": [False], "both": [False, True]}[a.huge_pages]
+    variants = [(lib, huge) for lib in a.libs for huge in modes]
+    runners = [ModelRunner(a.model, lib, "cpu", huge_pages=huge) for lib, huge in variants]
+    a.libs = [f"{lib} [{'huge' if huge else '4k'}]" if a.huge_pages == "both" else lib for lib, huge in variants]
+    for name, run in zip(a.libs, runners):
+        if run.arena is not None:
+            print(f"{name}: {run.arena.huge_page_bytes() / 1e6:.0f} of {run.arena.bytes.nbytes / 1e6:.0f} MB of "
+                  "weights in huge pages")
     rng = random.Random(0)
     steps = {(lib, c): [] for lib in a.libs for c in a.contexts}
     first_tokens = {}
@@ -68,9 +79,13 @@ def main() -> None:
             line += f"; step {a.contexts[0]} / step {a.contexts[-1]}: {statistics.median(x / y for x, y in zip(lo, hi)):.3f}"
         print(line)
     for ctx in a.contexts:
-        toks = {lib: first_tokens[(lib, ctx)] for lib in a.libs}
-        same = len({tuple(t) for t in toks.values()}) == 1
-        print(f"ctx {ctx}: first greedy tokens {'agree' if same else 'DIFFER'}: {toks[a.libs[0]]}")
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for lib in a.libs:
+            groups.setdefault(tuple(first_tokens[(lib, ctx)]), []).append(lib)
+        if len(groups) == 1:
+            print(f"ctx {ctx}: first greedy tokens agree: {list(next(iter(groups)))}")
+        for toks, libs in (groups.items() if len(groups) > 1 else ()):
+            print(f"ctx {ctx}: first greedy tokens {list(toks)}: {', '.join(libs)}")
 
 
 if __name__ == "__main__":

@@ -206,7 +206,9 @@ def serve_mode(cfg: BuildConfig) -> str:
 
 
 def launch_command(cfg: BuildConfig, kind: str, draft: Optional[BuildConfig] = None) -> str:
-    env = ["env", f"TVM_NUM_THREADS={cfg.device.num_threads}"] if cfg.device.num_threads else []
+    env = ([f"TVM_NUM_THREADS={cfg.device.num_threads}"] if cfg.device.num_threads else []) + \
+        ([] if cfg.device.huge_pages else ["MLC_HUGE_PAGES=0"])
+    env = ["env", *env] if env else []
     common = [cfg.model_dir, "--model-lib", cfg.model_lib, "--device", cfg.device.name.value,
               "--overrides", engine_overrides(cfg, draft)]
     if kind == "serve":

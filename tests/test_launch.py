@@ -209,6 +209,10 @@ def test_launch_commands_from_the_plan():
     assert " --mode server " in make_plan({"deployment": "smollm2_cpu", "overrides": ["server.mode=server"]}) \
         .launch_cmd("smollm2_cpu", "serve")
     assert "gpu_memory_utilization=0.85" in default.launch_cmd("smollm2_cuda", "serve")
+    assert "MLC_HUGE_PAGES" not in serve  # weights in huge pages unless the deployment says no
+    no_huge = make_plan({"deployment": "smollm2_cpu", "overrides": ["device.huge_pages=false", "device.num_threads=2"]})
+    assert no_huge.launch_cmd("smollm2_cpu", "chat").startswith(
+        "env TVM_NUM_THREADS=2 MLC_HUGE_PAGES=0 python -m mlc_llm chat ")
     no_ui = make_plan({"deployment": "smollm2_cpu", "overrides": ["server.ui=false"]})
     assert no_ui.launch_cmd("smollm2_cpu", "serve").endswith(" --no-ui")
     assert plan.launch_target({"serve_smollm2_cpu"}) == ("smollm2_cpu", "serve")

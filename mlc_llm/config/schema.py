@@ -97,6 +97,8 @@ class DeviceConfig:
     prefill_precision: str = "f32"
     # CPU decode GEMVs: f32, or int8 activations on AVX512-VNNI (faster decode, logits within ~1 %)
     decode_precision: str = "f32"
+    # CPU weights in memory advised for transparent huge pages (Linux; false: TVM's loader, 4 KB pages)
+    huge_pages: bool = True
 
     def check(self) -> None:
         if self.arch is not None and self.name is not DeviceName.cuda:

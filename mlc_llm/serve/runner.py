@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 # Before numpy/TVM load: OpenBLAS threads spin after any numpy matmul and stall TVM's pool, and TVM's pool
 # defaults to one thread here.
@@ -22,6 +22,7 @@ from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
 from .. import tensor_cache  # noqa: E402
 from ..support import atomic_write_bytes  # noqa: E402
+from . import weight_arena  # noqa: E402
 from .sampler import DEVICE_SAMPLING_FUNCTIONS  # noqa: E402
 
 
@@ -104,7 +105,8 @@ def _verify_library(lib: Path) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, model_lib: str | Path, device: str = "cpu", verify_md5: bool = True):
+    def __init__(self, model_dir: str | Path, model_lib: str | Path, device: str = "cpu", verify_md5: bool = True,
+                 huge_pages: Optional[bool] = None):
         self.model_dir = Path(model_dir)
         lib_path = Path(model_lib)
         if not lib_path.exists():
@@ -121,7 +123,12 @@ class ModelRunner:
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.device)
         self.metadata: dict[str, Any] = json.loads(str(self.vm["_metadata"]()))
         self._check_params(index)
-        self.params = self._load_params()
+        # CPU weights in a huge-page arena (`weight_arena`; None: unless MLC_HUGE_PAGES=0), else TVM's loader
+        self.arena: Optional[weight_arena.Arena] = None
+        if device.split(":")[0] in ("cpu", "llvm") and (weight_arena.wanted() if huge_pages is None else huge_pages):
+            self.arena = weight_arena.load(self.model_dir, index, [p["name"] for p in self.metadata["params"]])
+        self.params = (tvm_ffi.convert([tvm.runtime.from_dlpack(v) for v in self.arena.views]) if self.arena
+                       else self._load_params())
         self._clear_pool = tvm.get_global_func("vm.builtin.memory_manager.clear")
         self.vocab_size = int(self.metadata["vocab_size"])
         self.hidden_size = int(self.metadata["hidden_size"])
