@@ -7,8 +7,7 @@ The model calls it through `op.tensor_ir_op` on CPU targets (opaque to fusion; t
 fused kernel as well).
 
 TVM's legalized `rms_norm` is serial and scalar: ours runs rows in parallel, sums squares in 16 lanes and scales 16
-elements at a time; same formula, y = x * (1 / sqrt(mean(x^2) + eps)) * weight. It is a `@T.prim_func` closure; the
-activation kernel stays text because its expression is shared, as text, with the fused gate_up kernel.
+elements at a time; same formula, y = x * (1 / sqrt(mean(x^2) + eps)) * weight. Both are `@T.prim_func` closures.
 """
 from __future__ import annotations
 
@@ -18,44 +17,45 @@ import tvm
 from tvm.script import tirx as T
 
 from .cpu.tasks import SERIAL_ROWS
-from .cpu.text import indent, parse
-from .cpu.vecmath import silu_mul_expr
-
-_SILU_MUL = """
-@T.prim_func(private=True, s_tir=True)
-def main(x_h: T.handle, y_h: T.handle):
-    T.func_attr({{"op_pattern": 8, "tirx.noalias": True}})
-    b = T.int64()
-    s = T.int64()
-    x = T.match_buffer(x_h, (b, s, T.int64({two_i})), "{dtype}")
-    y = T.match_buffer(y_h, (b, s, T.int64({i})), "{dtype}")
-    with T.sblock("root"):
-        if b * s < T.int64({serial}):
-{serial_rows}        else:
-{parallel_rows}"""
-_SILU_MUL_ROWS = """
-for r in {loop}(b * s):
-    for c in range({chunks}):
-        for l in T.vectorized(16):
-            y[r // s, r % s, c * 16 + l] = T.Cast("{dtype}", {act})
-"""
+from .cpu.vecmath import silu_mul
 
 
 def supported(intermediate: int) -> bool:
     return intermediate % 16 == 0
 
 
-# The kernels are built once per shape (parsing the TVMScript takes ~0.1 s; a model asks for one per layer).
+# The kernels are built once per shape (building one takes ~0.1 s; a model asks for one per layer).
 @functools.lru_cache(maxsize=None)
 def silu_mul_kernel(intermediate: int, dtype: str, act: str = "silu") -> tvm.tirx.PrimFunc:
     """y[..., :I] = act(x[..., :I]) * x[..., I:] for x [b, s, 2I] (the gate_up projection's output); `act`: silu or
     gelu_tanh."""
     if not supported(intermediate):
         raise ValueError(f"intermediate size {intermediate} is not a multiple of 16")
-    act = silu_mul_expr("x[r // s, r % s, c * 16 + l]", f"x[r // s, r % s, {intermediate} + c * 16 + l]", act)
-    rows = {kind: indent(_SILU_MUL_ROWS.format(loop=loop, chunks=intermediate // 16, dtype=dtype, act=act), 3)
-            for kind, loop in (("serial_rows", "range"), ("parallel_rows", "T.parallel"))}
-    return parse(_SILU_MUL.format(two_i=2 * intermediate, i=intermediate, dtype=dtype, serial=SERIAL_ROWS, **rows))
+    chunks = intermediate // 16
+
+    @T.macro
+    def row(x, y, r, s):
+        for c in range(chunks):
+            for l in T.vectorized(16):
+                y[r // s, r % s, c * 16 + l] = T.Cast(dtype, silu_mul(
+                    x[r // s, r % s, c * 16 + l], x[r // s, r % s, intermediate + c * 16 + l], act))
+
+    @T.prim_func(private=True, s_tir=True)
+    def main(x_h: T.handle, y_h: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        b = T.int64()
+        s = T.int64()
+        x = T.match_buffer(x_h, (b, s, T.int64(2 * intermediate)), dtype)
+        y = T.match_buffer(y_h, (b, s, T.int64(intermediate)), dtype)
+        with T.sblock("root"):
+            if b * s < T.int64(SERIAL_ROWS):
+                for r in range(b * s):
+                    row(x, y, r, s)
+            else:
+                for r in T.parallel(b * s):
+                    row(x, y, r, s)
+
+    return main
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from .cpu import tasks as cpu_tasks
 from .cpu.amx import AMX_REQUEST, bf16_parts, intrin, tile_config
 from .cpu.tasks import SERIAL_ROWS
 from .cpu.text import indent, parse, prefetch
-from .cpu.vecmath import LOG2E, exp2, halve
+from .cpu.vecmath import LOG2E, halve
 
 PAGE = 16
 # Decode tasks aimed at: a batch of B sequences splits each (sequence, KV head)'s pages among
@@ -56,9 +56,9 @@ for r in range({page}):
 for g in range({grp}):
 {page_max}
     st[1] = T.max(m[g], st[0])
-    st[2] = {exp2_scalar}
+    st[2] = exp2(m[g] - st[1])
     for r in T.vectorized({page}):
-        s[g, r] = {exp2_vec}
+        s[g, r] = exp2(s[g, r] - st[1])
 {page_sum}
     den[g] = den[g] * st[2] + st[3]
     m[g] = st[1]
@@ -173,7 +173,7 @@ def main(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T
                 for dd in T.vectorized({d}):
                     o[g, dd] = T.float32(0)
                 for sp in range(ns):
-                    w[0] = {exp2_merge}
+                    w[0] = exp2(part_md[bh * ns + sp, g, 0] - m[g])
                     den[g] = den[g] + part_md[bh * ns + sp, g, 1] * w[0]
                     for dd in T.vectorized({d}):
                         o[g, dd] = o[g, dd] + part_o[bh * ns + sp, g, dd] * w[0]
@@ -322,10 +322,10 @@ for r in T.unroll({rows}):
         sc[r, l] = T.Select(r < {lim}, sc[r, l], T.float32(-1e30))
 for l in T.vectorized({qt}):
     st[0, l] = T.max(m[g, l], {cmax})
-    st[1, l] = {rescale}
+    st[1, l] = exp2(m[g, l] - st[0, l])
 for r in T.unroll({rows}):
     for l in T.vectorized({qt}):
-        p[r, l] = T.Select(r < {lim}, {pexp}, T.float32(0))
+        p[r, l] = T.Select(r < {lim}, exp2(sc[r, l] - st[0, l]), T.float32(0))
 for l in T.vectorized({qt}):
     den[g, l] = den[g, l] * st[1, l] + {psum}
     m[g, l] = st[0, l]
@@ -454,7 +454,7 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
                                                                   out="st[0]")), 1),
                                  page_sum=indent("\n".join(halve(f"s[g, T.ramp(0, 1, {PAGE})]", "+", "ps",
                                                                   out="st[3]")), 1),
-                                 exp2_scalar=exp2("m[g] - st[1]"), exp2_vec=exp2("s[g, r] - st[1]"), **common), 4)
+                                 **common), 4)
     write = indent(_WRITE_DECODE.format(out_row=f"output[b, hk * {grp} + g, dd]", lse=f"lse[b, hk * {grp} + g]",
                                         **common), 3)
     # the K rows of the next page and the V rows of this one (a page's rows of one head are one 4 KB run, where the
@@ -465,8 +465,7 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     pages_ahead = indent(f"if p + 1 < n_pages:\n    for c in T.unroll({lines}):\n"
                          f"        {prefetch(at('page_table_values[begin + p + 1]', 0))}\n"
                          f"for c in T.unroll({lines}):\n    {prefetch(at('page_no', 1))}", 4)
-    text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=pages_ahead,
-                          exp2_merge=exp2("part_md[bh * ns + sp, g, 0] - m[g]"), **common)
+    text = _DECODE.format(state=state, chunk=chunk, write=write, prefetch=pages_ahead, **common)
     if sliding:
         text = _sliding(text, "(var_length_info, (B,),", "(var_length_info, (3, B),")
         text = _sliding(text, "rows = T.bind(T.if_then_else(p == n_pages - 1, length_info[b], 16))",
@@ -489,7 +488,6 @@ def _softmax_text(rows: int) -> str:
     lim = f"T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * {rows}"
     return _SOFTMAX.format(rows=rows, qt=QTILE, lim=lim,
                            cmax=_tree([f"sc[{r}, l]" for r in range(rows)], lambda x, y: f"T.max({x}, {y})"),
-                           rescale=exp2("m[g, l] - st[0, l]"), pexp=exp2("sc[r, l] - st[0, l]"),
                            psum=_tree([f"p[{r}, l]" for r in range(rows)], lambda x, y: f"({x} + {y})"))
 
 

@@ -30,7 +30,6 @@ from . import cpu_gemv
 from .cpu import tasks as cpu_tasks
 from .cpu.amx import AMX_REQUEST, bf16_parts, bf16x32, intrin, round_bf16, tile_config
 from .cpu.text import indent, parse, prefetch
-from .cpu.vecmath import silu_mul_expr
 from .cpu_gemv import _index, _shapes, _source, scale_text
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
@@ -218,7 +217,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         if silu:  # the gate's sums kept in gb0/gb1 while the up side runs
             body += [f"for mi in T.unroll({tr}):", "    for l in T.vectorized(16):"]
             body += [f"        gb{t}[mi, l] = acc{t}[mi, l]" for t in range(2)] + sums(1)
-            out = [silu_mul_expr(f"gb{t}[mi, l]", f"acc{t}[mi, l]") for t in range(2)]
+            out = [f"silu_mul(gb{t}[mi, l], acc{t}[mi, l])" for t in range(2)]
         write = [f"for mi in T.unroll({tr}):", f"    if mt * {tr} + mi < {rows}:", "        for l in T.vectorized(16):"]
         write += [f"            y[{yidx.replace('blk * 64 + nn', c)}] = {res.replace('blk * 64 + nn', c)}{out[t]}"
                   for t, c in enumerate(cols)]
@@ -247,7 +246,7 @@ def _amx_gemm(n: int, k: int, layout: str, residual: bool, panel: str, precision
         groups = sums(0, "cb")
         if silu:
             groups = sums(0, "gb") + sums(1, "cb")
-            out = silu_mul_expr("gb[mi, nn]", "cb[mi, nn]")
+            out = "silu_mul(gb[mi, nn], cb[mi, nn])"
         groups += ["for mi in range(16):", f"    if mt * 16 + mi < {rows}:", "        for nn in range(64):",
                    f"            y[{yidx}] = {out}"]
         scratch = 'cb = T.alloc_buffer((16, 64), "float32")' + ('\ngb = T.alloc_buffer((16, 64), "float32")'
@@ -396,7 +395,7 @@ def _silu_parts(n: int, layout: str) -> tuple[str, str]:
     scratch = f'gu = T.alloc_buffer(({xs}, T.int64({n})), "float32")\n'
     gate, up = f"gu[{at('cc * 16 + l')}]", f"gu[{at(f'T.int64({half}) + cc * 16 + l')}]"
     act = (f"for r in T.parallel({rows}):\n    for cc in range({half // 16}):\n        for l in T.vectorized(16):\n"
-           f"            y[{at('cc * 16 + l')}] = {silu_mul_expr(gate, up)}\n")
+           f"            y[{at('cc * 16 + l')}] = silu_mul({gate}, {up})\n")
     return scratch, act
 
 

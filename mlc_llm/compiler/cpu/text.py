@@ -1,13 +1,15 @@
 """Kernels written as TVMScript text, and the conventions that text follows.
 
-The attention, blocked / row-tiled q4 and activation kernels are text: their loop nests (tiles, unrolled reductions,
-AMX tile numbers as immediates) are assembled in Python per call. A `@T.prim_func` closure can take the same
-Python-chosen constants (`cpu_q4_int8.py`: tiles, prefetch hints, epilogues; `cpu_activation.rms_norm_kernel`), which
-is where new kernels go; the text ones have not been moved yet.
+The attention and blocked / row-tiled q4 kernels are text: their loop nests (tiles, unrolled reductions, AMX tile
+numbers as immediates) are assembled in Python per call. A `@T.prim_func` closure can take the same Python-chosen
+constants (`cpu_q4_int8.py`: tiles, prefetch hints, epilogues; `cpu_activation.py`), which is where new kernels go;
+the text ones have not been moved yet. Both styles share the expression builders of `vecmath.py`.
 """
 from __future__ import annotations
 
 import tvm
+
+from .vecmath import BUILDERS
 
 
 def parse(src: str) -> tvm.tirx.PrimFunc:
@@ -18,8 +20,9 @@ def parse(src: str) -> tvm.tirx.PrimFunc:
       per 64-row block, per KV page;
     - per-task scratch buffers are `scope="global"` allocations inside the parallel loop: under 1 KB LLVM gets a stack
       slot in the task's function (private to the thread, often promoted to registers); `scope="local"` ones go
-      through the workspace pool at any size. Larger buffers take the pool either way."""
-    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx})
+      through the workspace pool at any size. Larger buffers take the pool either way;
+    - the expression builders of `vecmath.BUILDERS` are called by name: `exp2(s[g, r] - m[g])`."""
+    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx, **BUILDERS})
 
 
 def indent(text: str, level: int) -> str:

@@ -1,27 +1,29 @@
-"""Vector math as TIR text: 2^x by exponent bits and a polynomial, a 16-lane horizontal reduction, and the gated
-activations act(gate) * up. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in
-vector registers."""
+"""Vector math: 2^x by exponent bits and a polynomial and the gated activations act(gate) * up as TIR expression
+builders (called from `@T.prim_func` kernels, and by name from text kernels), and a 16-lane horizontal reduction as
+TIR text. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector registers."""
 from __future__ import annotations
 
 import math
+
+from tvm.script import tirx as T
+from tvm.ir.expr import Expr
 
 # 2^f on [0, 1), degree 5, least squares on Chebyshev nodes: max relative error 1.8e-7
 EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
 LOG2E = math.log2(math.e)
 
 
-def exp2(x: str) -> str:
-    """2^x for x <= 0 as TIR text: 2^floor(x) from the exponent bits times a polynomial in the fraction. x is
-    clamped at -125, so that masked scores (-1e30) give ~2e-38, not a denormal: a float operation that produces or
-    reads a denormal takes a microcode assist (~100 cycles) on Intel CPUs."""
-    xc = f"T.max({x}, T.float32(-125))"
-    fl = f"T.floor({xc})"
-    frac = f"({xc} - {fl})"
-    poly = f"T.float32({EXP2_POLY[0]!r})"
+def exp2(x: Expr) -> Expr:
+    """2^x for x <= 0: 2^floor(x) from the exponent bits times a polynomial in the fraction. x is clamped at -125, so
+    that masked scores (-1e30) give ~2e-38, not a denormal: a float operation that produces or reads a denormal takes
+    a microcode assist (~100 cycles) on Intel CPUs."""
+    xc = T.max(x, T.float32(-125))
+    fl = T.floor(xc)
+    frac = xc - fl
+    poly = T.float32(EXP2_POLY[0])
     for c in EXP2_POLY[1:]:
-        poly = f"({poly} * {frac} + T.float32({c!r}))"
-    pow2 = f"T.reinterpret(\"float32\", T.shift_left(T.Cast(\"int32\", {fl}) + 127, 23))"
-    return f"{pow2} * {poly}"
+        poly = poly * frac + T.float32(c)
+    return T.reinterpret("float32", T.shift_left(T.Cast("int32", fl) + 127, 23)) * poly
 
 
 def halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
@@ -38,16 +40,19 @@ def halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
     return lines
 
 
-def silu_mul_expr(gate: str, up: str, act: str = "silu") -> str:
-    """TIR text of act(gate) * up in float32 (the activation kernel; also the epilogue of the fused gate_up kernel).
-    Both are g * sigmoid(z): silu z = g; gelu_tanh z = 2 u with u = sqrt(2/pi) (g + 0.044715 g^3), since
+def silu_mul(gate: Expr, up: Expr, act: str = "silu") -> Expr:
+    """act(gate) * up in float32 (the activation kernel; also the epilogue of the fused gate_up kernel). Both are
+    g * sigmoid(z): silu z = g; gelu_tanh z = 2 u with u = sqrt(2/pi) (g + 0.044715 g^3), since
     0.5 (1 + tanh(u)) = sigmoid(2 u). The exponent is clamped at 126: below g = -87 silu is 0 to f32 precision."""
-    g = f'T.Cast("float32", {gate})'
+    g = T.Cast("float32", gate)
     if act == "silu":
         z = g
     elif act == "gelu_tanh":
-        z = f"(T.float32({2 * math.sqrt(2 / math.pi)!r}) * ({g} + T.float32(0.044715) * {g} * {g} * {g}))"
+        z = T.float32(2 * math.sqrt(2 / math.pi)) * (g + T.float32(0.044715) * g * g * g)
     else:
         raise ValueError(f"unknown activation '{act}'")
-    e = exp2(f"T.min(-{z} * T.float32({LOG2E!r}), T.float32(126))")
-    return f'{g} / (T.float32(1) + {e}) * T.Cast("float32", {up})'
+    return g / (T.float32(1) + exp2(T.min(-z * T.float32(LOG2E), T.float32(126)))) * T.Cast("float32", up)
+
+
+# The expression builders by name, for kernels written as text (`text.parse`): `exp2(s[g, r] - m)`.
+BUILDERS = {"exp2": exp2, "silu_mul": silu_mul}
