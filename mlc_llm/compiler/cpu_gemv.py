@@ -20,7 +20,6 @@ from typing import Callable, Optional
 
 import tvm
 import tvm_ffi
-from tvm.script import tirx as T
 
 from .cpu.text import indent, parse
 
@@ -150,13 +149,8 @@ def _weight_refs(block: int) -> tuple[str, str]:
 
 
 def scale_text(ref: str, scale_dtype: str) -> str:
-    """TIR text of the weight scale `ref` (an element of qs) as float32: float16 scales are widened."""
-    return ref if scale_dtype == "float32" else f'T.Cast("float32", {ref})'
-
-
-def as_f32(value, dtype: str):
-    """The same for `@T.prim_func` kernels: a weight scale (a PrimExpr) of `dtype` as float32."""
-    return value if dtype == "float32" else T.Cast("float32", value)
+    """TIR text of the weight scale `ref` (an element of qs) as float32 (`vecmath.as_f32`)."""
+    return f'as_f32({ref}, "{scale_dtype}")'
 
 
 def res_ref(residual, layout: str, row: str, col: str) -> str:

@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 from . import cpu_gemv
 from .cpu.tasks import SERIAL_ROWS
+from .cpu.vecmath import as_f32
 from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
@@ -119,7 +120,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
             for bi in T.unroll(T.int64(t)):
                 row = T.bind(T.min(bo * t + bi, rows - 1))
                 for l in T.vectorized(64):
-                    acc[bi, l] = acc[bi, l] + cpu_gemv.as_f32(qs[blk, g, l], scale_dtype) * xsc[row, g] * T.Cast(
+                    acc[bi, l] = acc[bi, l] + as_f32(qs[blk, g, l], scale_dtype) * xsc[row, g] * T.Cast(
                         "float32", acci[bi, l] - 7 * xsm[row, g])
         for bi in range(T.int64(t)):
             if bo * t + bi < rows:

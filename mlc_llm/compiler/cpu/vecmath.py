@@ -54,5 +54,10 @@ def silu_mul(gate: Expr, up: Expr, act: str = "silu") -> Expr:
     return g / (T.float32(1) + exp2(T.min(-z * T.float32(LOG2E), T.float32(126)))) * T.Cast("float32", up)
 
 
+def as_f32(value: Expr, dtype: str) -> Expr:
+    """`value` of `dtype` as float32: a weight scale, widened where float16 (q4f32_cpu_f16scale)."""
+    return value if dtype == "float32" else T.Cast("float32", value)
+
+
 # The expression builders by name, for kernels written as text (`text.parse`): `exp2(s[g, r] - m)`.
-BUILDERS = {"exp2": exp2, "silu_mul": silu_mul}
+BUILDERS = {"exp2": exp2, "silu_mul": silu_mul, "as_f32": as_f32}
