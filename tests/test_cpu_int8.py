@@ -8,6 +8,7 @@ import pytest
 import tvm
 
 from mlc_llm.compiler import cpu_gemv, cpu_q4_int8
+from mlc_llm.compiler.cpu import tasks as cpu_tasks
 from mlc_llm.compiler.target import make_target
 from mlc_llm.quantization.scheme import block_rows, dequantize_q4, quantize_q4
 
@@ -76,6 +77,24 @@ def test_int8_gemv_matches_the_numpy_int8_reference(n, k, residual, scale_dtype,
             res1 = (r if residual == cpu_gemv.BIAS else as_arg(r[:1]),) if residual else ()
             one = _run(func, (block_rows(q), block_rows(s), as_arg(x[:1])) + res1, 1, n, layout)
             np.testing.assert_array_equal(y[0], one[0])
+
+
+@pytest.mark.vnni
+def test_int8_work_stealing_gives_the_static_splits_bits():
+    """From STEAL_MIN_BLOCKS blocks the block loop claims tasks atomically (cpu.tasks.steal); below, TVM's static
+    split. Either way every output is what the static split computes, bit for bit."""
+    n, k = 64 * cpu_q4_int8.STEAL_MIN_BLOCKS, 576
+    assert cpu_tasks.FETCH_ADD in cpu_q4_int8.gemv_kernel(n, k, "b1", True).script()
+    assert cpu_tasks.FETCH_ADD not in cpu_q4_int8.gemv_kernel(n - 64, k, "b1", True).script()
+    rng = np.random.default_rng(5)
+    q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float16")
+    for rows in (1, 9):
+        x = rng.standard_normal((rows, 1, k)).astype(np.float32)
+        r = rng.standard_normal((rows, 1, n)).astype(np.float32)
+        args = (block_rows(q), block_rows(s), x, r)
+        ys = [_run(cpu_q4_int8.gemv_kernel(n, k, "b1", True, scale_dtype="float16", stealing=st), args, rows, n, "b1")
+              for st in (True, False)]
+        np.testing.assert_array_equal(ys[0], ys[1])
 
 
 def test_int8_is_refused_where_it_cannot_run():

@@ -9,7 +9,8 @@ instructions per weight. The weights need no conversion: a word of the blocked l
 row (nibble j: k + j), so `w & 0x0F0F0F0F` has the bytes of k, k+2, k+4, k+6 and `(w >> 4) & 0x0F0F0F0F` those of
 k+1, k+3, k+5, k+7, and x is packed in that order (two int32 per word). Per group
 and row: y += s_w * s_x * (sum(q * xq) - 7 * sum(xq)) in float32. Software prefetch of the groups ahead as the
-float32 kernel, where it pays (`cpu_q4_blocked.prefetch_pays`).
+float32 kernel, where it pays (`cpu_q4_blocked.prefetch_pays`). From STEAL_MIN_BLOCKS blocks the block loop runs with
+work stealing (`cpu.tasks.steal`), as the float32 kernels do; fewer, small tasks gain nothing from it.
 
 Every row is computed the same way whatever the batch (one row, or tiles of ROW_TILE rows sharing the unpacked
 weights, rows clamped on read and skipped on write), so a sequence's logits do not depend on its batch. The compiler
@@ -25,13 +26,14 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
-from .cpu.tasks import SERIAL_ROWS
+from .cpu.tasks import SERIAL_ROWS, steal
 from .cpu.vecmath import as_f32
 from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
 ROW_TILE = 4  # rows of x per pass when the batch has more than one
 PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead (with prefetch_ahead), as the float32 kernel
+STEAL_MIN_BLOCKS = 16  # fewer 64-row blocks run on TVM's static split (`stealing`)
 
 
 def supported(target: tvm.target.Target) -> bool:
@@ -48,11 +50,12 @@ def _dpbusd(acc, weights, x_word):
 
 @functools.lru_cache(maxsize=None)
 def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahead: bool = True,
-                scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
+                scale_dtype: str = "float32", stealing: bool = True) -> tvm.tirx.PrimFunc:
     """y = x . w^T (+ r if `residual`, + bias r [N] if BIAS) for q4f32_cpu weights (`qw uint32[N/64, K/8, 64]`,
     `qs[N/64, K/32, 64]` in `scale_dtype`: float32 or float16), x quantized to int8 per group of 32; rows of x, y, r
     on axis 0 ([R, 1, K]: decode, `layout` "b1") or 1 ([1, R, K]: prefill, "1s"). `prefetch_ahead`: prefetch the
-    words and scales PREFETCH_GROUPS groups ahead in software."""
+    words and scales PREFETCH_GROUPS groups ahead in software. `stealing`: the block loop with work stealing (from
+    STEAL_MIN_BLOCKS blocks)."""
     if layout not in ("b1", "1s"):
         raise ValueError(f"int8 GEMV layout '{layout}' is not b1 or 1s")
     if n % BLOCK or k % 32:
@@ -133,6 +136,15 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
                         y[bo * t + bi, blk * 64 + l] = acc[bi, l]
 
     @T.macro
+    def block(blk, args):
+        """All rows of block `blk`'s 64 outputs; args: (qw, qs, xw, xsc, xsm, y, r, rows)."""
+        if args[7] == 1:
+            rows_pass(*args[:7], blk, T.int64(0), 1, args[7])
+        else:
+            for bo in range((args[7] + ROW_TILE - 1) // ROW_TILE):
+                rows_pass(*args[:7], blk, bo, ROW_TILE, args[7])
+
+    @T.macro
     def rows_all(qw, qs, x, r, y, rows):
         xw = T.alloc_buffer((rows, words, 2), "int32")
         xsc = T.alloc_buffer((rows, groups), "float32")
@@ -143,12 +155,11 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         else:
             for rr in T.parallel(rows):
                 quantize_row(x, rr, xw, xsc, xsm)
-        for blk in T.parallel(T.int64(nb)):
-            if rows == 1:
-                rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, T.int64(0), 1, rows)
-            else:
-                for bo in range((rows + ROW_TILE - 1) // ROW_TILE):
-                    rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, bo, ROW_TILE, rows)
+        if stealing and nb >= STEAL_MIN_BLOCKS:  # a Python condition: decided when built
+            steal(T.int64(nb), block, (qw, qs, xw, xsc, xsm, y, r, rows))
+        else:
+            for blk in T.parallel(T.int64(nb)):
+                block(blk, (qw, qs, xw, xsc, xsm, y, r, rows))
 
     @T.macro
     def body(qw, qs, x3, r3, y3, rows):

@@ -5,7 +5,8 @@ a shared machine threads do not run at the same speed, and a kernel lasts as lon
 `steal_loop` gives every task a flag: a thread runs its own static range first, claiming each task with an atomic
 fetch-and-add, then takes the tasks still unclaimed in the other ranges, from their far end (the far end: each thread
 keeps reading the rows it read in the previous kernel, from its own caches). A task's code and results do not depend
-on the thread that runs it: outputs are bit-identical to the static split.
+on the thread that runs it: outputs are bit-identical to the static split. `steal_loop` / `steal_parallel` write the
+loop as text; `steal` is the same loop as a `@T.macro` for `@T.prim_func` kernels.
 
 TVM 0.27's LLVM backend has no atomic builtin for CPUs (`tirx.atomic_add`: "CPU backend does not support atomic add
 yet"), so the fetch-and-add and the atomic load are LLVM IR functions imported with TVM's `pragma_import_llvm`
@@ -14,6 +15,8 @@ attribute (the backend links them into the module and inlines them: a `lock xadd
 from __future__ import annotations
 
 import textwrap
+
+from tvm.script import tirx as T
 
 from .text import indent
 
@@ -108,3 +111,43 @@ def steal_parallel(text: str, var: str = "task", name: str = "", dtype: str = "i
         loop = steal_loop(ntasks, body, task=var, name=name + (str(k) if k else ""), dtype=dtype, capacity=capacity)
         lines = lines[:i] + indent(loop, pad // 4).rstrip("\n").split("\n") + lines[end:]
     return "\n".join(lines)
+
+
+def _claim(flag):
+    return T.Cast("int64", T.call_extern("int32", FETCH_ADD, T.address_of(flag), 1) == 0)
+
+
+@T.macro
+def steal(ntasks, body, args):
+    """`steal_loop` for `@T.prim_func` kernels: `body(task, args)` (a macro; `args`: a tuple of the buffers it
+    needs) once per task 0 .. `ntasks` - 1 (int64), with work stealing."""
+    flags = T.alloc_buffer((ntasks,), "int32", scope="global")
+    for i in range(ntasks):
+        flags[i] = 0
+    done = T.alloc_buffer((1,), "int32", scope="global")
+    done[0] = 0
+    with T.attr(0, "pragma_import_llvm", _IR):
+        for it in T.parallel(ntasks):
+            q = T.alloc_buffer((3,), "int64", scope="global")  # the task to try, going down, claimed (as text)
+            if T.call_extern("int32", LOAD, T.address_of(done[0])) == 0:
+                q[0] = it
+                q[1] = T.int64(0)
+                while q[0] >= T.int64(0):
+                    at = T.bind(q[0])
+                    down = T.bind(q[1])
+                    if down == T.int64(0):
+                        q[2] = _claim(flags[at])
+                    elif T.call_extern("int32", LOAD, T.address_of(flags[at])) == 0:
+                        q[2] = _claim(flags[at])
+                    else:
+                        q[2] = T.int64(0)
+                    if q[2] == T.int64(1):
+                        body(at, args)
+                    if down == T.int64(0) and q[2] == T.int64(1) and at + T.int64(1) < ntasks:
+                        q[0] = at + T.int64(1)
+                    elif down == T.int64(0):
+                        q[0] = ntasks - T.int64(1)
+                        q[1] = T.int64(1)
+                    else:
+                        q[0] = at - T.int64(1)
+                T.evaluate(T.call_extern("int32", FETCH_ADD, T.address_of(done[0]), 1))
