@@ -32,7 +32,10 @@ class Arena:
 
     def __init__(self, nbytes: int):
         self._map = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._map.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: faults then take 2 MB pages
+        try:  # before the first touch: faults then take 2 MB pages
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # no THP on this platform or kernel: ordinary pages
+            pass
         whole = np.frombuffer(self._map, np.uint8)
         start = (-whole.ctypes.data) % HUGE  # huge pages need 2 MB-aligned addresses
         self.bytes = whole[start:start + nbytes]

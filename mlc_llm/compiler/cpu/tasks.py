@@ -128,7 +128,7 @@ def steal(ntasks, body, args):
     done[0] = 0
     with T.attr(0, "pragma_import_llvm", _IR):
         for it in T.parallel(ntasks):
-            q = T.alloc_buffer((3,), "int64", scope="global")  # the task to try, going down, claimed (as text)
+            q = T.alloc_buffer((3,), "int64", scope="global")  # task to try; 1 once scanning down; 1 if claimed
             if T.call_extern("int32", LOAD, T.address_of(done[0])) == 0:
                 q[0] = it
                 q[1] = T.int64(0)
