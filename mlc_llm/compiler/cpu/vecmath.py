@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from tvm.script import tirx as T
 from tvm.ir.expr import Expr
+from tvm.script import tirx as T
 
 # 2^f on [0, 1), degree 5, least squares on Chebyshev nodes: max relative error 1.8e-7
 EXP2_POLY = (0.0018951086, 0.008946225, 0.0558632575, 0.2401407808, 0.693154633, 0.99999988)
