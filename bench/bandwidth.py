@@ -7,8 +7,8 @@ chunks split over the pool's threads like a GEMV's rows), compiled for this CPU;
 so its pages exist. GB/s = bytes read / median time of `--repeat` runs (each averaging enough calls for ~0.2 s).
 Sizes: the bytes a decode step reads (partly served from the last-level cache when they fit) and a size far above
 the caches (memory). The array lies in huge pages as the runner's weights do (`mlc_llm/serve/weight_arena.py`;
-`--pages 4k`: TVM's allocation, 4 KB pages). `bench/compare_llamacpp.py --bandwidth` takes as the ceiling those bytes ÷ the fastest timing
-over as many bytes.
+`--pages 4k`: TVM's allocation, 4 KB pages). `bench/compare_llamacpp.py --bandwidth` takes as the ceiling those
+bytes ÷ the fastest timing over as many bytes.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def build(nchunk: int, chunk: int):
 
 
 def measure(size_mb: float, repeat: int = 5, chunk_kb: int = 256, huge_pages: bool = True) -> dict:
-    """Read bandwidth in GB/s over an array of `size_mb` MB (median, min, max of `repeat` timings), in huge pages
-    (where the platform has them) or TVM's allocation."""
+    """Read bandwidth in GB/s over an array of `size_mb` MB (median, min, max of `repeat` timings), in memory advised
+    for huge pages (ordinary pages where the platform has none) or TVM's allocation."""
     import numpy as np
     import tvm
 
@@ -55,7 +55,7 @@ def measure(size_mb: float, repeat: int = 5, chunk_kb: int = 256, huge_pages: bo
     lib = build(nchunk, chunk)
     dev = tvm.cpu()
     host = np.random.default_rng(0).random((nchunk, chunk), dtype=np.float32)
-    if huge_pages and weight_arena.wanted():
+    if huge_pages:  # (MLC_HUGE_PAGES, the runner's switch, does not apply: `--pages` decides)
         arena = weight_arena.Arena(host.nbytes)
         view = arena.bytes.view(np.float32).reshape(host.shape)
         view[...] = host
