@@ -122,6 +122,11 @@ def read_index(model_dir: str | Path) -> dict[str, Any]:
         raise TensorCacheError(f"'{path}' is not valid JSON ({e}): convert the weights again") from e
 
 
+def records_by_name(index: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each tensor's (shard file, record) in the index, by name."""
+    return {r["name"]: (shard["dataPath"], r) for shard in index["records"] for r in shard["records"]}
+
+
 def verify(model_dir: str | Path, check_md5: bool = True) -> dict[str, Any]:
     """Check every shard exists with the recorded size (and md5); return the index."""
     index = read_index(model_dir)

@@ -149,12 +149,12 @@ class ModelRunner:
             "attention_kv_cache_get_total_sequence_length")}
 
     def _check_params(self, index: dict[str, Any]) -> None:
-        stored = {r["name"]: r for shard in index["records"] for r in shard["records"]}
+        stored = tensor_cache.records_by_name(index)
         for p in self.metadata["params"]:
-            r = stored.get(p["name"])
-            if r is None:
+            if p["name"] not in stored:
                 raise RuntimeLoadError(f"parameter '{p['name']}' is missing from the weights in '{self.model_dir}': "
                                        "the library and the weights come from different models or quantizations")
+            r = stored[p["name"]][1]
             if list(r["shape"]) != list(p["shape"]) or r["dtype"] != p["dtype"]:
                 raise RuntimeLoadError(
                     f"parameter '{p['name']}' is {r['dtype']}{r['shape']} in the weights but the library expects "

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import tensor_cache
+
 ENV = "MLC_HUGE_PAGES"
 HUGE = 2 << 20  # the x86-64 and arm64 transparent huge page
 ALIGN = 4096  # each tensor starts on a page
@@ -65,7 +67,7 @@ class Arena:
 def load(model_dir: str | Path, index: dict[str, Any], names: list[str]) -> Optional[Arena]:
     """The parameters `names` of the tensor cache `index` (read from `model_dir`) in an arena, or None where a record
     is not raw bytes of a numpy dtype (e.g. MLC's bfloat16 encodings): TVM's loader reads those."""
-    where = {r["name"]: (shard["dataPath"], r) for shard in index["records"] for r in shard["records"]}
+    where = tensor_cache.records_by_name(index)
     picked = [where[n] for n in names]
     try:
         dtypes = [np.dtype(r["dtype"]) for _, r in picked]
