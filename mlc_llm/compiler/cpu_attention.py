@@ -32,7 +32,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .cpu import tasks as cpu_tasks
-from .cpu.amx import AMX_REQUEST, bf16_parts, intrin, tile_config
+from .cpu.amx import AMX_REQUEST, intrin
 from .cpu.tasks import SERIAL_ROWS
 from .cpu.text import indent, parse, prefetch
 from .cpu.vecmath import LOG2E, halve
@@ -519,12 +519,14 @@ def _amx_text(d: int, grp: int) -> dict:
                for t in range(4)]
     pv += [f"for dd in range({d}):", f"    for l in T.vectorized({QTILE}):",
            "        ot[g, dd, l] = ot[g, dd, l] * st[1, l] + ob[dd, l]"]
-    k_hi, k_lo = bf16_parts("Kb[T.min(row, kv_len - 1), hk, dd]")
-    v_hi, v_lo = bf16_parts(f"Vb[T.min(rc * 16 + l, kv_len - 1), hd // {d}, hd % {d}]")
-    q_hi, q_lo = bf16_parts(qel("dp * 2"), qel("dp * 2 + 1"))
-    p_hi, p_lo = bf16_parts("p[i * 2, l]", "p[i * 2 + 1, l]", tiny=True)
+    def parts(args: str) -> tuple[str, str]:  # the hi and lo parts (`amx.bf16_parts`), called by name
+        return f"bf16_parts({args})[0]", f"bf16_parts({args})[1]"
+    k_hi, k_lo = parts("Kb[T.min(row, kv_len - 1), hk, dd]")
+    v_hi, v_lo = parts(f"Vb[T.min(rc * 16 + l, kv_len - 1), hd // {d}, hd % {d}]")
+    q_hi, q_lo = parts(f'{qel("dp * 2")}, {qel("dp * 2 + 1")}')
+    p_hi, p_lo = parts("p[i * 2, l], p[i * 2 + 1, l], tiny=True")
     return dict(rows_pad=rows_pad, k_hi=k_hi, k_lo=k_lo, v_hi=v_hi, v_lo=v_lo, q_hi=q_hi, q_lo=q_lo, p_hi=p_hi,
-                p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=indent(tile_config(), 2),
+                p_lo=p_lo, ch=AMX_CHUNK, ch_m1=AMX_CHUNK - 1, tile_config=indent("tile_config()", 2),
                 tilerelease=intrin("tilerelease"), scores=indent("\n".join(scores), 4), pv=indent("\n".join(pv), 4),
                 softmax=indent(_softmax_text(AMX_CHUNK), 4))
 

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 
 from . import cpu_gemv
 from .cpu.tasks import SERIAL_ROWS, steal
-from .cpu.vecmath import as_f32
+from .cpu.vecmath import as_f32, cache_prefetch
 from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
@@ -102,12 +102,9 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         for g in range(T.int64(groups)):
             if prefetch_ahead:  # a Python condition: decided when built
                 for c in T.unroll(16):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]), T.int32(0), T.int32(3),
-                        T.int32(1)))
+                    T.evaluate(cache_prefetch(qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]))
                 for c in T.unroll(4):
-                    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                        qs[blk, g + PREFETCH_GROUPS, c * 16]), T.int32(0), T.int32(3), T.int32(1)))
+                    T.evaluate(cache_prefetch(qs[blk, g + PREFETCH_GROUPS, c * 16]))
             for bi in T.unroll(T.int64(t)):
                 for l in T.vectorized(64):
                     acci[bi, l] = 0

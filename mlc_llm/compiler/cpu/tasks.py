@@ -6,7 +6,8 @@ a shared machine threads do not run at the same speed, and a kernel lasts as lon
 fetch-and-add, then takes the tasks still unclaimed in the other ranges, from their far end (the far end: each thread
 keeps reading the rows it read in the previous kernel, from its own caches). A task's code and results do not depend
 on the thread that runs it: outputs are bit-identical to the static split. `steal_loop` / `steal_parallel` write the
-loop as text; `steal` is the same loop as a `@T.macro` for `@T.prim_func` kernels.
+loop as text (for the attention kernels, still text); `steal` is the same loop as a `@T.macro` for `@T.prim_func`
+kernels.
 
 TVM 0.27's LLVM backend has no atomic builtin for CPUs (`tirx.atomic_add`: "CPU backend does not support atomic add
 yet"), so the fetch-and-add and the atomic load are LLVM IR functions imported with TVM's `pragma_import_llvm`
@@ -118,36 +119,50 @@ def _claim(flag):
 
 
 @T.macro
-def steal(ntasks, body, args):
+def run_tasks(it, n, flags, done, q, body, args):
+    """One thread's share of `steal`: its own tasks from `it` up while it can claim them, then the unclaimed ones
+    from the last down; then it marks the loop done."""
+    q[0] = it
+    q[1] = T.int64(0)
+    while q[0] >= T.int64(0):
+        at = T.bind(q[0])
+        down = T.bind(q[1])
+        if down == T.int64(0):
+            q[2] = _claim(flags[at])
+        elif T.call_extern("int32", LOAD, T.address_of(flags[at])) == 0:
+            q[2] = _claim(flags[at])
+        else:
+            q[2] = T.int64(0)
+        if q[2] == T.int64(1):
+            task = T.bind(at)
+            body(task, args)
+        if down == T.int64(0) and q[2] == T.int64(1) and at + T.int64(1) < n:
+            q[0] = at + T.int64(1)
+        elif down == T.int64(0):
+            q[0] = n - T.int64(1)
+            q[1] = T.int64(1)
+        else:
+            q[0] = at - T.int64(1)
+    T.evaluate(T.call_extern("int32", FETCH_ADD, T.address_of(done[0]), 1))
+
+
+@T.macro
+def steal(ntasks, body, args, per_thread=None):
     """`steal_loop` for `@T.prim_func` kernels: `body(task, args)` (a macro; `args`: a tuple of the buffers it
-    needs) once per task 0 .. `ntasks` - 1 (int64), with work stealing."""
+    needs) once per task 0 .. `ntasks` - 1 (int64), with work stealing. `per_thread(tasks, body, args)`, if given, is
+    a macro run once per thread with work instead of `run_tasks(*tasks, body, args)`: it allocates the thread's
+    scratch buffers (or sets up its hardware state) and calls `run_tasks(*tasks, body, args + scratch)` itself."""
+    n = T.bind(ntasks)
     flags = T.alloc_buffer((ntasks,), "int32", scope="global")
-    for i in range(ntasks):
+    for i in range(n):
         flags[i] = 0
     done = T.alloc_buffer((1,), "int32", scope="global")
     done[0] = 0
     with T.attr(0, "pragma_import_llvm", _IR):
-        for it in T.parallel(ntasks):
+        for it in T.parallel(n):
             q = T.alloc_buffer((3,), "int64", scope="global")  # task to try; 1 once scanning down; 1 if claimed
             if T.call_extern("int32", LOAD, T.address_of(done[0])) == 0:
-                q[0] = it
-                q[1] = T.int64(0)
-                while q[0] >= T.int64(0):
-                    at = T.bind(q[0])
-                    down = T.bind(q[1])
-                    if down == T.int64(0):
-                        q[2] = _claim(flags[at])
-                    elif T.call_extern("int32", LOAD, T.address_of(flags[at])) == 0:
-                        q[2] = _claim(flags[at])
-                    else:
-                        q[2] = T.int64(0)
-                    if q[2] == T.int64(1):
-                        body(at, args)
-                    if down == T.int64(0) and q[2] == T.int64(1) and at + T.int64(1) < ntasks:
-                        q[0] = at + T.int64(1)
-                    elif down == T.int64(0):
-                        q[0] = ntasks - T.int64(1)
-                        q[1] = T.int64(1)
-                    else:
-                        q[0] = at - T.int64(1)
-                T.evaluate(T.call_extern("int32", FETCH_ADD, T.address_of(done[0]), 1))
+                if per_thread is None:  # a Python condition: decided when built
+                    run_tasks(it, n, flags, done, q, body, args)
+                else:
+                    per_thread((it, n, flags, done, q), body, args)

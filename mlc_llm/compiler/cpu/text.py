@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tvm
 
-from .vecmath import BUILDERS
+from . import amx, vecmath
 
 
 def parse(src: str) -> tvm.tirx.PrimFunc:
@@ -21,8 +21,8 @@ def parse(src: str) -> tvm.tirx.PrimFunc:
     - per-task scratch buffers are `scope="global"` allocations inside the parallel loop: under 1 KB LLVM gets a stack
       slot in the task's function (private to the thread, often promoted to registers); `scope="local"` ones go
       through the workspace pool at any size. Larger buffers take the pool either way;
-    - the expression builders of `vecmath.BUILDERS` are called by name: `exp2(s[g, r] - m[g])`."""
-    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx, **BUILDERS})
+    - the builders of `vecmath.BUILDERS` and `amx.BUILDERS` are called by name: `exp2(s[g, r] - m[g])`."""
+    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx, **vecmath.BUILDERS, **amx.BUILDERS})
 
 
 def indent(text: str, level: int) -> str:
@@ -31,7 +31,5 @@ def indent(text: str, level: int) -> str:
 
 
 def prefetch(element: str) -> str:
-    """TIR text: prefetch the cache line of `element` (a buffer element, e.g. `qw[i, j]`) into all cache levels.
-    A hint: an address past the end of the buffer does not fault."""
-    return (f'T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of({element}), T.int32(0), '
-            'T.int32(3), T.int32(1)))')
+    """TIR text: the statement `vecmath.cache_prefetch(element)` (`element`: a buffer element, e.g. `qw[i, j]`)."""
+    return f"T.evaluate(cache_prefetch({element}))"
