@@ -9,10 +9,11 @@ static register tile. One row (batch-1 decode, or the last-token lm_head of pref
 parallel loop with the rfactor kernel's loop structure (a branch around two parallel nests was slower in TVM 0.27).
 Each parallel task covers 4 blocks of 8 output rows, so its accumulators are allocated once per 32 rows.
 
-The kernel is written as TVMScript text from the shapes of the stock kernel it replaces, and it only replaces a kernel
-that is structurally equal (`tvm_ffi.structural_equal`, attributes aside) to the stock dequantize + NT_matmul [+ residual add] of the same
-shapes, also written here; so a kernel with any other dequantize formula, dtype or epilogue keeps the rfactor schedule.
-Measured with `bench/gemv_batched.py` (docs/BENCHMARKS.md).
+The kernel is a `@T.prim_func` closure built for the shapes of the stock kernel it replaces, and it only replaces a
+kernel that is structurally equal (`tvm_ffi.structural_equal`, attributes aside) to the stock dequantize + NT_matmul
+[+ residual add] of the same shapes, written here as text in the form TVM's legalization produces; so a kernel with any
+other dequantize formula, dtype or epilogue keeps the rfactor schedule. Measured with `bench/gemv_batched.py`
+(docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ from typing import Callable, Optional
 import tvm
 import tvm_ffi
 
-from .cpu.text import indent, parse
+from tvm.script import tirx as T
+
+from .cpu import row_layout
+from .cpu.row_layout import BIAS
+from .cpu.text import parse
+from .cpu.vecmath import as_f32
 
 LANES = 16  # float32 lanes of an AVX-512 register
 ROWS = 8  # output rows per parallel task
@@ -78,51 +84,6 @@ _STOCK_BIAS = """
             T.writes(y[v_ax0, v_ax1, v_ax2])
             y[v_ax0, v_ax1, v_ax2] = NT_matmul_intermediate[v_ax0, v_ax1, v_ax2] + r[v_ax2]
 """
-BIAS = "bias"  # the `residual` argument of the kernels below: False, True (y = r + x.w^T) or BIAS (y = x.w^T + r[col])
-
-_DEQ = ("(T.Cast(\"float32\", (qw[nb * {rows} + ni, (k0 * {lanes} + l) // 8] >> T.Cast(\"uint32\", (k0 * {lanes} + l) % 8 "
-        "* 4)) & T.uint32(15)) - T.float32(7)) * {scale}")
-
-_ONE_ROW = """
-for ni in range({rows}):
-    for l in T.vectorized({lanes}):
-        acc[0, ni, l] = T.float32(0)
-    for k0 in range(T.int64({kc})):
-        for l in T.vectorized({lanes}):
-            acc[0, ni, l] = acc[0, ni, l] + {x} * ({deq})
-    y[{y}] = {res}
-    for l in range({lanes}):
-        y[{y}] = y[{y}] + acc[0, ni, l]
-"""
-
-_ROW_TILES = """
-for bo in range(({R} + T.int64({t} - 1)) // T.int64({t})):
-    for bi, ni in T.grid({t}, {rows}):
-        for l in T.vectorized({lanes}):
-            acc[bi, ni, l] = T.float32(0)
-    for ni in range({rows}):
-        for k0 in range(T.int64({kc})):
-            for bi in T.unroll({t}):
-                for l in T.vectorized({lanes}):
-                    acc[bi, ni, l] = acc[bi, ni, l] + {x} * ({deq})
-    for bi in range({t}):
-        if bo * {t} + bi < {R}:
-            for ni in range({rows}):
-                y[{y}] = {res}
-                for l in range({lanes}):
-                    y[{y}] = y[{y}] + acc[bi, ni, l]
-"""
-
-
-def _index(layout: str, row: str, col: str) -> str:
-    """x / y / residual element at flat row `row`: rows are dim 0 ("b1": [R, 1, *]), dim 1 ("1s": [1, R, *]) or
-    there is one ("11")."""
-    if layout == "b1":
-        return f"{row}, 0, {col}"
-    if layout == "1s":
-        return f"0, {row}, {col}"
-    return f"0, 0, {col}"
-
 
 def _shapes(layout: str) -> tuple[str, str, str]:
     """(definition of the row var, the leading two dims of x/y, the row count expression)."""
@@ -151,13 +112,6 @@ def _weight_refs(block: int) -> tuple[str, str]:
 def scale_text(ref: str, scale_dtype: str) -> str:
     """TIR text of the weight scale `ref` (an element of qs) as float32 (`vecmath.as_f32`)."""
     return f'as_f32({ref}, "{scale_dtype}")'
-
-
-def res_ref(residual, layout: str, row: str, col: str) -> str:
-    """The epilogue's addend for output [row, col] (`residual`: False, True or BIAS), or "" for none."""
-    if residual == BIAS:
-        return f"r[{col}]"
-    return f"r[{_index(layout, row, col)}]" if residual else ""
 
 
 def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0, scale_dtype: str = "float32") -> str:
@@ -190,48 +144,113 @@ def stock_source(n: int, k: int, layout: str, residual: bool, block: int = 0, sc
     return _source(body, n, k, layout, residual, block, scale_dtype)
 
 
-def tiled_kernel(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES,
+def tiled_kernel(n: int, k: int, layout: str, residual, tiles: tuple[int, ...] = TILES,
                  scale_dtype: str = "float32") -> tvm.tirx.PrimFunc:
-    return parse(tiled_source(n, k, layout, residual, tiles, scale_dtype))
-
-
-def tiled_source(n: int, k: int, layout: str, residual: bool, tiles: tuple[int, ...] = TILES,
-                 scale_dtype: str = "float32") -> str:
-    """TVMScript of the kernel: one parallel task per GROUP blocks of ROWS output rows; inside it a branch on the row
-    count R: one row, then R <= tiles[0] with tiles[0] rows per tile, ... , the last tile size for the rest."""
+    """The batch-tiled kernel: one parallel task per GROUP blocks of ROWS output rows; inside it a branch on the row
+    count R: one row, R <= tiles[0] rows in tiles of tiles[0] (with two tile sizes), and tiles of tiles[-1] rows for
+    more. Each branch allocates accumulators sized for its tile once per task (so the one-row path does not carry
+    the 8-row tile's 4 KB buffer), then walks the task's GROUP row blocks."""
+    if layout not in row_layout.LAYOUTS:
+        raise ValueError(f"row-tiled q4 kernel layout '{layout}' is not one of {row_layout.LAYOUTS}")
+    if len(tiles) not in (1, 2):
+        raise ValueError(f"tiles: one or two row-tile sizes, not {tiles}")
     group = GROUP if n % (ROWS * GROUP) == 0 else 1
-    rows = _shapes(layout)[2]
-    col = f"nb * {ROWS} + ni"
-    common = dict(rows=ROWS, lanes=LANES, kc=k // LANES, R=rows, deq=_DEQ.format(
-        rows=ROWS, lanes=LANES, scale=scale_text(f"qs[nb * {ROWS} + ni, (k0 * {LANES} + l) // 32]", scale_dtype)))
 
-    def one_row() -> str:
-        return _ONE_ROW.format(x=f"x[{_index(layout, '0', f'k0 * {LANES} + l')}]", y=_index(layout, "0", col),
-                               res=res_ref(residual, layout, "0", col) or "T.float32(0)", **common)
+    def at(row, col):
+        return row_layout.at(layout, row, col)
 
-    def row_tiles(t: int) -> str:
-        row, out = f"T.min(bo * {t} + bi, {rows} - T.int64(1))", f"bo * {t} + bi"
-        return _ROW_TILES.format(t=t, x=f"x[{_index(layout, row, f'k0 * {LANES} + l')}]", y=_index(layout, out, col),
-                                 res=res_ref(residual, layout, out, col) or "T.float32(0)", **common)
+    def start(r, row, col):  # y's value before the sum: the epilogue's addend, or 0
+        return row_layout.addend(residual, r, layout, row, col) if residual else T.float32(0)
 
-    # Inside the parallel loop: if R == 1: one row / else: if R <= tiles[0]: tiles[0] / else: ... tiles[-1]. Each
-    # branch allocates accumulators sized for its tile once per task (so the one-row path does not carry the 8-row
-    # tile's 4 KB buffer), then walks the task's GROUP row blocks.
-    def with_acc(t: int, nest: str) -> str:
-        return (f"acc = T.alloc_buffer(({t}, {ROWS}, {LANES}), \"float32\", scope=\"global\")\n"
-                f"for nbi in range(T.int64({group})):\n"
-                f"    nb = T.bind(task * T.int64({group}) + nbi)\n" + indent(nest, 1))
+    def weight(qw, qs, nb, ni, k0, l):  # weight [nb * ROWS + ni, k0 * LANES + l], dequantized
+        word = qw[nb * ROWS + ni, (k0 * LANES + l) // 8]
+        nibble = word >> T.Cast("uint32", (k0 * LANES + l) % 8 * 4) & T.uint32(15)
+        return (T.Cast("float32", nibble) - T.float32(7)) * as_f32(qs[nb * ROWS + ni, (k0 * LANES + l) // 32], scale_dtype)
 
-    branches = [("T.int64(1)", with_acc(1, one_row()))] + [(f"T.int64({t})", with_acc(t, row_tiles(t)))
-                                                          for t in tiles[:-1]]
-    code, level = "", 2
-    for i, (bound, nest) in enumerate(branches):
-        code += indent(f"if {rows} {'==' if i == 0 else '<='} {bound}:", level) + indent(nest, level + 1)
-        code += indent("else:", level)
-        level += 1
-    code += indent(with_acc(tiles[-1], row_tiles(tiles[-1])), level)
-    head = f"    for task in T.parallel(T.int64({n // (ROWS * group)})):\n"
-    return _source(head + code, n, k, layout, residual, scale_dtype=scale_dtype)
+    @T.macro
+    def one_row(qw, qs, x, r, y, nb, acc):
+        for ni in range(ROWS):
+            for l in T.vectorized(LANES):
+                acc[0, ni, l] = T.float32(0)
+            for k0 in range(T.int64(k // LANES)):
+                for l in T.vectorized(LANES):
+                    acc[0, ni, l] = acc[0, ni, l] + x[at(0, k0 * LANES + l)] * weight(qw, qs, nb, ni, k0, l)
+            y[at(0, nb * ROWS + ni)] = start(r, 0, nb * ROWS + ni)
+            for l in range(LANES):
+                y[at(0, nb * ROWS + ni)] = y[at(0, nb * ROWS + ni)] + acc[0, ni, l]
+
+    @T.macro
+    def row_tiles(qw, qs, x, r, y, rows, nb, acc, t):
+        """Tiles of t rows of x sharing each decoded weight vector (rows past R clamped on read, not written)."""
+        for bo in range((rows + T.int64(t - 1)) // T.int64(t)):
+            for bi, ni in T.grid(t, ROWS):
+                for l in T.vectorized(LANES):
+                    acc[bi, ni, l] = T.float32(0)
+            for ni in range(ROWS):
+                for k0 in range(T.int64(k // LANES)):
+                    for bi in T.unroll(t):
+                        for l in T.vectorized(LANES):
+                            acc[bi, ni, l] = acc[bi, ni, l] + x[at(T.min(bo * t + bi, rows - T.int64(1)),
+                                                                   k0 * LANES + l)] * weight(qw, qs, nb, ni, k0, l)
+            for bi in range(t):
+                if bo * t + bi < rows:
+                    for ni in range(ROWS):
+                        y[at(bo * t + bi, nb * ROWS + ni)] = start(r, bo * t + bi, nb * ROWS + ni)
+                        for l in range(LANES):
+                            y[at(bo * t + bi, nb * ROWS + ni)] = y[at(bo * t + bi, nb * ROWS + ni)] + acc[bi, ni, l]
+
+    @T.macro
+    def blocks(qw, qs, x, r, y, rows, task, t):
+        acc = T.alloc_buffer((t, ROWS, LANES), "float32", scope="global")
+        for nbi in range(T.int64(group)):
+            nb = T.bind(task * T.int64(group) + nbi)
+            if t == 1:  # a Python condition: decided when built
+                one_row(qw, qs, x, r, y, nb, acc)
+            else:
+                row_tiles(qw, qs, x, r, y, rows, nb, acc, t)
+
+    @T.macro
+    def body(qw, qs, x, r, y, rows):
+        for task in T.parallel(T.int64(n // (ROWS * group))):
+            if rows == T.int64(1):
+                blocks(qw, qs, x, r, y, rows, task, 1)
+            else:
+                if len(tiles) == 2:
+                    if rows <= T.int64(tiles[0]):
+                        blocks(qw, qs, x, r, y, rows, task, tiles[0])
+                    else:
+                        blocks(qw, qs, x, r, y, rows, task, tiles[-1])
+                else:
+                    blocks(qw, qs, x, r, y, rows, task, tiles[-1])
+
+    def nrows(rows_var):
+        return T.int64(1) if layout == "11" else rows_var
+
+    def r_shape(rows_var):
+        return (T.int64(n),) if residual == BIAS else row_layout.dims(layout, rows_var) + (T.int64(n),)
+
+    if residual:
+        @T.prim_func(private=True, s_tir=True)
+        def with_addend(qw: T.Buffer((T.int64(n), T.int64(k // 8)), "uint32"),
+                        qs: T.Buffer((T.int64(n), T.int64(k // 32)), scale_dtype), x_h: T.handle, r_h: T.handle,
+                        y_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            R = T.int64()
+            x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
+            r = T.match_buffer(r_h, r_shape(R), "float32")
+            y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n),), "float32")
+            body(qw, qs, x, r, y, nrows(R))
+        return with_addend
+
+    @T.prim_func(private=True, s_tir=True)
+    def plain(qw: T.Buffer((T.int64(n), T.int64(k // 8)), "uint32"),
+              qs: T.Buffer((T.int64(n), T.int64(k // 32)), scale_dtype), x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        R = T.int64()
+        x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
+        y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n),), "float32")
+        body(qw, qs, x, None, y, nrows(R))
+    return plain
 
 
 def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:

@@ -31,10 +31,11 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
+from .cpu import row_layout
 from .cpu.amx import amx_op, bf16_parts, bf16x32, request_amx, round_bf16, tile_config
 from .cpu.tasks import run_tasks, steal
 from .cpu.vecmath import as_f32, cache_prefetch, silu_mul
-from .cpu_gemv import BIAS
+from .cpu.row_layout import BIAS
 
 BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
@@ -74,30 +75,6 @@ PANEL_CHUNK = 48
 PRECISIONS = ("f32", "bf16")
 AMX_CHUNK_ROWS = 256  # rows of x per task: ceil(256 / tile rows) tiles
 AMX_TILE_ROWS = 14  # rows per tile of the f32 kernel (the bf16 one: 16)
-
-
-def _at(layout: str, row, col) -> tuple:
-    """The index of x / y / r (and the silu scratch) at flat row `row`, column `col`: rows on axis 0 ("b1":
-    [R, 1, *]), on axis 1 ("1s": [1, R, *]), or one row ("11")."""
-    if layout == "b1":
-        return (row, 0, col)
-    if layout == "1s":
-        return (0, row, col)
-    return (0, 0, col)
-
-
-def _dims(layout: str, rows) -> tuple:
-    """The leading two dimensions of x / y / r for `rows` rows."""
-    if layout == "b1":
-        return (rows, T.int64(1))
-    return (T.int64(1), rows) if layout == "1s" else (T.int64(1), T.int64(1))
-
-
-def _plus(residual, r, layout: str, row, col, value):
-    """`value` plus the epilogue's addend for output [row, col] (`residual`: False, True or BIAS), addend first."""
-    if residual == BIAS:
-        return r[col] + value
-    return r[_at(layout, row, col)] + value if residual else value
 
 
 def _tile_row(t: int, bo, bi, rows):
@@ -140,7 +117,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     `panel_min=0`: no panel GEMM (for comparisons). `amx`: from `panel_min` rows the AMX GEMM in `precision`
     (PRECISIONS), with the panel GEMM as its fallback. `prefetch_ahead`: software prefetch in the GEMV paths
     (`prefetch_pays`). `silu`: see `fused_silu_kernel`."""
-    if layout not in ("b1", "1s", "11"):
+    if layout not in row_layout.LAYOUTS:
         raise ValueError(f"blocked q4 kernel layout '{layout}' is not b1, 1s or 11")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
@@ -152,7 +129,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     gemv_only = layout == "11" or not panel_min
 
     def at(row, col):
-        return _at(layout, row, col)
+        return row_layout.at(layout, row, col)
 
     # --- GEMV paths (fewer than panel_min rows): row tiles of t rows share each decoded weight vector
     @T.macro
@@ -200,11 +177,11 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
             if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
                 if bo * t + bi < rows:
                     for i in range(16 * v):
-                        out[at(bo * t + bi, blk * BLOCK + p * (16 * v) + i)] = _plus(
+                        out[at(bo * t + bi, blk * BLOCK + p * (16 * v) + i)] = row_layout.plus(
                             residual, r, layout, bo * t + bi, blk * BLOCK + p * (16 * v) + i, acc[bi, i])
             else:
                 for i in range(16 * v):
-                    out[at(T.int64(0), blk * BLOCK + p * (16 * v) + i)] = _plus(
+                    out[at(T.int64(0), blk * BLOCK + p * (16 * v) + i)] = row_layout.plus(
                         residual, r, layout, T.int64(0), blk * BLOCK + p * (16 * v) + i, acc[bi, i])
 
     @T.macro
@@ -273,7 +250,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                 for bi in range(PANEL_TILE):
                     if ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi < rows:
                         for i in range(64):
-                            out[at(ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i)] = _plus(
+                            out[at(ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i)] = row_layout.plus(
                                 residual, r, layout, ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i,
                                 acc[bi, i])
 
@@ -281,7 +258,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     @T.macro
     def through_scratch(path, qw, qs, x, r, y, rows):
         if silu:  # a Python condition: decided when built
-            gu = T.alloc_buffer(_dims(layout, rows) + (T.int64(n),), "float32")
+            gu = T.alloc_buffer(row_layout.dims(layout, rows) + (T.int64(n),), "float32")
             path(qw, qs, x, r, gu, rows)
             for row in T.parallel(rows):
                 for cc in range(n // 2 // 16):
@@ -437,9 +414,9 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                                 y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = silu_mul(gb0[mi, l], acc0[mi, l])
                                 y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = silu_mul(gb1[mi, l], acc1[mi, l])
                             else:
-                                y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = _plus(
+                                y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = row_layout.plus(
                                     residual, r, layout, mt * tr + mi, blk * 64 + h * 32 + l, acc0[mi, l])
-                                y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = _plus(
+                                y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = row_layout.plus(
                                     residual, r, layout, mt * tr + mi, blk * 64 + h * 32 + 16 + l, acc1[mi, l])
 
     @T.macro
@@ -460,7 +437,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                         if silu:
                             y[at(mt * 16 + mi, blk * 64 + nn)] = silu_mul(gb[mi, nn], cb[mi, nn])
                         else:
-                            y[at(mt * 16 + mi, blk * 64 + nn)] = _plus(residual, r, layout, mt * 16 + mi,
+                            y[at(mt * 16 + mi, blk * 64 + nn)] = row_layout.plus(residual, r, layout, mt * 16 + mi,
                                                                         blk * 64 + nn, cb[mi, nn])
 
     @T.macro
@@ -521,7 +498,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
         return T.int64(1) if layout == "11" else rows_var
 
     def r_shape(rows_var):
-        return (T.int64(n),) if residual == BIAS else _dims(layout, rows_var) + (T.int64(n),)
+        return (T.int64(n),) if residual == BIAS else row_layout.dims(layout, rows_var) + (T.int64(n),)
 
     # One signature with the epilogue's addend, one without; only the one asked for is built.
     if residual:
@@ -530,9 +507,9 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                         r_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             R = T.int64()
-            x = T.match_buffer(x_h, _dims(layout, R) + (T.int64(k),), "float32")
+            x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
             r = T.match_buffer(r_h, r_shape(R), "float32")
-            y = T.match_buffer(y_h, _dims(layout, R) + (T.int64(n_out),), "float32")
+            y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n_out),), "float32")
             body(qw, qs, x, r, y, nrows(R))
         return with_addend
 
@@ -540,8 +517,8 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     def plain(qw: T.Buffer(qw_shape, "uint32"), qs: T.Buffer(qs_shape, scale_dtype), x_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         R = T.int64()
-        x = T.match_buffer(x_h, _dims(layout, R) + (T.int64(k),), "float32")
-        y = T.match_buffer(y_h, _dims(layout, R) + (T.int64(n_out),), "float32")
+        x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
+        y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n_out),), "float32")
         body(qw, qs, x, None, y, nrows(R))
     return plain
 

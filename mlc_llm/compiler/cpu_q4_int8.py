@@ -26,9 +26,9 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
+from .cpu.row_layout import BIAS
 from .cpu.tasks import SERIAL_ROWS, steal
 from .cpu.vecmath import as_f32, cache_prefetch
-from .cpu_gemv import BIAS
 
 BLOCK = 64  # output rows per block of the q4f32_cpu layout
 ROW_TILE = 4  # rows of x per pass when the batch has more than one

@@ -1,9 +1,9 @@
 """Kernels written as TVMScript text, and the conventions that text follows.
 
-The attention and blocked / row-tiled q4 kernels are text: their loop nests (tiles, unrolled reductions, AMX tile
-numbers as immediates) are assembled in Python per call. A `@T.prim_func` closure can take the same Python-chosen
-constants (`cpu_q4_int8.py`: tiles, prefetch hints, epilogues; `cpu_activation.py`), which is where new kernels go;
-the text ones have not been moved yet. Both styles share the expression builders of `vecmath.py`.
+The attention kernels and the stock q4 kernels (`cpu_gemv.stock_source`: the form TVM's legalization produces, for
+the equivalence check) are text; their loop nests are assembled in Python per call. A `@T.prim_func` closure takes the
+same Python-chosen constants (`cpu_q4_blocked.py`, `cpu_q4_int8.py`, `cpu_gemv.tiled_kernel`, `cpu_activation.py`),
+which is where new kernels go. Both styles share the builders of `vecmath.py` and `amx.py`.
 """
 from __future__ import annotations
 
