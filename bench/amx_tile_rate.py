@@ -27,8 +27,8 @@ os.environ["TVM_NUM_THREADS"] = "1"
 def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = True) -> str:
     """The loop of 12 products (+ 10 tile loads); `fma_rounds` > 0 adds 12 x that many float32 vector FMAs (12
     independent accumulators) to each iteration; `tiles=False` leaves only the FMAs."""
-    from mlc_llm.compiler.cpu.text import indent as _indent
-    from mlc_llm.compiler.cpu.amx import intrin as _amx, tile_config
+    def _amx(name: str, *args: str) -> str:  # the statement amx_op(name, *args) (`cpu.amx`), called by name
+        return f'T.evaluate(amx_op({", ".join((repr(name),) + args)}))'
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
                _amx("tileloadd64", "T.int8(5)", "T.address_of(a[512])", "T.int64(64)")]
@@ -61,7 +61,7 @@ def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = Tru
 @T.prim_func(s_tir=True)
 def main(a: T.Buffer((1024,), "uint16"), b: T.Buffer((4096,), "uint16"), c: T.Buffer((16, 64), "float32"),
          xv: T.Buffer((8, 16), "float32"), wv: T.Buffer((12, 16), "float32")):
-{_indent(tile_config(), 1)}
+    tile_config()
 {lines}
     {_amx("tilerelease")}
 '''

@@ -31,7 +31,7 @@ def kernels(only: str = "") -> dict[str, Callable[[], tvm.tirx.PrimFunc]]:
     from mlc_llm.compiler import cpu_activation, cpu_attention, cpu_gemv, cpu_q4_blocked, cpu_q4_int8
 
     out: dict[str, Callable[[], tvm.tirx.PrimFunc]] = {}
-    for hq, hkv, d in ((9, 3, 64), (14, 2, 64), (4, 1, 256)):
+    for hq, hkv, d in ((9, 3, 64), (14, 2, 64), (4, 1, 256), (4, 2, 40)):
         shape = f"{hq}x{hkv}x{d}"
         out[f"decode {shape}"] = lambda a=(hq, hkv, d): cpu_attention.decode_kernel(*a, "float32")
         out[f"decode sliding {shape}"] = lambda a=(hq, hkv, d): cpu_attention.decode_kernel(*a, "float32", True)

@@ -17,7 +17,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .cpu.tasks import SERIAL_ROWS
-from .cpu.vecmath import silu_mul
+from .cpu.vecmath import halve, silu_mul
 
 
 def supported(intermediate: int) -> bool:
@@ -74,11 +74,7 @@ def rms_norm_kernel(hidden: int, eps: float, dtype: str) -> tvm.tirx.PrimFunc:
             for l in T.vectorized(16):
                 acc[l] = acc[l] + T.Cast("float32", x[r // s, r % s, c * 16 + l]) * \
                     T.Cast("float32", x[r // s, r % s, c * 16 + l])
-        total16 = T.bind(acc[T.ramp(0, 1, 16)])  # the sum of the 16 lanes by halving (vecmath.halve)
-        total8 = T.bind(T.vectorlow("float32x8", total16) + T.vectorhigh("float32x8", total16))
-        total4 = T.bind(T.vectorlow("float32x4", total8) + T.vectorhigh("float32x4", total8))
-        total2 = T.bind(T.vectorlow("float32x2", total4) + T.vectorhigh("float32x2", total4))
-        acc[0] = T.vectorlow("float32", total2) + T.vectorhigh("float32", total2)
+        halve(acc[T.ramp(0, 1, 16)], "+", acc, (0,))  # acc[0] = the sum of the 16 lanes
         acc[0] = T.float32(1) / T.sqrt(acc[0] / T.float32(hidden) + T.float32(eps))
         for c in range(chunks):
             for l in T.vectorized(16):

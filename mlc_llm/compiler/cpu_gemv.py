@@ -165,7 +165,8 @@ def tiled_kernel(n: int, k: int, layout: str, residual, tiles: tuple[int, ...] =
     def weight(qw, qs, nb, ni, k0, l):  # weight [nb * ROWS + ni, k0 * LANES + l], dequantized
         word = qw[nb * ROWS + ni, (k0 * LANES + l) // 8]
         nibble = word >> T.Cast("uint32", (k0 * LANES + l) % 8 * 4) & T.uint32(15)
-        return (T.Cast("float32", nibble) - T.float32(7)) * as_f32(qs[nb * ROWS + ni, (k0 * LANES + l) // 32], scale_dtype)
+        scale = as_f32(qs[nb * ROWS + ni, (k0 * LANES + l) // 32], scale_dtype)
+        return (T.Cast("float32", nibble) - T.float32(7)) * scale
 
     @T.macro
     def one_row(qw, qs, x, r, y, nb, acc):

@@ -202,12 +202,12 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                     gemv_pass(qw, qs, x, r, out, rows, blk, bo, p, t, v, acc, part, wv, xs, xsum)
 
     @T.macro
-    def gemv_block(blk, args):
-        """A task of the stealing loop; args: (qw, qs, x, r, out, rows)."""
-        if args[5] == T.int64(1):
-            gemv(*args, blk, *plans[0])
+    def gemv_block(blk, qw, qs, x, r, out, rows):
+        """A task of the stealing loop."""
+        if rows == T.int64(1):
+            gemv(qw, qs, x, r, out, rows, blk, *plans[0])
         else:
-            gemv(*args, blk, *plans[1])
+            gemv(qw, qs, x, r, out, rows, blk, *plans[1])
 
     @T.macro
     def gemv_all(qw, qs, x, r, out, rows):
@@ -440,12 +440,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                             y[at(mt * 16 + mi, blk * 64 + nn)] = row_layout.plus(residual, r, layout, mt * 16 + mi,
                                                                         blk * 64 + nn, cb[mi, nn])
 
-    @T.macro
-    def amx_body(task, args):
-        if f32:
-            f32_task(task, *args)
-        else:
-            bf16_task(task, *args)
+    amx_task = f32_task if f32 else bf16_task
 
     @T.macro
     def amx_gemm(qw, qs, x, r, y, rows):
@@ -472,7 +467,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                             xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
                                 x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 0, 1, 16))],
                                 x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 16, 1, 16))])
-            steal(T.int64(nbs) * ((mtiles(rows) + T.int64(cht - 1)) // T.int64(cht)), amx_body,
+            steal(T.int64(nbs) * ((mtiles(rows) + T.int64(cht - 1)) // T.int64(cht)), amx_task,
                   (qw, qs, xa, r, y, rows), per_thread=amx_thread)
         else:
             through_scratch(panel_all, qw, qs, x, r, y, rows)

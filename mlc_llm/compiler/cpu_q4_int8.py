@@ -133,13 +133,13 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
                         y[bo * t + bi, blk * 64 + l] = acc[bi, l]
 
     @T.macro
-    def block(blk, args):
-        """All rows of block `blk`'s 64 outputs; args: (qw, qs, xw, xsc, xsm, y, r, rows)."""
-        if args[7] == 1:
-            rows_pass(*args[:7], blk, T.int64(0), 1, args[7])
+    def block(blk, qw, qs, xw, xsc, xsm, y, r, rows):
+        """All rows of block `blk`'s 64 outputs."""
+        if rows == 1:
+            rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, T.int64(0), 1, rows)
         else:
-            for bo in range((args[7] + ROW_TILE - 1) // ROW_TILE):
-                rows_pass(*args[:7], blk, bo, ROW_TILE, args[7])
+            for bo in range((rows + ROW_TILE - 1) // ROW_TILE):
+                rows_pass(qw, qs, xw, xsc, xsm, y, r, blk, bo, ROW_TILE, rows)
 
     @T.macro
     def rows_all(qw, qs, x, r, y, rows):
@@ -156,7 +156,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
             steal(T.int64(nb), block, (qw, qs, xw, xsc, xsm, y, r, rows))
         else:
             for blk in T.parallel(T.int64(nb)):
-                block(blk, (qw, qs, xw, xsc, xsm, y, r, rows))
+                block(blk, qw, qs, xw, xsc, xsm, y, r, rows)
 
     @T.macro
     def body(qw, qs, x3, r3, y3, rows):

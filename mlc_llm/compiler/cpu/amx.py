@@ -85,14 +85,3 @@ def bf16_parts(x: Expr, y: Expr = None, tiny: bool = False) -> tuple[Expr, Expr]
 # The builders by name, for kernels written as text (`text.parse`)
 BUILDERS = {"request_amx": request_amx, "amx_op": amx_op, "tile_config": tile_config, "round_bf16": round_bf16,
             "bf16x32": bf16x32, "bf16_parts": bf16_parts}
-
-# Text spellings of the builders' calls, for the text kernels
-AMX_REQUEST = """
-perm = T.alloc_buffer((1,), "int64", scope="global")
-perm[0] = request_amx()
-"""
-
-
-def intrin(name: str, *args: str) -> str:
-    """TIR text: the statement `amx_op(name, *args)`."""
-    return f'T.evaluate(amx_op({", ".join((repr(name),) + args)}))'

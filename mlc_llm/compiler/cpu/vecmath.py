@@ -1,6 +1,6 @@
 """Vector math: 2^x by exponent bits and a polynomial, the gated activations act(gate) * up, and a cache prefetch as
 TIR expression builders (called from `@T.prim_func` kernels, and by name from text kernels), and a 16-lane horizontal
-reduction as TIR text. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector
+reduction as a `@T.macro`. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector
 registers."""
 from __future__ import annotations
 
@@ -27,18 +27,20 @@ def exp2(x: Expr) -> Expr:
     return T.reinterpret("float32", T.shift_left(T.Cast("int32", fl) + 127, 23)) * poly
 
 
-def halve(vec: str, op: str, name: str, out: str = "") -> list[str]:
-    """TIR lines reducing the 16-lane vector expression `vec` to a scalar by halving (16 -> 8 -> 4 -> 2 -> 1 lanes,
-    vectorlow/vectorhigh; the intermediates are `name`16, `name`8, ...), combining halves with `op` ("+" or "max");
-    the scalar is bound to `name`, or stored to `out` if given."""
-    comb = (lambda a, b: f"{a} + {b}") if op == "+" else (lambda a, b: f"T.max({a}, {b})")
-    lines = [f"{name}16 = T.bind({vec})"]
-    for lanes, prev in ((8, 16), (4, 8), (2, 4)):
-        lines.append(f"{name}{lanes} = T.bind(" + comb(f"T.vectorlow(\"float32x{lanes}\", {name}{prev})",
-                                                       f"T.vectorhigh(\"float32x{lanes}\", {name}{prev})") + ")")
-    last = comb(f"T.vectorlow(\"float32\", {name}2)", f"T.vectorhigh(\"float32\", {name}2)")
-    lines.append(f"{out} = {last}" if out else f"{name} = T.bind({last})")
-    return lines
+def _combine(op: str, a: Expr, b: Expr) -> Expr:
+    return a + b if op == "+" else T.max(a, b)
+
+
+@T.macro
+def halve(vec, op, out, index):
+    """out[index] = the 16 lanes of float32x16 `vec` combined by `op` ("+" or "max"), by halving: 16 -> 8 -> 4 -> 2
+    -> 1 lanes (vectorlow / vectorhigh: 4 extract + combine steps; reducing through a buffer reloads halves just after
+    a full-vector store, which fails store forwarding)."""
+    v16 = T.bind(vec)
+    v8 = T.bind(_combine(op, T.vectorlow("float32x8", v16), T.vectorhigh("float32x8", v16)))
+    v4 = T.bind(_combine(op, T.vectorlow("float32x4", v8), T.vectorhigh("float32x4", v8)))
+    v2 = T.bind(_combine(op, T.vectorlow("float32x2", v4), T.vectorhigh("float32x2", v4)))
+    out[index] = _combine(op, T.vectorlow("float32", v2), T.vectorhigh("float32", v2))
 
 
 def silu_mul(gate: Expr, up: Expr, act: str = "silu") -> Expr:
@@ -67,4 +69,4 @@ def cache_prefetch(element: Expr) -> Expr:
 
 
 # The expression builders by name, for kernels written as text (`text.parse`): `exp2(s[g, r] - m)`.
-BUILDERS = {"exp2": exp2, "silu_mul": silu_mul, "as_f32": as_f32, "cache_prefetch": cache_prefetch}
+BUILDERS = {"exp2": exp2, "silu_mul": silu_mul, "as_f32": as_f32, "cache_prefetch": cache_prefetch, "halve": halve}
