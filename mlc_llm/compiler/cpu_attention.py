@@ -78,6 +78,12 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     def last_rows(length_info, b):  # rows in use in a sequence's last page
         return length_info[0, b] if sliding else length_info[b]
 
+    def in_use(r, rows, p, length_info, b):  # row r of page p holds KV (sliding: not between the sink and the window)
+        if not sliding:
+            return r < rows
+        row = p * PAGE + r
+        return tvm.tirx.And(r < rows, tvm.tirx.Or(row < length_info[2, b], row >= length_info[1, b]))
+
     def dot16(q, g, pages, page_no, hk, r):  # q[g] . K row r as a float32x16 of partial sums
         total = q[g, T.ramp(0, 1, 16)] * T.Cast("float32x16", pages[page_no, 0, hk, r, T.ramp(0, 1, 16)])
         for c in range(1, d // 16):
@@ -128,16 +134,10 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
             T.evaluate(cache_prefetch(pages[page_no, 1, hk, c * per_line // d, c * per_line % d]))
         for r in range(PAGE):
             for g in T.unroll(grp):
-                if sliding:  # rows between the sink and the window's start are masked
-                    if r < rows and (p * PAGE + r < length_info[2, b] or p * PAGE + r >= length_info[1, b]):
-                        score(q, pages, page_no, hk, r, g, s, part)
-                    else:
-                        s[g, r] = T.float32(-1e30)
+                if in_use(r, rows, p, length_info, b):
+                    score(q, pages, page_no, hk, r, g, s, part)
                 else:
-                    if r < rows:
-                        score(q, pages, page_no, hk, r, g, s, part)
-                    else:
-                        s[g, r] = T.float32(-1e30)
+                    s[g, r] = T.float32(-1e30)
         for g in range(grp):
             halve(s[g, T.ramp(0, 1, PAGE)], "max", st, (0,))  # st: page max, new max, rescale factor, page sum
             st[1] = T.max(m[g], st[0])
@@ -322,6 +322,17 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
     def visible(info, b, kv_n, causal, t0, l):  # token t0 + l sees the history's last `visible` rows (with a window)
         return T.Select(causal > 0, T.max(window - (t0 + l) - 1, 0), history(info, b, kv_n))
 
+    def seen(r, l, c, rows, kv_n, q_n, t0, causal, info, b):
+        """Whether token t0 + l sees KV row r of chunk c (of `rows` rows): up to its causal limit; with a window, a
+        row in use (the sink, or from the window's offset on) and among the token's visible history rows."""
+        if not windowed:
+            return r < T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n)) - c * rows
+        row = c * PAGE + r
+        in_use = tvm.tirx.Or(row < info[2, b], row >= info[1, b])
+        recent = T.Select(row < info[2, b], row >= history(info, b, kv_n) - visible(info, b, kv_n, causal, t0, l),
+                          row >= kv_n - visible(info, b, kv_n, causal, t0, l))
+        return tvm.tirx.And(tvm.tirx.And(r < kv_n - c * PAGE, in_use), recent)
+
     @T.macro
     def softmax(sc, p, m, den, st, g, c, rows, kv_n, q_n, t0, causal, info, b):
         """The online softmax of chunk c (`rows` KV rows) for query head g: scores sc[r, l] (rows that token t0 + l
@@ -329,28 +340,14 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
         rescale factor (st), the weights p[r, l], the sum and the max."""
         for r in T.unroll(rows):
             for l in T.vectorized(QTILE):
-                if windowed:  # a Python condition: decided when built
-                    sc[r, l] = T.Select(r < kv_n - c * PAGE and (c * PAGE + r < info[2, b] or c * PAGE + r >= info[
-                        1, b]) and T.Select(c * PAGE + r < info[2, b], c * PAGE + r >= history(info, b, kv_n) -
-                                            visible(info, b, kv_n, causal, t0, l), c * PAGE + r >= kv_n - visible(
-                                                info, b, kv_n, causal, t0, l)), sc[r, l], T.float32(-1e30))
-                else:
-                    sc[r, l] = T.Select(r < T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n))
-                                        - c * rows, sc[r, l], T.float32(-1e30))
+                sc[r, l] = T.Select(seen(r, l, c, rows, kv_n, q_n, t0, causal, info, b), sc[r, l], T.float32(-1e30))
         for l in T.vectorized(QTILE):
             st[0, l] = T.max(m[g, l], rows_max(sc, l, rows))
             st[1, l] = exp2(m[g, l] - st[0, l])
         for r in T.unroll(rows):
             for l in T.vectorized(QTILE):
-                if windowed:
-                    p[r, l] = T.Select(r < kv_n - c * PAGE and (c * PAGE + r < info[2, b] or c * PAGE + r >= info[
-                        1, b]) and T.Select(c * PAGE + r < info[2, b], c * PAGE + r >= history(info, b, kv_n) -
-                                            visible(info, b, kv_n, causal, t0, l), c * PAGE + r >= kv_n - visible(
-                                                info, b, kv_n, causal, t0, l)), exp2(sc[r, l] - st[0, l]),
-                                       T.float32(0))
-                else:
-                    p[r, l] = T.Select(r < T.min(kv_n, T.Select(causal > 0, kv_n - q_n + t0 + l + 1, kv_n))
-                                       - c * rows, exp2(sc[r, l] - st[0, l]), T.float32(0))
+                p[r, l] = T.Select(seen(r, l, c, rows, kv_n, q_n, t0, causal, info, b), exp2(sc[r, l] - st[0, l]),
+                                   T.float32(0))
         for l in T.vectorized(QTILE):
             den[g, l] = den[g, l] * st[1, l] + rows_sum(p, l, rows)
             m[g, l] = st[0, l]

@@ -24,8 +24,8 @@ import tvm_ffi
 
 from tvm.script import tirx as T
 
-from .cpu import row_layout
-from .cpu.row_layout import BIAS
+from .cpu import linear
+from .cpu.linear import BIAS
 from .cpu.text import parse
 from .cpu.vecmath import as_f32
 
@@ -150,17 +150,17 @@ def tiled_kernel(n: int, k: int, layout: str, residual, tiles: tuple[int, ...] =
     count R: one row, R <= tiles[0] rows in tiles of tiles[0] (with two tile sizes), and tiles of tiles[-1] rows for
     more. Each branch allocates accumulators sized for its tile once per task (so the one-row path does not carry
     the 8-row tile's 4 KB buffer), then walks the task's GROUP row blocks."""
-    if layout not in row_layout.LAYOUTS:
-        raise ValueError(f"row-tiled q4 kernel layout '{layout}' is not one of {row_layout.LAYOUTS}")
+    if layout not in linear.LAYOUTS:
+        raise ValueError(f"row-tiled q4 kernel layout '{layout}' is not one of {linear.LAYOUTS}")
     if len(tiles) not in (1, 2):
         raise ValueError(f"tiles: one or two row-tile sizes, not {tiles}")
     group = GROUP if n % (ROWS * GROUP) == 0 else 1
 
     def at(row, col):
-        return row_layout.at(layout, row, col)
+        return linear.at(layout, row, col)
 
     def start(r, row, col):  # y's value before the sum: the epilogue's addend, or 0
-        return row_layout.addend(residual, r, layout, row, col) if residual else T.float32(0)
+        return linear.addend(residual, r, layout, row, col) if residual else T.float32(0)
 
     def weight(qw, qs, nb, ni, k0, l):  # weight [nb * ROWS + ni, k0 * LANES + l], dequantized
         word = qw[nb * ROWS + ni, (k0 * LANES + l) // 8]
@@ -224,34 +224,8 @@ def tiled_kernel(n: int, k: int, layout: str, residual, tiles: tuple[int, ...] =
                 else:
                     blocks(qw, qs, x, r, y, rows, task, tiles[-1])
 
-    def nrows(rows_var):
-        return T.int64(1) if layout == "11" else rows_var
-
-    def r_shape(rows_var):
-        return (T.int64(n),) if residual == BIAS else row_layout.dims(layout, rows_var) + (T.int64(n),)
-
-    if residual:
-        @T.prim_func(private=True, s_tir=True)
-        def with_addend(qw: T.Buffer((T.int64(n), T.int64(k // 8)), "uint32"),
-                        qs: T.Buffer((T.int64(n), T.int64(k // 32)), scale_dtype), x_h: T.handle, r_h: T.handle,
-                        y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            R = T.int64()
-            x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
-            r = T.match_buffer(r_h, r_shape(R), "float32")
-            y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n),), "float32")
-            body(qw, qs, x, r, y, nrows(R))
-        return with_addend
-
-    @T.prim_func(private=True, s_tir=True)
-    def plain(qw: T.Buffer((T.int64(n), T.int64(k // 8)), "uint32"),
-              qs: T.Buffer((T.int64(n), T.int64(k // 32)), scale_dtype), x_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        R = T.int64()
-        x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
-        y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n),), "float32")
-        body(qw, qs, x, None, y, nrows(R))
-    return plain
+    return linear.kernel(body, layout, residual, (T.int64(n), T.int64(k // 8)), (T.int64(n), T.int64(k // 32)),
+                         scale_dtype, k, n)
 
 
 def _signature(func: tvm.tirx.PrimFunc, block: int = 0) -> Optional[tuple[int, int, str, bool]]:

@@ -31,20 +31,15 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
-from .cpu import row_layout
+from .cpu import linear
 from .cpu.amx import amx_op, bf16_parts, bf16x32, request_amx, round_bf16, tile_config
+from .cpu.linear import BLOCK, prefetch_groups
 from .cpu.tasks import run_tasks, steal
-from .cpu.vecmath import as_f32, cache_prefetch, silu_mul
-from .cpu.row_layout import BIAS
+from .cpu.vecmath import as_f32, silu_mul
 
-BLOCK = 64  # output rows per block (scheme.BLOCK_ROWS)
 # (row tile, 16-row vectors per pass) for R == 1 and for R > 1: a tile's partial sums (t * v vectors) stay in
 # registers (4 x 4 beat the other tilings tried: bench/gemv_batched.py).
 PLANS = ((1, 4), (4, 4))
-
-# Groups of 32 K-values prefetched ahead (1 KB of words + 256 B of scales each): the hardware prefetcher stops at
-# 4 KB pages. Only where it pays (`prefetch_pays`).
-PREFETCH_GROUPS = 4
 
 # Prefill (R >= PANEL_MIN rows): a task dequantizes its 64-row block once into a float32 panel [K, 64] and runs a
 # register-tiled GEMM on it, PANEL_TILE rows x 64 columns (24 accumulators, 4 panel loads and 6 broadcasts per
@@ -117,7 +112,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     `panel_min=0`: no panel GEMM (for comparisons). `amx`: from `panel_min` rows the AMX GEMM in `precision`
     (PRECISIONS), with the panel GEMM as its fallback. `prefetch_ahead`: software prefetch in the GEMV paths
     (`prefetch_pays`). `silu`: see `fused_silu_kernel`."""
-    if layout not in row_layout.LAYOUTS:
+    if layout not in linear.LAYOUTS:
         raise ValueError(f"blocked q4 kernel layout '{layout}' is not b1, 1s or 11")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown prefill precision '{precision}' (allowed: {', '.join(PRECISIONS)})")
@@ -129,24 +124,20 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     gemv_only = layout == "11" or not panel_min
 
     def at(row, col):
-        return row_layout.at(layout, row, col)
+        return linear.at(layout, row, col)
 
     # --- GEMV paths (fewer than panel_min rows): row tiles of t rows share each decoded weight vector
     @T.macro
     def gemv_pass(qw, qs, x, r, out, rows, blk, bo, p, t, v, acc, part, wv, xs, xsum):
-        """Tile bo of t rows of x times the 16 * v rows of pass p of block blk. At each group, the words and scales
-        of the group PREFETCH_GROUPS ahead are prefetched (past the block's end: the next block, which this task or
-        its neighbour reads next); x is pre-scaled by 2^(-4 (rr % 8)), built from its exponent bits."""
+        """Tile bo of t rows of x times the 16 * v rows of pass p of block blk; x is pre-scaled by 2^(-4 (rr % 8)),
+        built from its exponent bits."""
         for bi in T.unroll(t):
             for vi in T.unroll(v):
                 for l in T.vectorized(16):
                     acc[bi, vi * 16 + l] = T.float32(0)
         for g in range(T.int64(groups)):
             if prefetch_ahead:  # a Python condition: decided when built
-                for c in T.unroll(16):
-                    T.evaluate(cache_prefetch(qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]))
-                for c in T.unroll(4):
-                    T.evaluate(cache_prefetch(qs[blk, g + PREFETCH_GROUPS, c * 16]))
+                prefetch_groups(qw, qs, blk, g)
             for bi in T.unroll(t):
                 for rr in T.vectorized(32):
                     xs[bi, rr] = x[at(_tile_row(t, bo, bi, rows), g * 32 + rr)] * T.reinterpret(
@@ -177,11 +168,11 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
             if t > 1:  # rows of the last tile past R were computed on clamped rows: not written
                 if bo * t + bi < rows:
                     for i in range(16 * v):
-                        out[at(bo * t + bi, blk * BLOCK + p * (16 * v) + i)] = row_layout.plus(
+                        out[at(bo * t + bi, blk * BLOCK + p * (16 * v) + i)] = linear.plus(
                             residual, r, layout, bo * t + bi, blk * BLOCK + p * (16 * v) + i, acc[bi, i])
             else:
                 for i in range(16 * v):
-                    out[at(T.int64(0), blk * BLOCK + p * (16 * v) + i)] = row_layout.plus(
+                    out[at(T.int64(0), blk * BLOCK + p * (16 * v) + i)] = linear.plus(
                         residual, r, layout, T.int64(0), blk * BLOCK + p * (16 * v) + i, acc[bi, i])
 
     @T.macro
@@ -250,7 +241,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                 for bi in range(PANEL_TILE):
                     if ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi < rows:
                         for i in range(64):
-                            out[at(ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i)] = row_layout.plus(
+                            out[at(ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i)] = linear.plus(
                                 residual, r, layout, ch * T.int64(PANEL_CHUNK) + bo * PANEL_TILE + bi, blk * 64 + i,
                                 acc[bi, i])
 
@@ -258,7 +249,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
     @T.macro
     def through_scratch(path, qw, qs, x, r, y, rows):
         if silu:  # a Python condition: decided when built
-            gu = T.alloc_buffer(row_layout.dims(layout, rows) + (T.int64(n),), "float32")
+            gu = T.alloc_buffer(linear.dims(layout, rows) + (T.int64(n),), "float32")
             path(qw, qs, x, r, gu, rows)
             for row in T.parallel(rows):
                 for cc in range(n // 2 // 16):
@@ -414,9 +405,9 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                                 y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = silu_mul(gb0[mi, l], acc0[mi, l])
                                 y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = silu_mul(gb1[mi, l], acc1[mi, l])
                             else:
-                                y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = row_layout.plus(
+                                y[at(mt * tr + mi, blk * 64 + h * 32 + l)] = linear.plus(
                                     residual, r, layout, mt * tr + mi, blk * 64 + h * 32 + l, acc0[mi, l])
-                                y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = row_layout.plus(
+                                y[at(mt * tr + mi, blk * 64 + h * 32 + 16 + l)] = linear.plus(
                                     residual, r, layout, mt * tr + mi, blk * 64 + h * 32 + 16 + l, acc1[mi, l])
 
     @T.macro
@@ -437,7 +428,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                         if silu:
                             y[at(mt * 16 + mi, blk * 64 + nn)] = silu_mul(gb[mi, nn], cb[mi, nn])
                         else:
-                            y[at(mt * 16 + mi, blk * 64 + nn)] = row_layout.plus(residual, r, layout, mt * 16 + mi,
+                            y[at(mt * 16 + mi, blk * 64 + nn)] = linear.plus(residual, r, layout, mt * 16 + mi,
                                                                         blk * 64 + nn, cb[mi, nn])
 
     amx_task = f32_task if f32 else bf16_task
@@ -485,37 +476,8 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                 else:
                     through_scratch(panel_all, qw, qs, x, r, y, rows)
 
-    qw_shape = (T.int64(nb), T.int64(k // 8), T.int64(BLOCK))
-    qs_shape = (T.int64(nb), T.int64(groups), T.int64(BLOCK))
-    n_out = n // 2 if silu else n
-
-    def nrows(rows_var):
-        return T.int64(1) if layout == "11" else rows_var
-
-    def r_shape(rows_var):
-        return (T.int64(n),) if residual == BIAS else row_layout.dims(layout, rows_var) + (T.int64(n),)
-
-    # One signature with the epilogue's addend, one without; only the one asked for is built.
-    if residual:
-        @T.prim_func(private=True, s_tir=True)
-        def with_addend(qw: T.Buffer(qw_shape, "uint32"), qs: T.Buffer(qs_shape, scale_dtype), x_h: T.handle,
-                        r_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            R = T.int64()
-            x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
-            r = T.match_buffer(r_h, r_shape(R), "float32")
-            y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n_out),), "float32")
-            body(qw, qs, x, r, y, nrows(R))
-        return with_addend
-
-    @T.prim_func(private=True, s_tir=True)
-    def plain(qw: T.Buffer(qw_shape, "uint32"), qs: T.Buffer(qs_shape, scale_dtype), x_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        R = T.int64()
-        x = T.match_buffer(x_h, row_layout.dims(layout, R) + (T.int64(k),), "float32")
-        y = T.match_buffer(y_h, row_layout.dims(layout, R) + (T.int64(n_out),), "float32")
-        body(qw, qs, x, None, y, nrows(R))
-    return plain
+    return linear.kernel(body, layout, residual, (T.int64(nb), T.int64(k // 8), T.int64(BLOCK)),
+                         (T.int64(nb), T.int64(groups), T.int64(BLOCK)), scale_dtype, k, n, n // 2 if silu else n)
 
 
 def stock_source(n: int, k: int, layout: str, residual: bool, scale_dtype: str = "float32") -> str:

@@ -26,13 +26,11 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
-from .cpu.row_layout import BIAS
+from .cpu.linear import BIAS, BLOCK, prefetch_groups
 from .cpu.tasks import SERIAL_ROWS, steal
-from .cpu.vecmath import as_f32, cache_prefetch
+from .cpu.vecmath import as_f32
 
-BLOCK = 64  # output rows per block of the q4f32_cpu layout
 ROW_TILE = 4  # rows of x per pass when the batch has more than one
-PREFETCH_GROUPS = 4  # groups of 32 K-values prefetched ahead (with prefetch_ahead), as the float32 kernel
 STEAL_MIN_BLOCKS = 16  # fewer 64-row blocks run on TVM's static split (`stealing`)
 
 
@@ -101,10 +99,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
                 acc[bi, l] = T.float32(0)
         for g in range(T.int64(groups)):
             if prefetch_ahead:  # a Python condition: decided when built
-                for c in T.unroll(16):
-                    T.evaluate(cache_prefetch(qw[blk, g * 4 + 4 * PREFETCH_GROUPS + c // 4, (c % 4) * 16]))
-                for c in T.unroll(4):
-                    T.evaluate(cache_prefetch(qs[blk, g + PREFETCH_GROUPS, c * 16]))
+                prefetch_groups(qw, qs, blk, g)
             for bi in T.unroll(T.int64(t)):
                 for l in T.vectorized(64):
                     acci[bi, l] = 0
