@@ -168,10 +168,17 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
                 lse[b, hk * grp + g] = T.float32(-50000)
 
     @T.macro
-    def whole(task, Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale):
-        """Task (sequence b, KV head hk): all the sequence's pages."""
-        b = T.bind(task // hkv)
-        hk = T.bind(task % hkv)
+    def attend(task, Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale, ns, part_o,
+               part_md, split):
+        """Task (sequence b, KV head hk): all the sequence's pages, written; with `split`, task (b, hk, split sp):
+        its share of the pages, left unnormalized in part_o / part_md."""
+        if split:  # a Python condition: decided when built
+            b = T.bind(task // (hkv * ns))
+            hk = T.bind(task // ns % hkv)
+            sp = T.bind(task % ns)
+        else:
+            b = T.bind(task // hkv)
+            hk = T.bind(task % hkv)
         begin = T.bind(page_table_indptr[b])
         n_pages = T.bind(page_table_indptr[b + 1] - begin)
         q = T.alloc_buffer((grp, d), "float32", scope="global")
@@ -182,33 +189,18 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
         den = T.alloc_buffer((grp,), "float32", scope="global")
         st = T.alloc_buffer((4,), "float32", scope="global")
         init(Q, b, hk, sm_scale, q, o, m, den)
-        for p in range(n_pages):
-            page(pages, page_table_values, length_info, b, hk, begin, n_pages, p, q, o, s, part, m, den, st)
-        write(output, lse, b, hk, o, m, den)
-
-    @T.macro
-    def split(task, Q, pages, page_table_indptr, page_table_values, length_info, sm_scale, ns, part_o, part_md):
-        """Task (sequence b, KV head hk, split sp): its share of the pages, left unnormalized in part_o / part_md."""
-        b = T.bind(task // (hkv * ns))
-        hk = T.bind(task // ns % hkv)
-        sp = T.bind(task % ns)
-        begin = T.bind(page_table_indptr[b])
-        n_pages = T.bind(page_table_indptr[b + 1] - begin)
-        q = T.alloc_buffer((grp, d), "float32", scope="global")
-        o = T.alloc_buffer((grp, d), "float32", scope="global")
-        s = T.alloc_buffer((grp, PAGE), "float32", scope="global")
-        part = T.alloc_buffer((d,), "float32", scope="global")
-        m = T.alloc_buffer((grp,), "float32", scope="global")
-        den = T.alloc_buffer((grp,), "float32", scope="global")
-        st = T.alloc_buffer((4,), "float32", scope="global")
-        init(Q, b, hk, sm_scale, q, o, m, den)
-        for p in range(sp * n_pages // ns, (sp + 1) * n_pages // ns):
-            page(pages, page_table_values, length_info, b, hk, begin, n_pages, p, q, o, s, part, m, den, st)
-        for g in range(grp):
-            for dd in T.vectorized(d):
-                part_o[task, g, dd] = o[g, dd]
-            part_md[task, g, 0] = m[g]
-            part_md[task, g, 1] = den[g]
+        if split:
+            for p in range(sp * n_pages // ns, (sp + 1) * n_pages // ns):
+                page(pages, page_table_values, length_info, b, hk, begin, n_pages, p, q, o, s, part, m, den, st)
+            for g in range(grp):
+                for dd in T.vectorized(d):
+                    part_o[task, g, dd] = o[g, dd]
+                part_md[task, g, 0] = m[g]
+                part_md[task, g, 1] = den[g]
+        else:
+            for p in range(n_pages):
+                page(pages, page_table_values, length_info, b, hk, begin, n_pages, p, q, o, s, part, m, den, st)
+            write(output, lse, b, hk, o, m, den)
 
     @T.macro
     def merge(output, lse, B, ns, part_o, part_md):
@@ -267,14 +259,15 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
         ns = T.bind(T.max(1, T.min((SPLIT_TASKS + B * hkv - 1) // (B * hkv),
                                    (page_table_indptr[B] - page_table_indptr[0]) // (B * SPLIT_MIN_PAGES))))
         if ns == 1:
-            steal(B * hkv, whole, (Q, pages, page_table_indptr, page_table_values, length_info, output, lse,
-                                   sm_scale), dtype="int32", capacity=B * hkv + SPLIT_TASKS)
+            steal(B * hkv, attend, (Q, pages, page_table_indptr, page_table_values, length_info, output, lse, sm_scale,
+                                    ns, None, None, False), dtype="int32", capacity=B * hkv + SPLIT_TASKS)
         else:
             # tasks: B * hkv * ns <= B * hkv + SPLIT_TASKS - 1 (ns <= ceil(SPLIT_TASKS / (B * hkv)))
             part_o = T.alloc_buffer((B * hkv + SPLIT_TASKS, grp, d), "float32")
             part_md = T.alloc_buffer((B * hkv + SPLIT_TASKS, grp, 2), "float32")
-            steal(B * hkv * ns, split, (Q, pages, page_table_indptr, page_table_values, length_info, sm_scale, ns,
-                                        part_o, part_md), dtype="int32", capacity=B * hkv + SPLIT_TASKS)
+            steal(B * hkv * ns, attend, (Q, pages, page_table_indptr, page_table_values, length_info, output, lse,
+                                         sm_scale, ns, part_o, part_md, True), dtype="int32",
+                  capacity=B * hkv + SPLIT_TASKS)
             merge(output, lse, B, ns, part_o, part_md)
 
     return main
@@ -614,48 +607,10 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
     def info_shape(batch_size):
         return (3, batch_size) if windowed else (batch_size,)
 
-    # TVM's signatures: ragged (q, k, v of the new tokens) and paged (q, the KV pages)
-    if paged:
-        @T.prim_func(s_tir=True)
-        def main(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
-                 var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
-                 var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32,
-                 rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-            T.func_attr({"tirx.noalias": True})
-            batch_size = T.int32()
-            qo_len = T.int32()
-            q_indptr_elem_offset = T.int32()
-            q_rope_position_elem_offset = T.int32()
-            k_rope_pos_offset_elem_offset = T.int32()
-            Qb = T.match_buffer(var_q, (qo_len, hq, d), dtype)
-            q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-            q_rope_position = T.match_buffer(var_q_rope_position, (qo_len,), "int32",  # noqa: F841
-                                             elem_offset=q_rope_position_elem_offset)
-            k_rope_pos_offset = T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32",  # noqa: F841
-                                               elem_offset=k_rope_pos_offset_elem_offset)
-            output = T.match_buffer(var_output, (qo_len, hq, d), dtype)
-            lse = T.match_buffer(var_lse, (qo_len, hq), "float32")
-            nnz_pages = T.int32()
-            max_num_pages = T.int32()
-            page_indptr_elem_offset = T.int32()
-            page_values_elem_offset = T.int32()
-            length_info_elem_offset = T.int32()
-            pages = T.match_buffer(var_pages, (max_num_pages, 2, hkv, PAGE, d), dtype)
-            page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
-                                         elem_offset=page_indptr_elem_offset)
-            page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
-            length_info = T.match_buffer(var_length_info, info_shape(batch_size), "int32",
-                                         elem_offset=length_info_elem_offset)
-            run(Qb, output, lse, q_indptr, batch_size, qo_len, causal, sm_scale, page_indptr, (pages, page_values),
-                length_info, None)
-        return main
-
-    @T.prim_func(s_tir=True)
-    def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
-             var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
-             causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.noalias": True})
-        batch_size = T.int32()
+    @T.macro
+    def with_queries(var_q, var_q_indptr, var_q_rope_position, var_k_rope_pos_offset, var_output, var_lse,
+                     batch_size, causal, sm_scale, kv_indptr, src, info, kv_len):
+        """The parameters both signatures share (the new tokens' queries and outputs), then the kernel."""
         qo_len = T.int32()
         q_indptr_elem_offset = T.int32()
         q_rope_position_elem_offset = T.int32()
@@ -668,12 +623,45 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
                                            elem_offset=k_rope_pos_offset_elem_offset)
         output = T.match_buffer(var_output, (qo_len, hq, d), dtype)
         lse = T.match_buffer(var_lse, (qo_len, hq), "float32")
+        run(Qb, output, lse, q_indptr, batch_size, qo_len, causal, sm_scale, kv_indptr, src, info, kv_len)
+
+    # TVM's signatures: ragged (q, k, v of the new tokens) and paged (q, the KV pages)
+    if paged:
+        @T.prim_func(s_tir=True)
+        def main(var_q: T.handle, var_q_indptr: T.handle, var_pages: T.handle, var_page_indptr: T.handle,
+                 var_page_values: T.handle, var_length_info: T.handle, var_k_rope_pos_offset: T.handle,
+                 var_q_rope_position: T.handle, var_output: T.handle, var_lse: T.handle, causal: T.int32,
+                 rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+            T.func_attr({"tirx.noalias": True})
+            batch_size = T.int32()
+            nnz_pages = T.int32()
+            max_num_pages = T.int32()
+            page_indptr_elem_offset = T.int32()
+            page_values_elem_offset = T.int32()
+            length_info_elem_offset = T.int32()
+            pages = T.match_buffer(var_pages, (max_num_pages, 2, hkv, PAGE, d), dtype)
+            page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                         elem_offset=page_indptr_elem_offset)
+            page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+            length_info = T.match_buffer(var_length_info, info_shape(batch_size), "int32",
+                                         elem_offset=length_info_elem_offset)
+            with_queries(var_q, var_q_indptr, var_q_rope_position, var_k_rope_pos_offset, var_output, var_lse,
+                         batch_size, causal, sm_scale, page_indptr, (pages, page_values), length_info, None)
+        return main
+
+    @T.prim_func(s_tir=True)
+    def main(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle, var_v: T.handle, var_kv_indptr: T.handle,
+             var_q_rope_position: T.handle, var_k_rope_pos_offset: T.handle, var_output: T.handle, var_lse: T.handle,
+             causal: T.int32, rotary_mode: T.int32, rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.noalias": True})
+        batch_size = T.int32()
         kv_len = T.int32()
         kv_indptr_elem_offset = T.int32()
         Kb = T.match_buffer(var_k, (kv_len, hkv, d), dtype)
         Vb = T.match_buffer(var_v, (kv_len, hkv, d), dtype)
         kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
-        run(Qb, output, lse, q_indptr, batch_size, qo_len, causal, sm_scale, kv_indptr, (Kb, Vb), None, kv_len)
+        with_queries(var_q, var_q_indptr, var_q_rope_position, var_k_rope_pos_offset, var_output, var_lse,
+                     batch_size, causal, sm_scale, kv_indptr, (Kb, Vb), None, kv_len)
     return main  # noqa: F811
 
 
