@@ -424,8 +424,8 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
         for dh in range(d // 32):
             T.evaluate(amx_op("tileloadd64", T.int8(4), T.address_of(qx[g, 0, dh, 0, 0]), T.int64(64)))
             T.evaluate(amx_op("tileloadd64", T.int8(5), T.address_of(qx[g, 1, dh, 0, 0]), T.int64(64)))
-            T.evaluate(amx_op("tileloadd64", T.int8(6), T.address_of(kx[hk, 0, row0 + 0, dh * 32]), T.int64(2 * d)))
-            T.evaluate(amx_op("tileloadd64", T.int8(7), T.address_of(kx[hk, 1, row0 + 0, dh * 32]), T.int64(2 * d)))
+            T.evaluate(amx_op("tileloadd64", T.int8(6), T.address_of(kx[hk, 0, row0, dh * 32]), T.int64(2 * d)))
+            T.evaluate(amx_op("tileloadd64", T.int8(7), T.address_of(kx[hk, 1, row0, dh * 32]), T.int64(2 * d)))
             T.evaluate(amx_op("tdpbf16ps", T.int8(0), T.int8(6), T.int8(4)))
             T.evaluate(amx_op("tdpbf16ps", T.int8(0), T.int8(6), T.int8(5)))
             T.evaluate(amx_op("tdpbf16ps", T.int8(0), T.int8(7), T.int8(4)))

@@ -310,7 +310,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
         T.evaluate(amx_op("tilezero", T.int8(1)))
         T.evaluate(amx_op("tileloadd64", T.int8(4), T.address_of(xa[mt, g, 0, 0, 0]), T.int64(64)))
         T.evaluate(amx_op("tileloadd64", T.int8(5), T.address_of(xa[mt, g, 1, 0, 0]), T.int64(64)))
-        T.evaluate(amx_op("tileloadd64", T.int8(6), T.address_of(wh[side, g, h * 2 + 0, 0, 0]), T.int64(64)))
+        T.evaluate(amx_op("tileloadd64", T.int8(6), T.address_of(wh[side, g, h * 2, 0, 0]), T.int64(64)))
         T.evaluate(amx_op("tileloadd64", T.int8(7), T.address_of(wh[side, g, h * 2 + 1, 0, 0]), T.int64(64)))
         T.evaluate(amx_op("tdpbf16ps", T.int8(0), T.int8(4), T.int8(6)))
         T.evaluate(amx_op("tdpbf16ps", T.int8(1), T.int8(4), T.int8(7)))
@@ -321,13 +321,11 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
         for mi in T.unroll(tr):
             for l in T.vectorized(16):
                 if first:
-                    acc0[mi, l] = as_f32(qs[sblock(blk, side), g, h * 32 + 0 + l],
-                                         scale_dtype) * cg[mi, 0 + l]
-                    acc1[mi, l] = as_f32(qs[sblock(blk, side), g, h * 32 + 16 + l],
-                                         scale_dtype) * cg[mi, 16 + l]
+                    acc0[mi, l] = as_f32(qs[sblock(blk, side), g, h * 32 + l], scale_dtype) * cg[mi, l]
+                    acc1[mi, l] = as_f32(qs[sblock(blk, side), g, h * 32 + 16 + l], scale_dtype) * cg[mi, 16 + l]
                 else:
                     acc0[mi, l] = acc0[mi, l] + as_f32(
-                        qs[sblock(blk, side), g, h * 32 + 0 + l], scale_dtype) * cg[mi, 0 + l]
+                        qs[sblock(blk, side), g, h * 32 + l], scale_dtype) * cg[mi, l]
                     acc1[mi, l] = acc1[mi, l] + as_f32(
                         qs[sblock(blk, side), g, h * 32 + 16 + l], scale_dtype) * \
                         cg[mi, 16 + l]
@@ -451,12 +449,12 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                                 xl[l] = x[at(T.min(mt * tr + mi, rows - T.int64(1)), g * 32 + l)] - T.reinterpret(
                                     "float32", round_bf16(x[at(T.min(mt * tr + mi, rows - T.int64(1)), g * 32 + l)]))
                             xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 0, 1, 16))],
+                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32, 1, 16))],
                                 x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 16, 1, 16))])
                             xa[mt, g, 1, mi, T.ramp(0, 1, 32)] = bf16x32(xl[T.ramp(0, 1, 16)], xl[T.ramp(16, 1, 16)])
                         else:
                             xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 0, 1, 16))],
+                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32, 1, 16))],
                                 x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 16, 1, 16))])
             steal(T.int64(nbs) * ((mtiles(rows) + T.int64(cht - 1)) // T.int64(cht)), amx_task,
                   (qw, qs, xa, r, y, rows), per_thread=amx_thread)
