@@ -39,16 +39,6 @@ PAGE = 16
 SPLIT_TASKS = 16
 SPLIT_MIN_PAGES = 8
 
-# Prefill of new tokens (the ragged kernel: KV = the new tokens' own k and v; the paged kernel: KV = the pages a
-# sequence holds); with `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i. One task per (tile of
-# QTILE query tokens of one sequence, KV head), and a vector lane per query token, so that the scores are FMAs of a
-# query vector and a broadcast K element (no horizontal sums) and the online softmax is vertical (the chunk's max and
-# sum are trees of vector max / add; every token's rescale factor is one lane of a vector).
-# On AMX tiles (CPUs with AMX-BF16, `cpu.amx.has_amx`; the ragged kernel): every float32 operand is split into two
-# bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits) and a product of two split operands
-# is three tile products, hi.hi + hi.lo + lo.hi (float32 accumulation; lo.lo, ~2^-18 of it, is left out). A prelude
-# converts K and V once for all tasks; per task the scores are transposed, S^T = K . q^T, stored as sc[row, token]
-# (the vector kernel's layout: the same softmax), and the output O^T = V^T . P^T as ob[d, token].
 # KV rows per chunk of the AMX kernel: one tile product's K for the output (32 rows of P^T)
 AMX_CHUNK = 32
 # The AMX kernel runs from this many new KV rows per sequence (on average over the batch): below, its conversions
@@ -275,10 +265,12 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
 
 def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, amx: bool = False,
                     amx_min_rows: int = AMX_MIN_ROWS, window: int = 0) -> tvm.tirx.PrimFunc:
-    """The ragged kernel (KV = the new tokens' own k and v) or the paged one (KV = the pages a sequence holds): tiles
-    of QTILE query tokens x one KV head (see the comment at QTILE). `amx` (ragged only): on AMX tiles from
-    `amx_min_rows` new KV rows per sequence on average, the vector kernel below that and where Linux refuses the AMX
-    state. `window` (paged only): the windowed layers' masks."""
+    """The ragged kernel (KV = the new tokens' own k and v) or the paged one (KV = the pages a sequence holds); with
+    `causal`, token i of a sequence sees KV rows up to kv_len - qo_len + i. One task per (tile of QTILE query tokens,
+    KV head), a vector lane per token: scores are FMAs of a query vector and a broadcast K element and the online
+    softmax is vertical, so no horizontal sums. `amx` (ragged only): on AMX tiles from `amx_min_rows` new KV rows per
+    sequence on average, the vector kernel below that and where Linux refuses the AMX state. `window` (paged only):
+    the windowed layers' masks."""
     hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     assert d % 8 == 0
     grp = hq // hkv
@@ -410,8 +402,8 @@ def _prefill_kernel(paged: bool, num_q_heads: int, num_kv_heads: int, head_dim: 
                             ot[g, d8 * 8 + j, l] = acc[j, l]
         write(output, lse, q_indptr, b, hk, t0, nq, ot, m, den)
 
-    # --- on AMX tiles: see the comment at AMX_CHUNK. Tile registers: scores 0-1, outputs 0-3 (head_dim 64 at a
-    # time), q or p hi/lo 4-5, K or V^T hi/lo 6-7.
+    # --- on AMX tiles: float32 operands in two bfloat16 parts, a product as three tile products (hi.hi + hi.lo +
+    # lo.hi; lo.lo, ~2^-18 of it, left out). Tiles: scores 0-1, outputs 0-3, q or p hi/lo 4-5, K or V^T hi/lo 6-7.
     def rows_pad(kv_len):  # K and V rows converted: padded past the last row to whole chunks
         return (kv_len + (AMX_CHUNK + 15)) // 16 * 16
 
@@ -687,11 +679,9 @@ def paged_prefill_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dty
     return _prefill_kernel(True, num_q_heads, num_kv_heads, head_dim, dtype, window=window)
 
 
-# RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's `tir_split_rotary` for the default RoPE).
-# TVM's kernel is serial and evaluates pow, cos and sin for every (token, head, dim): 12 us per decode token, 1.5 ms
-# for 128 prompt tokens, per layer. Here the rotary_dim / 2 powers theta^(2i / rotary_dim) are evaluated once per call,
-# tokens run in parallel, and each token's angles are evaluated once (the same f32 formula: pos * scale / power), then
-# applied to every q and k head.
+# RoPE on the fused qkv of new tokens, split into q, k, v (replaces TVM's serial `tir_split_rotary`, which evaluates
+# pow, cos and sin for every (token, head, dim)): the powers once per call, each token's angles once, tokens in
+# parallel.
 def rope_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str, theta: float, scale: float = 1.0,
                 rotary_dim: int | None = None) -> tvm.tirx.PrimFunc:
     """Same parameters and results as TVM's `llama_rope_with_position_map` for the default RoPE: q, k rotated (the

@@ -49,24 +49,9 @@ PANEL_MIN = 16
 PANEL_TILE = 6
 PANEL_CHUNK = 48
 
-# With AMX (Sapphire Rapids and later; `has_amx`), the same rows run on the tile unit instead. A weight is (q - 7) *
-# scale with q - 7 an integer in -7..8, exact in bfloat16, and a tile product (`tdpbf16ps`, 16x16x32, float32
-# accumulation) spans exactly one group of 32 K-values, whose 64 rows share a scale each. So per group: x, split into
-# two bfloat16 parts (hi = rounded, lo = the rounded remainder: 16 significant bits), times the integer weights in two
-# products x_hi.q + x_lo.q on freshly zeroed accumulator tiles, stored, and added to the float32 output sums times the
-# group's scales (vector FMAs). Error: x's rounding past 16 bits (2^-17 relative) and float32 sums, against float32
-# FMAs' 2^-24 per operation (splitting the dequantized weights as well takes three products and doubles the error). A
-# prelude converts x once ([row tile, group, hi/lo, AMX_TILE_ROWS, 32]); tasks are (chunk of ~AMX_CHUNK_ROWS rows,
-# 64-row block), run with work stealing (`cpu.tasks.steal`): the block's integer weights are unpacked into a VNNI panel
-# (two bf16 of consecutive k per 32-bit word), then for each tile of AMX_TILE_ROWS rows and each half of the block (32
-# columns), group by group: 2 accumulator tiles (tile registers 0-1; x hi/lo in 4-5, weights in 6-7), stored to a
-# scratch buffer and added times the scales to the 14 x 32 output sums, which stay in 28 vector registers across the
-# groups (16 x 64 tiles would need 64 registers of sums, spilled to memory every group). Linux hands out AMX state only
-# on request (arch_prctl ARCH_REQ_XCOMP_PERM): the kernel asks at each call (one syscall, against >= 100 us of work) and
-# runs the float32 panel GEMM if refused.
-# Prefill precisions of the AMX GEMM: "f32" (above, the default: logits as with float32 FMAs) or "bf16" (one product
-# of x and the dequantized w, each rounded to bfloat16 as PyTorch's bf16 matmuls do, no per-group step: faster,
-# ~2e-3 relative error per GEMM). Without AMX every precision runs the float32 kernels.
+# Prefill precisions of the AMX GEMM (`amx_gemm`): "f32" (the default: logits as with float32 FMAs) or "bf16" (x and
+# the dequantized w rounded to bfloat16, as PyTorch's bf16 matmuls: faster, ~2e-3 relative error per GEMM). Without
+# AMX both run the float32 kernels.
 PRECISIONS = ("f32", "bf16")
 AMX_CHUNK_ROWS = 256  # rows of x per task: ceil(256 / tile rows) tiles
 AMX_TILE_ROWS = 14  # rows per tile of the f32 kernel (the bf16 one: 16)
@@ -259,7 +244,7 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
         else:
             path(qw, qs, x, r, y, rows)
 
-    # --- the AMX GEMM (from panel_min rows on CPUs with AMX-BF16): see the comment at AMX_TILE_ROWS
+    # --- the AMX GEMM (from panel_min rows on CPUs with AMX-BF16): `amx_gemm`
     f32 = precision == "f32"
     tr = AMX_TILE_ROWS if f32 else 16  # rows per tile
     sides, nbs = (2, nb // 2) if silu else (1, nb)  # silu: a task computes gate block blk and up block blk + nbs
@@ -433,9 +418,13 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
 
     @T.macro
     def amx_gemm(qw, qs, x, r, y, rows):
-        """x converted once to bfloat16 tiles xa [row tile, group, hi/lo, tile row, 32] (f32: hi = rounded, lo = the
-        rounded remainder), then the tasks (block, chunk of row tiles) with work stealing; the panel GEMM if Linux
-        refuses the AMX state."""
+        """On CPUs with AMX-BF16. f32: a weight's q - 7 (-7..8) is exact in bfloat16 and a tile product (16x16x32)
+        spans one group of 32 K-values, whose rows share a scale; so per group x in two bfloat16 parts (hi = rounded,
+        lo = the rounded remainder: 2^-17 relative error, where splitting the weights too would double it) times the
+        integer weights, then times the scales into float32 sums kept in vector registers (AMX_TILE_ROWS x 32 per
+        half block: 16 x 64 would spill). x is converted once to tiles xa [row tile, group, hi/lo, tile row, 32];
+        the tasks (block, chunk of row tiles) run with work stealing. Linux hands out the AMX state on request only:
+        asked at each call (one syscall against >= 100 us of work), refused -> the panel GEMM."""
         perm = T.alloc_buffer((1,), "int64", scope="global")
         perm[0] = request_amx()
         if perm[0] == T.int64(0):
