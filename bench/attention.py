@@ -5,9 +5,12 @@ TVM's ragged prefill attention vs ours, the vector kernel and on CPUs with AMX-B
 `--prefill` tokens).
 
     .venv/bin/python bench/attention.py [--contexts 128 1000] [--batches 1 8] [--splits 1 8 16 32] [--repeat 7]
+        [--shape 12,2,128] [--layers 28] [--sequential-pages] [--against OLD_CHECKOUT]
 
-Every variant is first checked against the stock kernel; times are medians of `time_evaluator` (the KV pages of one
-layer, hot in cache unless the context is long). "split N" = SPLIT_TASKS N (1: one task per (sequence, KV head)).
+Every variant is first checked against the stock kernel; times are medians over `--repeat` of the mean call (the KV
+pages of one layer, hot in cache unless the context is long; `--layers N`: N layers' pages walked in turn, read from
+memory as in a decode step). "split N" = SPLIT_TASKS N (1: one task per (sequence, KV head)); `--against` adds the
+decode kernel of another checkout (e.g. a `git worktree` of an older commit) as a column, checked bit-identical.
 """
 from __future__ import annotations
 
@@ -101,11 +104,32 @@ def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
               + " | ".join(f"{times[0] / x:.1f}" for x in times[1:]) + " |", flush=True)
 
 
+def _old_decode_kernel(checkout: str):
+    """`decode_kernel` of another checkout's cpu_attention.py (its helpers imported from this tree's compiler/cpu)."""
+    import importlib.util
+
+    import mlc_llm.compiler  # noqa: F401  (the package its relative imports resolve in)
+
+    path = Path(checkout) / "mlc_llm" / "compiler" / "cpu_attention.py"
+    spec = importlib.util.spec_from_file_location("mlc_llm.compiler._against_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.decode_kernel
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[128, 1000])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--shape", default="9,3,64", help="query heads, KV heads, head_dim (default: SmolLM2-135M's)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="KV pages of this many layers, walked in turn by the timed calls: beyond the caches, reads "
+                         "come from memory as in a decode step (default 1: one layer's pages, hot in cache)")
+    ap.add_argument("--sequential-pages", action="store_true",
+                    help="each sequence's pages in order in the cache (a fresh cache), not shuffled")
+    ap.add_argument("--against", metavar="OLD_CHECKOUT",
+                    help="add the decode kernel of another checkout (default split), which must agree bit for bit")
     ap.add_argument("--prefill", type=int, nargs="*", default=[128, 512], help="prompt lengths for the ragged table")
     ap.add_argument("--repeat", type=int, default=7)
     a = ap.parse_args()
@@ -115,7 +139,8 @@ def main() -> None:
 
     from mlc_llm.compiler import cpu_attention
 
-    hq, hkv, d, page = 9, 3, 64, cpu_attention.PAGE
+    hq, hkv, d = (int(x) for x in a.shape.split(","))
+    page = cpu_attention.PAGE
     dev = tvm.cpu()
     target = tvm.target.Target.from_device(dev)
 
@@ -123,38 +148,56 @@ def main() -> None:
         return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
 
     default = cpu_attention.SPLIT_TASKS
+    if a.against and default not in a.splits:  # the column the other checkout's kernel is compared with
+        a.splits.append(default)
     kernels = {"stock": build(_attention_decode_cpu(hkv, hq, d, "float32", False, {}))}
+    if a.against:
+        kernels["against"] = build(_old_decode_kernel(a.against)(hq, hkv, d, "float32"))
     for n in a.splits:
         cpu_attention.SPLIT_TASKS = n
         kernels[f"split {n}"] = build(cpu_attention.decode_kernel(hq, hkv, d, "float32"))
     cpu_attention.SPLIT_TASKS = default
     names = list(kernels)
-    print(f"| B | context | " + " | ".join(f"{n} us" for n in names) + " | stock / best |")
-    print("|---" * (len(names) + 3) + "|")
+    print(f"shape {hq},{hkv},{d}; {a.layers} layer(s) of KV pages; pages "
+          f"{'in order' if a.sequential_pages else 'shuffled'}")
+    print(f"| B | context | " + " | ".join(f"{n} us" for n in names) + " | stock / best |"
+          + (" against / default |" if a.against else ""))
+    print("|---" * (len(names) + 3 + bool(a.against)) + "|")
     rng = np.random.default_rng(0)
+    t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
     for b in a.batches:
         for ctx in a.contexts:
             per_seq = -(-ctx // page)
-            pages = rng.standard_normal((b * per_seq, 2, hkv, page, d)).astype(np.float32)
-            values = rng.permutation(b * per_seq).astype(np.int32)
-            indptr = (np.arange(b + 1) * per_seq).astype(np.int32)
-            last = np.full(b, (ctx - 1) % page + 1, np.int32)
-            q = rng.standard_normal((b, hq, d)).astype(np.float32)
-            t = lambda x: tvm.runtime.tensor(x, dev)  # noqa: E731
+            indptr = t((np.arange(b + 1) * per_seq).astype(np.int32))
+            last = t(np.full(b, (ctx - 1) % page + 1, np.int32))
             zeros = t(np.zeros(b, np.int32))
-            args = [t(q), t(pages), t(indptr), t(values), t(last), zeros, zeros]
-            times, ref = [], None
+            layers = []
+            for _ in range(a.layers):
+                pages = rng.standard_normal((b * per_seq, 2, hkv, page, d)).astype(np.float32)
+                order = np.arange(b * per_seq) if a.sequential_pages else rng.permutation(b * per_seq)
+                q = rng.standard_normal((b, hq, d)).astype(np.float32)
+                layers.append([t(q), t(pages), indptr, t(order.astype(np.int32)), last, zeros, zeros])
+            times, results = [], []
             for name in names:
-                out, lse = t(np.zeros((b, hq, d), np.float32)), t(np.zeros((b, hq), np.float32))
-                call = (*args, out, lse, 0, 1.0, 10000.0, d ** -0.5)
-                kernels[name](*call)
-                if ref is None:
-                    ref = out.numpy()
-                np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
-                times.append(_time(kernels[name], call, a.repeat))
+                calls = [(*args, t(np.zeros((b, hq, d), np.float32)), t(np.zeros((b, hq), np.float32)), 0, 1.0,
+                          10000.0, d ** -0.5) for args in layers]
+                kernels[name](*calls[0])
+                results.append((calls[0][7].numpy(), calls[0][8].numpy()))
+                np.testing.assert_allclose(results[-1][0], results[0][0], rtol=1e-4, atol=1e-5)
+
+                def walk(calls=calls, f=kernels[name]):
+                    for call in calls:
+                        f(*call)
+                times.append(_time(walk, (), a.repeat) / a.layers)
+            if a.against:  # the same arithmetic in the same order: equal bits
+                default_at = names.index(f"split {default}")
+                for x, y in zip(results[names.index("against")], results[default_at]):
+                    assert np.array_equal(x, y), "the --against kernel's output differs from this tree's"
             best = min(times[1:]) if len(times) > 1 else times[0]
-            print(f"| {b} | {ctx} | " + " | ".join(f"{x:.1f}" for x in times) + f" | {times[0] / best:.1f} |",
-                  flush=True)
+            cells = f"| {b} | {ctx} | " + " | ".join(f"{x:.1f}" for x in times) + f" | {times[0] / best:.1f} |"
+            if a.against:
+                cells += f" {times[names.index('against')] / times[default_at]:.2f} |"
+            print(cells, flush=True)
     rope_table(dev, target, a.repeat)
     if a.prefill:
         ragged_table(dev, target, a.repeat, a.prefill)

@@ -10,7 +10,8 @@ library calls per row and head, and its cost grows with the context. This kernel
 - works a page (16 rows) at a time: scores of the page (dot products vectorized over head_dim; each K row read once
   for the query heads of its KV head), the page's max and sum as vector halving trees, one rescale of the output per
   page and head (online softmax per page, not per row), weights by a vectorized polynomial `exp2` (relative error
-  < 2e-7; TVM lowers `T.exp2` to a libm call per lane), then the weighted V rows (each read once for those heads);
+  < 2e-7; TVM lowers `T.exp2` to a libm call per lane), then the weighted V rows head by head (one output in
+  registers at a time; the page's V rows from the L1 cache);
 - keeps the stock kernel's inputs and outputs exactly: same parameters, the output normalized by the softmax sum, and
   `lse` = max + log2(sum) in the log2 domain (scores scaled by sm_scale * log2(e)), used when the runtime merges
   attention states; a sequence with no KV gives 0 and lse -5e4 as the stock kernel does.
@@ -60,10 +61,12 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     (length_info [3, B]: rows between the sink and the window's offset masked)."""
     hq, hkv, d = num_q_heads, num_kv_heads, head_dim
     grp = hq // hkv
-    # the K rows of the next page and the V rows of this one are prefetched (a page's rows of one head are one 4 KB
-    # run, where the hardware prefetcher stops): `lines` cache lines of `per_line` elements
+    # each row of a page prefetches its share of the next page's K and V lines (a page's rows of one head are one
+    # 4 KB run, where the hardware prefetcher stops; spread out, the requests overlap the page's work): `lines` cache
+    # lines of `per_line` elements, `row_lines` per row
     per_line = 64 // tvm.DataType(dtype).bits * 8
     lines = PAGE * d // per_line
+    row_lines = -(-lines // PAGE)
 
     def last_rows(length_info, b):  # rows in use in a sequence's last page
         return length_info[0, b] if sliding else length_info[b]
@@ -113,16 +116,15 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
     def page(pages, page_table_values, length_info, b, hk, begin, n_pages, p, q, o, s, part, m, den, st):
         """Page p of the sequence: the scores of every row for the task's query heads (each K row read once, the
         heads' dot products independent), then per head the page max / sum and the rescale (online softmax per page),
-        then the weighted V rows (each V row read once for all heads)."""
+        then the weighted V rows head by head (the page's V rows stay in the L1 cache)."""
         page_no = T.bind(page_table_values[begin + p])
         rows = T.bind(T.if_then_else(p == n_pages - 1, last_rows(length_info, b), PAGE))
-        if p + 1 < n_pages:
-            for c in T.unroll(lines):
-                T.evaluate(cache_prefetch(pages[page_table_values[begin + p + 1], 0, hk, c * per_line // d,
-                                                c * per_line % d]))
-        for c in T.unroll(lines):
-            T.evaluate(cache_prefetch(pages[page_no, 1, hk, c * per_line // d, c * per_line % d]))
+        ahead = T.bind(page_table_values[begin + T.min(p + 1, n_pages - 1)])
         for r in range(PAGE):
+            for c in T.unroll(row_lines):
+                line = T.bind(T.min(r * row_lines + c, lines - 1))
+                for kv in T.unroll(2):
+                    T.evaluate(cache_prefetch(pages[ahead, kv, hk, line * per_line // d, line * per_line % d]))
             for g in T.unroll(grp):
                 if in_use(r, rows, p, length_info, b):
                     score(q, pages, page_no, hk, r, g, s, part)
@@ -139,8 +141,8 @@ def decode_kernel(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
             m[g] = st[1]
             for dd in T.vectorized(d):
                 o[g, dd] = o[g, dd] * st[2]
-        for r in range(rows):
-            for g in T.unroll(grp):
+        for g in range(grp):  # head by head: its output stays in registers over the page's rows
+            for r in range(rows):
                 for dd in T.vectorized(d):
                     o[g, dd] = o[g, dd] + s[g, r] * T.Cast("float32", pages[page_no, 1, hk, r, dd])
 
