@@ -5,8 +5,9 @@
         --model artifacts/SmolLM2-135M-Instruct-q4f32_1 --threads 2 --repeat 5
 
 llama.cpp side: `llama-bench -m GGUF -p 128,512 -n 128 -t THREADS -r REPEAT -o json` (its tg128 decodes from an
-empty context). Our side: `mlc_llm bench latency` through MLCEngine (decode measured right after the prompt, so at a
-longer context than llama-bench's tg128 — a small disadvantage for us). Medians over the repetitions; llama.cpp's
+empty context; `--tg-depth N`: after N tokens, llama-bench's `-d N`). Our side: `mlc_llm bench latency` through
+MLCEngine (decode measured right after the first prompt length: with `--tg-depth` equal to it both sides decode at the
+same positions; without, ours at the longer context). Medians over the repetitions; llama.cpp's
 per-repetition samples come from its JSON `samples_ts`. The machines here are shared and their speed drifts by
 1.5x within minutes: `--rounds N` alternates the two sides N times and reports the median of the per-round ratios.
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
@@ -37,12 +38,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def llama_bench(exe: str, gguf: str, threads: int, repeat: int, prompts: list[int], gen: int) -> dict[str, dict]:
-    cmd = [exe, "-m", gguf, "-p", ",".join(map(str, prompts)), "-n", str(gen), "-t", str(threads), "-r", str(repeat),
-           "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600).stdout
+def llama_bench(exe: str, gguf: str, threads: int, repeat: int, prompts: list[int], gen: int,
+                depth: int = 0) -> dict[str, dict]:
+    """pp{N} and tg{gen} tok/s; tg after `depth` tokens of context (llama-bench `-d`, which then needs a run of its
+    own: `-d` applies to every test of a run)."""
+    common = ["-m", gguf, "-t", str(threads), "-r", str(repeat), "-o", "json"]
+    cmds = [[exe, *common, "-p", ",".join(map(str, prompts)), "-n", str(gen)]]
+    if depth:
+        cmds = [[exe, *common, "-p", ",".join(map(str, prompts)), "-n", "0"],
+                [exe, *common, "-p", "0", "-n", str(gen), "-d", str(depth)]]
+    records = []
+    for cmd in cmds:
+        records += json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600).stdout)
     results = {}
-    for rec in json.loads(out):
+    for rec in records:
         name = f"pp{rec['n_prompt']}" if rec["n_prompt"] else f"tg{rec['n_gen']}"
         samples = rec.get("samples_ts") or [rec["avg_ts"]]
         results[name] = {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
@@ -78,6 +87,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--tg-depth", type=int, default=0,
+                   help="llama.cpp's decode after this many tokens of context (llama-bench -d; default 0: from an "
+                        "empty context). Ours decodes after the first --prompt-len: pass that for the same positions")
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the two sides this many times; ratios are then medians of per-round ratios")
     p.add_argument("--hf-python", help="a Python with torch + transformers + gguf: adds HF transformers' prefill")
@@ -110,7 +122,7 @@ def main() -> int:
             print(f"bandwidth (fastest of 5): {mem['max']:.1f} GB/s over 1 GB, {model_size['max']:.1f} GB/s over "
                   f"{nbytes / 1e6:.0f} MB (the weights' size) -> decode ceiling "
                   f"{model_size['max'] * 1e9 / nbytes:.0f} tok/s", flush=True)
-        theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len)
+        theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len, a.tg_depth)
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
         tests = {}
         for lib, huge in runs:
@@ -123,7 +135,8 @@ def main() -> int:
             tests[(f"tg{a.gen_len}", label)] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"), None)
         rounds.append(tests)
     print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
-          + (" of the per-round medians" if a.rounds > 1 else ""))
+          + (" of the per-round medians" if a.rounds > 1 else "")
+          + (f"; llama.cpp's tg{a.gen_len} after {a.tg_depth} tokens (-d {a.tg_depth})" if a.tg_depth else ""))
     hf_head = f"{'HF ' + a.hf_dtype + ' tok/s':>28}{'ours / HF':>24}" if a.hf_python else ""
     width = max(8, *(len(f"{n} {lb}") + 1 for n, lb in rounds[0]))
     print(f"{'test':<{width}}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
@@ -159,7 +172,7 @@ def main() -> int:
         print(f"bandwidth over the rounds: {fmt(mem)} GB/s (1 GB), "
               f"{fmt(_spread([b[1] for b in bws]))} GB/s ({nbytes / 1e6:.0f} MB); weights {nbytes / 1e6:.1f} MB")
     if a.result_json:
-        meta = {"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds,
+        meta = {"threads": a.threads, "repeat": a.repeat, "rounds": a.rounds, "tg_depth": a.tg_depth,
                 "hf_dtype": a.hf_dtype if a.hf_python else None, "weight_bytes": nbytes,
                 "bandwidth_GBps": [{"memory": b[0], "weights_size": b[1]} for b in bws]}
         Path(a.result_json).write_text(json.dumps({**meta, "rows": table}, indent=2))
