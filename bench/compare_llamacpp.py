@@ -9,7 +9,8 @@ empty context; `--tg-depth N`: after N tokens, llama-bench's `-d N`). Our side: 
 MLCEngine (decode measured right after the first prompt length: with `--tg-depth` equal to it both sides decode at the
 same positions; without, ours at the longer context). Medians over the repetitions; llama.cpp's
 per-repetition samples come from its JSON `samples_ts`. The machines here are shared and their speed drifts by
-1.5x within minutes: `--rounds N` alternates the two sides N times and reports the median of the per-round ratios.
+1.5x within minutes: `--rounds N` alternates the two sides N times (llama.cpp first in even rounds, ours in odd ones)
+and reports the median of the per-round ratios.
 A llama.cpp build: the sources are vendored in the PyPI sdist of llama-cpp-python (`pip download llama-cpp-python
 --no-binary :all: --no-deps`), then `cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF && cmake --build build
 --target llama-bench`.
@@ -115,24 +116,34 @@ def main() -> int:
     rounds = []  # ((test, lib) -> (ours, theirs, hf) spread dicts) per round; the sides alternate round by round
     nbytes = weight_bytes(a.model)
     bws = []  # per round: (memory GB/s, GB/s over an array of the weights' size)
-    for _ in range(a.rounds):
+    for round_no in range(a.rounds):
         if a.bandwidth:
             mem, model_size = bandwidth(a.threads, [1024.0, nbytes / 1e6])
             bws.append((mem["max"], model_size["max"]))
             print(f"bandwidth (fastest of 5): {mem['max']:.1f} GB/s over 1 GB, {model_size['max']:.1f} GB/s over "
                   f"{nbytes / 1e6:.0f} MB (the weights' size) -> decode ceiling "
                   f"{model_size['max'] * 1e9 / nbytes:.0f} tok/s", flush=True)
+        ours = {}
+
+        def our_side():
+            for lib, huge in runs:
+                os.environ["MLC_HUGE_PAGES"] = "1" if huge else "0"  # read when the engine loads the weights
+                ours[(lib, huge)] = bench_latency(models[lib], lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False,
+                                                  128, 1, None)
+        if round_no % 2:  # the sides take turns going first: drift within a round favours neither
+            our_side()
         theirs = llama_bench(a.llama_bench, a.gguf, a.threads, a.repeat, a.prompt_len, a.gen_len, a.tg_depth)
         hf = hf_prefill(a.hf_python, a.gguf, a.threads, a.repeat, a.prompt_len, a.hf_dtype) if a.hf_python else {}
+        if not round_no % 2:
+            our_side()
         tests = {}
         for lib, huge in runs:
-            os.environ["MLC_HUGE_PAGES"] = "1" if huge else "0"  # read when the engine loads the weights
-            ours = bench_latency(models[lib], lib, "cpu", a.prompt_len, a.gen_len, a.repeat, False, 128, 1, None)
             label = labels[(lib, huge)]
-            for run in ours["runs"]:
+            for run in ours[(lib, huge)]["runs"]:
                 name = f"pp{run['prompt_len']}"
                 tests[(name, label)] = (run["prefill_tok_s"], theirs.get(name), hf.get(name))
-            tests[(f"tg{a.gen_len}", label)] = (ours["runs"][0]["decode_tok_s"], theirs.get(f"tg{a.gen_len}"), None)
+            tests[(f"tg{a.gen_len}", label)] = (ours[(lib, huge)]["runs"][0]["decode_tok_s"],
+                                                theirs.get(f"tg{a.gen_len}"), None)
         rounds.append(tests)
     print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
           + (" of the per-round medians" if a.rounds > 1 else "")
