@@ -26,6 +26,7 @@ import tvm
 from tvm.script import tirx as T
 
 from . import cpu_gemv
+from .cpu import linear
 from .cpu.linear import BIAS, BLOCK, prefetch_groups
 from .cpu.tasks import SERIAL_ROWS, steal
 from .cpu.vecmath import as_f32
@@ -60,8 +61,6 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         raise ValueError(f"int8 GEMV needs N % {BLOCK} == 0 and K % 32 == 0 (N = {n}, K = {k})")
     nb, groups, words = n // BLOCK, k // 32, k // 8
 
-    def shape(rows, width):
-        return (rows, 1, width) if layout == "b1" else (1, rows, width)
     mask = T.Broadcast(T.uint32(0x0F0F0F0F), 16)
     four = T.Broadcast(T.uint32(4), 16)
 
@@ -164,32 +163,7 @@ def gemv_kernel(n: int, k: int, layout: str = "b1", residual=False, prefetch_ahe
         else:
             rows_all(qw, qs, x, r3, y, rows)
 
-    def r_shape(rows):
-        return (n,) if residual == BIAS else shape(rows, n)
-
-    # One signature with the epilogue's addend, one without; only the one asked for is built (the macros expand `r`
-    # per epilogue).
-    if residual:
-        @T.prim_func(private=True, s_tir=True)
-        def with_addend(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), scale_dtype),
-                        x_h: T.handle, r_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            rows = T.int64()
-            x = T.match_buffer(x_h, shape(rows, k), "float32")
-            r = T.match_buffer(r_h, r_shape(rows), "float32")
-            y = T.match_buffer(y_h, shape(rows, n), "float32")
-            body(qw, qs, x, r, y, rows)
-        return with_addend
-
-    @T.prim_func(private=True, s_tir=True)
-    def plain(qw: T.Buffer((nb, words, BLOCK), "uint32"), qs: T.Buffer((nb, groups, BLOCK), scale_dtype),
-              x_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        rows = T.int64()
-        x = T.match_buffer(x_h, shape(rows, k), "float32")
-        y = T.match_buffer(y_h, shape(rows, n), "float32")
-        body(qw, qs, x, None, y, rows)
-    return plain
+    return linear.kernel(body, layout, residual, (nb, words, BLOCK), (nb, groups, BLOCK), scale_dtype, k, n)
 
 
 def replace_int8_matmul(func: tvm.tirx.PrimFunc, layouts: tuple[str, ...],
