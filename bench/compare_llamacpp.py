@@ -5,9 +5,9 @@
         --model artifacts/SmolLM2-135M-Instruct-q4f32_1 --threads 2 --repeat 5
 
 llama.cpp side: `llama-bench -m GGUF -p 128,512 -n 128 -t THREADS -r REPEAT -o json` (its tg128 decodes from an
-empty context; `--tg-depth N`: after N tokens, llama-bench's `-d N`). Our side: `mlc_llm bench latency` through
-MLCEngine (decode measured right after the first prompt length: with `--tg-depth` equal to it both sides decode at the
-same positions; without, ours at the longer context). Medians over the repetitions; llama.cpp's
+empty context; `--tg-depth N [M ...]`: after N tokens, llama-bench's `-d N`, one row per depth, "tg128@dN" for
+N > 0). Our side: `mlc_llm bench latency` through MLCEngine (decode measured right after the first prompt length:
+with a depth equal to it both sides decode at the same positions; at depth 0, ours at the longer context). Medians over the repetitions; llama.cpp's
 per-repetition samples come from its JSON `samples_ts`. The machines here are shared and their speed drifts by
 1.5x within minutes: `--rounds N` alternates the two sides N times (llama.cpp first in even rounds, ours in odd ones)
 and reports the median of the per-round ratios.
@@ -39,21 +39,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def tg_name(gen: int, depth: int) -> str:
+    return f"tg{gen}" + (f"@d{depth}" if depth else "")
+
+
 def llama_bench(exe: str, gguf: str, threads: int, repeat: int, prompts: list[int], gen: int,
-                depth: int = 0) -> dict[str, dict]:
-    """pp{N} and tg{gen} tok/s; tg after `depth` tokens of context (llama-bench `-d`, which then needs a run of its
-    own: `-d` applies to every test of a run)."""
+                depths: tuple[int, ...] = (0,)) -> dict[str, dict]:
+    """pp{N} and tg{gen}[@d{depth}] tok/s; tg after each of `depths` tokens of context (llama-bench `-d`, which then
+    needs a run of its own: `-d` applies to every test of a run)."""
     common = ["-m", gguf, "-t", str(threads), "-r", str(repeat), "-o", "json"]
     cmds = [[exe, *common, "-p", ",".join(map(str, prompts)), "-n", str(gen)]]
-    if depth:
+    if tuple(depths) != (0,):
         cmds = [[exe, *common, "-p", ",".join(map(str, prompts)), "-n", "0"],
-                [exe, *common, "-p", "0", "-n", str(gen), "-d", str(depth)]]
+                [exe, *common, "-p", "0", "-n", str(gen), "-d", ",".join(map(str, depths))]]
     records = []
     for cmd in cmds:
         records += json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600).stdout)
     results = {}
     for rec in records:
-        name = f"pp{rec['n_prompt']}" if rec["n_prompt"] else f"tg{rec['n_gen']}"
+        name = f"pp{rec['n_prompt']}" if rec["n_prompt"] else tg_name(rec["n_gen"], rec.get("n_depth", 0))
         samples = rec.get("samples_ts") or [rec["avg_ts"]]
         results[name] = {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
     return results
@@ -88,9 +92,10 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--tg-depth", type=int, default=0,
+    p.add_argument("--tg-depth", type=int, nargs="+", default=[0],
                    help="llama.cpp's decode after this many tokens of context (llama-bench -d; default 0: from an "
-                        "empty context). Ours decodes after the first --prompt-len: pass that for the same positions")
+                        "empty context), a row per depth against our one decode speed. Ours decodes after the first "
+                        "--prompt-len: pass that for the same positions")
     p.add_argument("--rounds", type=int, default=1,
                    help="alternate the two sides this many times; ratios are then medians of per-round ratios")
     p.add_argument("--hf-python", help="a Python with torch + transformers + gguf: adds HF transformers' prefill")
@@ -142,12 +147,13 @@ def main() -> int:
             for run in ours[(lib, huge)]["runs"]:
                 name = f"pp{run['prompt_len']}"
                 tests[(name, label)] = (run["prefill_tok_s"], theirs.get(name), hf.get(name))
-            tests[(f"tg{a.gen_len}", label)] = (ours[(lib, huge)]["runs"][0]["decode_tok_s"],
-                                                theirs.get(f"tg{a.gen_len}"), None)
+            for depth in a.tg_depth:
+                tests[(tg_name(a.gen_len, depth), label)] = (ours[(lib, huge)]["runs"][0]["decode_tok_s"],
+                                                             theirs.get(tg_name(a.gen_len, depth)), None)
         rounds.append(tests)
     print(f"\n{a.rounds} round(s), {a.repeat} repetitions per side per round; medians [min-max]"
           + (" of the per-round medians" if a.rounds > 1 else "")
-          + (f"; llama.cpp's tg{a.gen_len} after {a.tg_depth} tokens (-d {a.tg_depth})" if a.tg_depth else ""))
+          + f"; our decode after {a.prompt_len[0]} tokens, llama.cpp's tg{a.gen_len}@dN after N (-d N)")
     hf_head = f"{'HF ' + a.hf_dtype + ' tok/s':>28}{'ours / HF':>24}" if a.hf_python else ""
     width = max(8, *(len(f"{n} {lb}") + 1 for n, lb in rounds[0]))
     print(f"{'test':<{width}}{'ours tok/s':>28}{'llama.cpp tok/s':>28}{'ours / llama.cpp':>24}{hf_head}")
