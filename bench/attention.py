@@ -104,17 +104,15 @@ def ragged_table(dev, target, repeat: int, lengths: list[int]) -> None:
               + " | ".join(f"{times[0] / x:.1f}" for x in times[1:]) + " |", flush=True)
 
 
-def _old_decode_kernel(checkout: str):
-    """`decode_kernel` of another checkout's cpu_attention.py (its helpers imported from this tree's compiler/cpu)."""
-    import importlib.util
+def _old_decode_kernel(checkout: str, *args):
+    """`decode_kernel(*args)` of another checkout's mlc_llm package (imported whole, as scripts/kernel_snapshot.py
+    does)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from kernel_snapshot import package_of
 
-    import mlc_llm.compiler  # noqa: F401  (the package its relative imports resolve in)
-
-    path = Path(checkout) / "mlc_llm" / "compiler" / "cpu_attention.py"
-    spec = importlib.util.spec_from_file_location("mlc_llm.compiler._against_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.decode_kernel
+    with package_of(checkout):
+        from mlc_llm.compiler import cpu_attention
+        return cpu_attention.decode_kernel(*args)
 
 
 def main() -> None:
@@ -152,7 +150,7 @@ def main() -> None:
         a.splits.append(default)
     kernels = {"stock": build(_attention_decode_cpu(hkv, hq, d, "float32", False, {}))}
     if a.against:
-        kernels["against"] = build(_old_decode_kernel(a.against)(hq, hkv, d, "float32"))
+        kernels["against"] = build(_old_decode_kernel(a.against, hq, hkv, d, "float32"))
     for n in a.splits:
         cpu_attention.SPLIT_TASKS = n
         kernels[f"split {n}"] = build(cpu_attention.decode_kernel(hq, hkv, d, "float32"))

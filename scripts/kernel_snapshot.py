@@ -18,6 +18,7 @@ compared (not the AMX ones, which may not compile here): the same instructions c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -99,18 +100,26 @@ def build(makers: dict[str, Callable[[], tvm.tirx.PrimFunc]]) -> dict[str, objec
     return out
 
 
-def against(old_tree: str, new: dict[str, object], only: str = "") -> int:
-    """Build the kernels of the mlc_llm package in `old_tree` in this process and compare each with `new`'s."""
+@contextlib.contextmanager
+def package_of(old_tree: str):
+    """Within the block, `import mlc_llm...` imports the package of the checkout `old_tree`; this tree's modules are
+    back after it (objects built inside, such as PrimFuncs, stay valid)."""
     saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "mlc_llm" or m.startswith("mlc_llm.")}
     sys.path.insert(0, os.path.abspath(old_tree))
     try:
-        old = build(kernels(only))
+        yield
         assert sys.modules["mlc_llm"].__file__.startswith(os.path.abspath(old_tree)), "old tree not imported"
     finally:
         sys.path.pop(0)
         for m in [m for m in sys.modules if m == "mlc_llm" or m.startswith("mlc_llm.")]:
             del sys.modules[m]
         sys.modules.update(saved)
+
+
+def against(old_tree: str, new: dict[str, object], only: str = "") -> int:
+    """Build the kernels of the mlc_llm package in `old_tree` in this process and compare each with `new`'s."""
+    with package_of(old_tree):
+        old = build(kernels(only))
     renamed, same_code, differ = 0, 0, []
     for name in sorted(old.keys() | new.keys()):
         a, b = old.get(name), new.get(name)
