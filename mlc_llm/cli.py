@@ -52,10 +52,10 @@ def cmd_compile(a) -> None:
     overrides = _parse_compile_overrides(a.overrides) if a.overrides else None
     from .config.schema import library_suffix
 
-    suffix = library_suffix(a.prefill_precision, a.decode_precision)
+    suffix = library_suffix(a.prefill_precision, a.decode_precision, a.kv_cache_dtype)
     output = a.output or str(Path(a.model) / "lib" / f"{a.device.replace(':', '-')}{suffix}.so")
     path = compile_model(a.model, a.device, output, overrides=overrides, prefill_precision=a.prefill_precision,
-                         decode_precision=a.decode_precision)
+                         decode_precision=a.decode_precision, kv_cache_dtype=a.kv_cache_dtype)
     print(f"wrote {path}")
 
 
@@ -288,7 +288,11 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--decode-precision", default="f32", choices=["f32", "int8"],
                    help="CPU with AVX512-VNNI: decode GEMVs with float32 activations (f32, default) or int8 ones "
                         "quantized per 32 values (int8: faster decode, logits within ~1%%)")
-    m.add_argument("-o", "--output", help="library path (default: MODEL/lib/<device>[-bf16|-prefill-int8][-int8].so)")
+    m.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"],
+                   help="CPU: KV cache pages in the model's dtype (auto, default) or float16 (half the bytes a decode "
+                        "step's attention reads; q, k, v and the attention output rounded to float16)")
+    m.add_argument("-o", "--output",
+                   help="library path (default: MODEL/lib/<device>[-bf16|-prefill-int8][-int8][-kv16].so)")
     m.set_defaults(func=cmd_compile)
 
     b = sub.add_parser("build", help="build a deployment's artifacts through the Snakemake pipeline")

@@ -174,10 +174,11 @@ def step_commands(cfg: BuildConfig) -> tuple[str, str, str, str]:
                *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
     convert = _cmd(*mlc, "convert_weight", m.source, "--quantization", q,
                    *_opt("--install-hint", m.install_hint or None), "-o", cfg.model_dir)
-    prefill, decode = cfg.device.prefill_precision, cfg.device.decode_precision
+    prefill, decode, kv = cfg.device.prefill_precision, cfg.device.decode_precision, cfg.device.kv_cache_dtype
     compile_ = _cmd(*mlc, "compile", cfg.model_dir, "--device", cfg.device.spec,
                     *_opt("--prefill-precision", prefill if prefill != "f32" else None),
-                    *_opt("--decode-precision", decode if decode != "f32" else None), "-o", cfg.model_lib)
+                    *_opt("--decode-precision", decode if decode != "f32" else None),
+                    *_opt("--kv-cache-dtype", kv if kv != "auto" else None), "-o", cfg.model_lib)
     # What the library depends on: model shapes (source), quantization, compile-time bounds.
     compile_inputs = " ".join(f"{k}={v}" for k, v in (
         ("source", m.source), ("quantization", q), ("context_window_size", m.context_window_size),

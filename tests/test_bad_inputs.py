@@ -43,6 +43,8 @@ def _err(r) -> str:
      "decode precision int8 is an option of the CPU kernels (VNNI decode GEMVs); device 'cuda' takes f32 only"),
     (["build", "smollm2_cpu", "device.decode_precision=int4"],
      "device.decode_precision: 'int4' is not one of f32, int8"),
+    (["compile", "{tmp}", "--device", "cuda", "--kv-cache-dtype", "float16", "-o", "{tmp}/x.so"],
+     "kv_cache_dtype float16 is an option of the CPU build; device 'cuda' takes auto"),
     (["build", "nodeploy"], "unknown deployment 'nodeploy' (allowed: smollm2_cpu"),
     (["build", "smollm2_cpu", "model.contxt_window_size=10"],
      "unknown key 'model.contxt_window_size' (allowed: name, source"),

@@ -44,6 +44,8 @@ def test_user_overrides_win_over_the_deployment():
     (["device=cuda", "device.prefill_precision=bf16"], "device.prefill_precision: bf16 is an option of the CPU"),
     (["device.decode_precision=int4"], "device.decode_precision: 'int4' is not one of f32, int8"),
     (["device=cuda", "device.decode_precision=int8"], "device.decode_precision: int8 is an option of the CPU"),
+    (["device.kv_cache_dtype=int8"], "device.kv_cache_dtype: 'int8' is not one of auto, float16"),
+    (["device=cuda", "device.kv_cache_dtype=float16"], "device.kv_cache_dtype: float16 is an option of the CPU"),
 ])
 def test_bad_values_give_one_line_naming_key_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -83,3 +85,8 @@ def test_bf16_prefill_library_shares_the_model_folder():
                       "overrides": ["device.prefill_precision=bf16", "device.decode_precision=int8"]})
     assert both.lib_of("smollm2_cpu").path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-bf16-int8.so"
     assert "--decode-precision" not in f32.compile_cmd
+    kv16 = make_plan({"deployment": "smollm2_cpu",
+                      "overrides": ["device.decode_precision=int8", "device.kv_cache_dtype=float16"]})
+    assert kv16.lib_of("smollm2_cpu").path == "artifacts/SmolLM2-135M-Instruct-q4f32_cpu/lib/cpu-int8-kv16.so"
+    assert "--kv-cache-dtype float16 -o" in kv16.lib_of("smollm2_cpu").compile_cmd
+    assert "--kv-cache-dtype" not in f32.compile_cmd

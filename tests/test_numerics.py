@@ -22,6 +22,8 @@ BF16_TOL = 0.5
 # decode GEMVs on int8 activations (device.decode_precision=int8): 0.78 measured (decode steps of the test prompts
 # against the float64 reference on the same prefix; std of the logits: 4.0)
 INT8_TOL = 1.5
+# KV cache pages in float16 (device.kv_cache_dtype=float16): 0.024 measured (the five prompts and 4 decode steps)
+KV16_TOL = 0.1
 
 
 # 66 tokens: one sequence over several 16-token tiles of the ragged prefill attention (the short prompts fit in one)
@@ -127,6 +129,45 @@ def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib
         int8, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
     assert same >= 0.9 * 5 * len(prompts), same
     assert off_f32 > 10 * TOL, "the int8 library gave the float32 library's logits"
+
+
+def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
+    """`snakemake build_smollm2_cpu` with device.kv_cache_dtype=float16 (lib/cpu-kv16.so): the library says so in its
+    metadata (the engine sizes the cache at 2 bytes per value); a second prefill after history (ragged + paged prefill
+    over float16 pages, states merged) and 4 decode steps over the five prompts: logits within KV16_TOL of the float64
+    reference on the same prefix, its greedy tokens, and not the float32-cache library's logits."""
+    r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
+                      "overrides=[device.kv_cache_dtype=float16]")
+    assert r.returncode == 0, r.stderr[-4000:]
+    lib = smollm_q4.dir / "lib" / "cpu-kv16.so"
+    runners = [ModelRunner(smollm_q4.dir, path) for path in (lib, smollm_q4.lib)]
+    assert runners[0].metadata["kv_cache"]["dtype"] == "float16"
+    assert runners[1].metadata["kv_cache"]["dtype"] == "float32"
+    prompts = smollm_prompts(smollm_q4.dir)
+    history = {i: p[:len(p) // 2] for i, p in enumerate(prompts) if len(p) > 3}
+    ref = reference_for(smollm_q4.dir)
+    caches = [rn.create_kv_cache(len(prompts), 1024, 256) for rn in runners]
+    ids = list(range(len(prompts)))
+    for rn, cache in zip(runners, caches):
+        for s in ids:
+            rn.add_sequence(cache, s)
+        rn.batch_prefill(cache, list(history), list(history.values()))
+    rest = [p[len(history.get(i, [])):] for i, p in enumerate(prompts)]
+    kv16, f32 = (np.asarray(rn.batch_prefill(cache, ids, rest)) for rn, cache in zip(runners, caches))
+    seqs, off_f32 = [list(p) for p in prompts], 0.0
+    for step in range(5):
+        expected = [ref.logits(seq)[-1] for seq in seqs]
+        for i, exp in enumerate(expected):
+            assert np.abs(kv16[i] - exp).max() < KV16_TOL, (step, i, np.abs(kv16[i] - exp).max())
+            assert int(kv16[i].argmax()) == int(exp.argmax()), (step, i)
+            off_f32 = max(off_f32, float(np.abs(kv16[i] - f32[i]).max()))
+        if step == 4:
+            break
+        nxt = [int(exp.argmax()) for exp in expected]
+        for seq, t in zip(seqs, nxt):
+            seq.append(t)
+        kv16, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
+    assert off_f32 > TOL, "the float16 cache gave the float32 cache's logits"
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu", "q4f32_cpu_f16scale"])

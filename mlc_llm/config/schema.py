@@ -78,13 +78,17 @@ class ConvTemplateConfig:
 # compiler/cpu_q4_int8.py). The compiler validates against these too.
 PREFILL_PRECISIONS = ("f32", "bf16", "int8")
 DECODE_PRECISIONS = ("f32", "int8")
+# dtype of the KV cache's pages: auto = the model's; float16 halves the bytes of a float32 model's cache (CPU)
+KV_CACHE_DTYPES = ("auto", "float16")
 
 
-def library_suffix(prefill_precision: str, decode_precision: str) -> str:
+def library_suffix(prefill_precision: str, decode_precision: str, kv_cache_dtype: str = "auto") -> str:
     """The part of a library's file name after the device for non-default precisions: -bf16 / -prefill-int8, then
-    -int8 for int8 decode (cpu-int8.so, cpu-prefill-int8-int8.so, ...)."""
+    -int8 for int8 decode, then -kv16 for a float16 KV cache (cpu-int8.so, cpu-prefill-int8-int8.so, cpu-kv16.so,
+    ...)."""
     prefill = {"f32": "", "bf16": "-bf16"}.get(prefill_precision, f"-prefill-{prefill_precision}")
-    return prefill + ("" if decode_precision == "f32" else f"-{decode_precision}")
+    return (prefill + ("" if decode_precision == "f32" else f"-{decode_precision}")
+            + ("" if kv_cache_dtype == "auto" else "-kv16"))
 
 
 @dataclass
@@ -97,6 +101,9 @@ class DeviceConfig:
     prefill_precision: str = "f32"
     # CPU decode GEMVs: f32, or int8 activations on AVX512-VNNI (faster decode, logits within ~1 %)
     decode_precision: str = "f32"
+    # KV cache pages: auto (the model's dtype) or float16 (CPU: half the bytes per token that a float32 model's
+    # attention reads; q, k, v and the attention output rounded to float16, as llama.cpp's default cache)
+    kv_cache_dtype: str = "auto"
     # CPU weights in memory advised for transparent huge pages (Linux; false: TVM's loader, 4 KB pages)
     huge_pages: bool = True
 
@@ -114,6 +121,12 @@ class DeviceConfig:
                              f"{', '.join(DECODE_PRECISIONS)}")
         if self.decode_precision != "f32" and self.name is not DeviceName.cpu:
             raise ValueError("device.decode_precision: int8 is an option of the CPU kernels (cuda takes f32)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"device.kv_cache_dtype: '{self.kv_cache_dtype}' is not one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.kv_cache_dtype != "auto" and self.name is not DeviceName.cpu:
+            raise ValueError(f"device.kv_cache_dtype: {self.kv_cache_dtype} is an option of the CPU build (cuda "
+                             "takes auto: the model's dtype, float16 for q4f16 models)")
         if self.arch is not None and not (self.arch.startswith("sm_") and self.arch[3:].rstrip("a").isdigit()):
             raise ValueError(f"device.arch: '{self.arch}' is not a CUDA arch like sm_80 or sm_90")
         _positive("device.num_threads", self.num_threads)
@@ -202,5 +215,5 @@ class BuildConfig:
     @property
     def model_lib(self) -> str:
         dev = self.device.name.value + (f"-{self.device.arch}" if self.device.arch else "")
-        dev += library_suffix(self.device.prefill_precision, self.device.decode_precision)
+        dev += library_suffix(self.device.prefill_precision, self.device.decode_precision, self.device.kv_cache_dtype)
         return f"{self.model_dir}/lib/{dev}.so"

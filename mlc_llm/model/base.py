@@ -177,11 +177,12 @@ class Family:
     def num_groups(self, cfg: DecoderConfig) -> int:
         return num_groups(cfg)
 
-    def build_module(self, cfg: DecoderConfig, quant, target):
-        """The nn.Module to compile; imports TVM's compiler, which the runtime side never needs."""
+    def build_module(self, cfg: DecoderConfig, quant, target, kv_dtype: str | None = None):
+        """The nn.Module to compile; imports TVM's compiler, which the runtime side never needs. `kv_dtype`: of the
+        KV cache (None: the model's dtype)."""
         from .decoder import DecoderForCausalLM
 
-        return DecoderForCausalLM(cfg, quant, target)
+        return DecoderForCausalLM(cfg, quant, target, kv_dtype)
 
 
 def hf_shapes(fam: Family, cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:

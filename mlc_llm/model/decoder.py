@@ -43,7 +43,7 @@ def _rope(qkv: Tensor, positions: Tensor, theta: float, rotated_heads: int) -> T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant, layer_id: int):
+    def __init__(self, cfg: DecoderConfig, quant, layer_id: int, kv_dtype: str):
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.sm_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.theta = cfg.layer_theta(layer_id) if cfg.rope_per_layer else None
@@ -53,6 +53,7 @@ class Attention(nn.Module):
             self.q_norm = _rms_norm(self.d, cfg.rms_norm_eps, quant.model_dtype)
             self.k_norm = _rms_norm(self.d, cfg.rms_norm_eps, quant.model_dtype)
         self.qk_norm = cfg.qk_norm
+        self.kv_dtype = kv_dtype
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -62,7 +63,11 @@ class Attention(nn.Module):
             qkv = op.concat([self.q_norm(q), self.k_norm(k), v], dim=2)
         if self.theta is not None:
             qkv = _rope(qkv, cache.get_query_positions(b * s), self.theta, self.hq + self.hkv)
+        if self.kv_dtype != qkv.dtype:  # the cache takes q, k, v and gives the output in its own dtype
+            qkv = op.astype(qkv, self.kv_dtype)
         out = cache.attention_with_fused_qkv(layer_id, qkv, self.hq, sm_scale=self.sm_scale)
+        if out.dtype != x.dtype:
+            out = op.astype(out, x.dtype)
         return self.o_proj(op.reshape(out, (b, s, self.hq * self.d)))
 
 
@@ -79,10 +84,10 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant, layer_id: int):
+    def __init__(self, cfg: DecoderConfig, quant, layer_id: int, kv_dtype: str):
         dtype = quant.model_dtype
         self.input_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, quant, layer_id)
+        self.self_attn = Attention(cfg, quant, layer_id, kv_dtype)
         self.post_attention_layernorm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = GatedMLP(cfg, quant)
         self.sandwich = cfg.sandwich_norms
@@ -99,9 +104,9 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant):
+    def __init__(self, cfg: DecoderConfig, quant, kv_dtype: str):
         self.embed_tokens = make_embedding(quant, cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, quant, i) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, quant, i, kv_dtype) for i in range(cfg.num_hidden_layers)])
         self.norm = _rms_norm(cfg.hidden_size, cfg.rms_norm_eps, quant.model_dtype)
 
     def forward(self, h: Tensor, cache: PagedKVCache) -> Tensor:
@@ -111,10 +116,13 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, cfg: DecoderConfig, quant, target):
+    def __init__(self, cfg: DecoderConfig, quant, target, kv_dtype: str | None = None):
+        """`kv_dtype`: of the KV cache's pages (default the model's dtype); q, k, v and the attention output are cast
+        to it around the cache (float16 pages of a float32 model: half the bytes a decode step reads per token)."""
         self.cfg, self.quant, self.target = cfg, quant, target
         self.dtype = quant.model_dtype
-        self.model = DecoderModel(cfg, quant)
+        self.kv_dtype = kv_dtype or self.dtype
+        self.model = DecoderModel(cfg, quant, self.kv_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = make_linear(quant, cfg.hidden_size, cfg.vocab_size)
 
@@ -164,7 +172,7 @@ class DecoderForCausalLM(nn.Module):
             rope_mode=RopeMode.NONE if c.rope_per_layer else RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
             rope_scaling=dict(c.rope_scaling),
             rope_ext_factors=rx.prim_value(0), rotary_dim=c.head_dim, enable_disaggregation=False,
-            dtype=self.dtype, target=self.target,
+            dtype=self.kv_dtype, target=self.target,
         )
 
     def get_default_spec(self):

@@ -19,7 +19,8 @@ class CompileError(Exception):
 
 
 def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
-              prefill_precision: str = "f32", decode_precision: str = "f32") -> dict[str, Any]:
+              prefill_precision: str = "f32", decode_precision: str = "f32",
+              kv_dtype: str | None = None) -> dict[str, Any]:
     return {
         "version": METADATA_VERSION,
         "model_type": chat["model_type"],
@@ -43,7 +44,7 @@ def _metadata(chat: dict[str, Any], cfg, quant, device: str, target, params,
         "kv_state_kind": "kv_cache",
         "kv_cache": {"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
                      "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                     "dtype": quant.model_dtype, "layout": "paged", "page_size": 16,
+                     "dtype": kv_dtype or quant.model_dtype, "layout": "paged", "page_size": 16,
                      "rope": "in-model per layer, half-split" if cfg.rope_per_layer else "in-cache, half-split",
                      "rope_theta": cfg.rope_theta, "rope_scaling": dict(cfg.rope_scaling),
                      "sliding_window": cfg.sliding_window if cfg.windowed else -1,
@@ -94,20 +95,36 @@ def check_precisions(device: str, prefill_precision: str, decode_precision: str 
                                "(Xeons since Cascade Lake and AMD Zen 4 have it); use f32")
 
 
+def _kv_dtype(kv_cache_dtype: str, model_dtype: str, task: str) -> str | None:
+    """The KV cache's dtype for `kv_cache_dtype` (`KV_CACHE_DTYPES`): None for auto (the model's dtype)."""
+    from ..config.schema import KV_CACHE_DTYPES
+
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise CompileError(f"unknown KV cache dtype '{kv_cache_dtype}' (allowed: {', '.join(KV_CACHE_DTYPES)})")
+    if kv_cache_dtype == "auto" or kv_cache_dtype == model_dtype:
+        return None
+    if task != "chat":
+        raise CompileError(f"kv_cache_dtype {kv_cache_dtype}: this model ({task}) has no KV cache")
+    return kv_cache_dtype
+
+
 def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, int] | None = None,
-                     prefill_precision: str = "f32", decode_precision: str = "f32"):
+                     prefill_precision: str = "f32", decode_precision: str = "f32", kv_cache_dtype: str = "auto"):
     """The model as scheduled TIR + Relax, before VM lowering: (module, target). Refuses unscheduled GPU kernels.
     `prefill_precision` (CPU): "f32", "bf16" for prefill GEMMs on AMX tiles with bfloat16-rounded inputs, or "int8"
     for them on int8-quantized activations (AVX512-VNNI). `decode_precision` (CPU): "f32", or "int8" for the decode
-    GEMVs on int8-quantized activations."""
+    GEMVs on int8-quantized activations. `kv_cache_dtype` (CPU): "auto" (the model's dtype) or "float16"."""
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
-    from ..compiler.target import is_gpu, make_target
+    from ..compiler.target import is_gpu, make_target, parse_device
     from ..model import get_family
     from ..quantization import QUANTIZATIONS, get_quantization
 
     check_precisions(device, prefill_precision, decode_precision)
+    if kv_cache_dtype != "auto" and parse_device(device)[0] != "cpu":
+        raise CompileError(f"kv_cache_dtype {kv_cache_dtype} is an option of the CPU build; device '{device}' takes "
+                           "auto (the model's dtype)")
     chat = read_chat_config(model_dir)
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
@@ -120,14 +137,17 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     if quant.block_rows and is_gpu(target):
         raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
                            f"use q4f16_1 (or q4f32_1) for {device}")
-    model = family.build_module(cfg, quant, target)
+    kv_dtype = _kv_dtype(kv_cache_dtype, quant.model_dtype, family.task)
+    model = (family.build_module(cfg, quant, target, kv_dtype) if family.task == "chat"
+             else family.build_module(cfg, quant, target))
     mod, params = model.export_tvm(spec=model.get_default_spec())
     if family.task == "embedding":
         metadata = _encoder_metadata(chat, cfg, quant, device, target, params)
         mod = pipeline.optimize(_attach_metadata(mod, metadata), target, prefill_precision,
                                 decode_precision=decode_precision)
     else:
-        metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision, decode_precision)
+        metadata = _metadata(chat, cfg, quant, device, target, params, prefill_precision, decode_precision,
+                             kv_dtype)
         mod = add_sampling_functions(_attach_metadata(mod, metadata), cfg.vocab_size)
         mod = pipeline.optimize(mod, target, prefill_precision, metadata["kv_cache"], decode_precision)
     if is_gpu(target):
@@ -146,12 +166,12 @@ def write_library_checksum(lib: Path, digest: str) -> None:
 
 def compile_model(model_dir: str | Path, device: str, output: str | Path, *,
                   overrides: dict[str, int] | None = None, prefill_precision: str = "f32",
-                  decode_precision: str = "f32") -> Path:
+                  decode_precision: str = "f32", kv_cache_dtype: str = "auto") -> Path:
     """overrides: context_window_size / prefill_chunk_size / max_batch_size for this library only.
-    prefill_precision, decode_precision: see `optimized_module`."""
+    prefill_precision, decode_precision, kv_cache_dtype: see `optimized_module`."""
     from ..compiler import pipeline
 
-    mod, target = optimized_module(model_dir, device, overrides, prefill_precision, decode_precision)
+    mod, target = optimized_module(model_dir, device, overrides, prefill_precision, decode_precision, kv_cache_dtype)
     executable = pipeline.build(mod, target)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
