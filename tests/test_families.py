@@ -14,6 +14,7 @@ import tvm
 from mlc_llm import tensor_cache
 from mlc_llm.compiler import cpu_gemv
 from mlc_llm.model import FAMILIES, family_for_hf, hf_shapes
+from mlc_llm.steps.compile import compile_model
 
 from .helpers import build_with_steps, max_logit_diff
 from .reference import NumpyLlama
@@ -98,7 +99,8 @@ def test_windowed_layers_at_three_times_the_window(tmp_path):
     """Gemma-shaped tiny model, 16-token window on layers 0 and 2 (their own RoPE base), q4: a 40-token prompt in
     chunks of the window (later chunks against history through the windowed paged-prefill kernel), then decoding to
     48 tokens (the windowed decode kernel, the window starting inside a page), against the reference that masks each
-    windowed layer to its last 16 tokens; and that reference is far from full attention."""
+    windowed layer to its last 16 tokens, also with the KV cache in float16; and that reference is far from full
+    attention."""
     write_tiny_family(tmp_path / "hf", "gemma3_text")
     out = tmp_path / "model"
     lib = build_with_steps(str(tmp_path / "hf"), "q4f32_cpu", out)
@@ -107,6 +109,10 @@ def test_windowed_layers_at_three_times_the_window(tmp_path):
     prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 133))]
     diff = max_logit_diff(out, lib, prompts, decode_steps=8)
     assert diff < TOL, f"max |Δlogit| {diff:.2e}"
+    # the same kernels over float16 pages (device.kv_cache_dtype=float16): 0.022 measured
+    kv16 = compile_model(out, "cpu", out / "lib" / "cpu-kv16.so", kv_cache_dtype="float16")
+    diff16 = max_logit_diff(out, kv16, prompts, decode_steps=8)
+    assert TOL < diff16 < 0.1, f"float16 KV cache: max |Δlogit| {diff16:.2e}"
     params = tensor_cache.load_numpy(out)
     windowed = NumpyLlama(params, cfg["model_config"]).logits(prompts[0])
     full = NumpyLlama(params, {**cfg["model_config"], "sliding_window": -1}).logits(prompts[0])
