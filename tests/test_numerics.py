@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from mlc_llm import tensor_cache
+from mlc_llm.serve.config import EngineConfig, resolve
 from mlc_llm.serve.runner import ModelRunner
 
 from .conftest import run_snakemake
@@ -143,6 +144,8 @@ def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
     runners = [ModelRunner(smollm_q4.dir, path) for path in (lib, smollm_q4.lib)]
     assert runners[0].metadata["kv_cache"]["dtype"] == "float16"
     assert runners[1].metadata["kv_cache"]["dtype"] == "float32"
+    sizes = [resolve(EngineConfig(mode="server"), rn.metadata, "cpu", 8 * 2**30) for rn in runners]
+    assert 2 * sizes[0].kv_bytes_per_token == sizes[1].kv_bytes_per_token
     prompts = smollm_prompts(smollm_q4.dir)
     history = {i: p[:len(p) // 2] for i, p in enumerate(prompts) if len(p) > 3}
     ref = reference_for(smollm_q4.dir)
