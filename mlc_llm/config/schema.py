@@ -75,7 +75,8 @@ class ConvTemplateConfig:
 
 
 # Precisions of the CPU kernels: f32; bf16 (AMX prefill, compiler/cpu_q4_blocked.py); int8 (VNNI,
-# compiler/cpu_q4_int8.py). The compiler validates against these too.
+# compiler/cpu_q4_int8.py). The compiler validates against these too. The first of each tuple is the default, the
+# only value off the CPU.
 PREFILL_PRECISIONS = ("f32", "bf16", "int8")
 DECODE_PRECISIONS = ("f32", "int8")
 # dtype of the KV cache's pages: auto = the model's; float16 halves the bytes of a float32 model's cache (CPU)
@@ -110,23 +111,13 @@ class DeviceConfig:
     def check(self) -> None:
         if self.arch is not None and self.name is not DeviceName.cuda:
             raise ValueError("device.arch: only meaningful for cuda")
-        if self.prefill_precision not in PREFILL_PRECISIONS:
-            raise ValueError(f"device.prefill_precision: '{self.prefill_precision}' is not one of "
-                             f"{', '.join(PREFILL_PRECISIONS)}")
-        if self.prefill_precision != "f32" and self.name is not DeviceName.cpu:
-            raise ValueError(f"device.prefill_precision: {self.prefill_precision} is an option of the CPU kernels "
-                             "(cuda takes f32)")
-        if self.decode_precision not in DECODE_PRECISIONS:
-            raise ValueError(f"device.decode_precision: '{self.decode_precision}' is not one of "
-                             f"{', '.join(DECODE_PRECISIONS)}")
-        if self.decode_precision != "f32" and self.name is not DeviceName.cpu:
-            raise ValueError("device.decode_precision: int8 is an option of the CPU kernels (cuda takes f32)")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"device.kv_cache_dtype: '{self.kv_cache_dtype}' is not one of "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
-        if self.kv_cache_dtype != "auto" and self.name is not DeviceName.cpu:
-            raise ValueError(f"device.kv_cache_dtype: {self.kv_cache_dtype} is an option of the CPU build (cuda "
-                             "takes auto: the model's dtype, float16 for q4f16 models)")
+        for key, allowed in (("prefill_precision", PREFILL_PRECISIONS), ("decode_precision", DECODE_PRECISIONS),
+                             ("kv_cache_dtype", KV_CACHE_DTYPES)):
+            value, default = getattr(self, key), allowed[0]
+            if value not in allowed:
+                raise ValueError(f"device.{key}: '{value}' is not one of {', '.join(allowed)}")
+            if value != default and self.name is not DeviceName.cpu:
+                raise ValueError(f"device.{key}: {value} is an option of the CPU build (cuda takes {default})")
         if self.arch is not None and not (self.arch.startswith("sm_") and self.arch[3:].rstrip("a").isdigit()):
             raise ValueError(f"device.arch: '{self.arch}' is not a CUDA arch like sm_80 or sm_90")
         _positive("device.num_threads", self.num_threads)
