@@ -132,15 +132,20 @@ def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib
     assert off_f32 > 10 * TOL, "the int8 library gave the float32 library's logits"
 
 
-def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
-    """`snakemake build_smollm2_cpu` with device.kv_cache_dtype=float16 (lib/cpu-kv16.so): the library says so in its
-    metadata (the engine sizes the cache at 2 bytes per value); a second prefill after history (ragged + paged prefill
-    over float16 pages, states merged) and 4 decode steps over the five prompts: logits within KV16_TOL of the float64
-    reference on the same prefix, its greedy tokens, and not the float32-cache library's logits."""
+def _kv16_library(pipeline_dir, smollm_q4):
+    """`snakemake build_smollm2_cpu` with device.kv_cache_dtype=float16: lib/cpu-kv16.so beside cpu.so."""
     r = run_snakemake(pipeline_dir, "build_smollm2_cpu", "--config", "deployment=smollm2_cpu",
                       "overrides=[device.kv_cache_dtype=float16]")
     assert r.returncode == 0, r.stderr[-4000:]
-    lib = smollm_q4.dir / "lib" / "cpu-kv16.so"
+    return smollm_q4.dir / "lib" / "cpu-kv16.so"
+
+
+def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
+    """The float16-cache library says so in its metadata (the engine sizes the cache at 2 bytes per value); a second
+    prefill after history (ragged + paged prefill over float16 pages, states merged) and 4 decode steps over the five
+    prompts: logits within KV16_TOL of the float64 reference on the same prefix, its greedy tokens, and not the
+    float32-cache library's logits."""
+    lib = _kv16_library(pipeline_dir, smollm_q4)
     runners = [ModelRunner(smollm_q4.dir, path) for path in (lib, smollm_q4.lib)]
     assert runners[0].metadata["kv_cache"]["dtype"] == "float16"
     assert runners[1].metadata["kv_cache"]["dtype"] == "float32"
@@ -171,6 +176,32 @@ def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
             seq.append(t)
         kv16, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
     assert off_f32 > TOL, "the float16 cache gave the float32 cache's logits"
+
+
+def test_float16_kv_cache_through_the_engine(pipeline_dir, smollm_q4):
+    """The engine's cache operations on float16 pages (TVM's page copy, pop and fork kernels in the cache's dtype):
+    n-gram speculation (drafts verified, rejected ones popped), two choices per request (forked sequences) and a
+    shared system prompt from the prefix cache give the float32-cache library's greedy text."""
+    from mlc_llm import MLCEngine
+
+    lib = _kv16_library(pipeline_dir, smollm_q4)
+    system = "You are a helpful assistant. " * 20
+    questions = ["List the numbers from 1 to 20 separated by commas.", "What is the capital of France?",
+                 "Repeat exactly: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over it."]
+    texts, cached = [], []
+    for path in (lib, smollm_q4.lib):
+        cfg = EngineConfig(mode="local", speculative_mode="ngram", spec_draft_length=4, prefix_cache_mode="radix")
+        with MLCEngine(str(smollm_q4.dir), model_lib=str(path), device="cpu", engine_config=cfg) as engine:
+            responses = [engine.chat.completions.create(
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": q}], temperature=0,
+                max_tokens=32, n=2) for q in questions + questions]  # the second round: a cached prefix
+            texts.append([[c.message.content for c in r.choices] for r in responses])
+            cached.append([r.usage.prompt_tokens_details.cached_tokens for r in responses])
+            metrics = engine.metrics()
+            assert metrics["spec_draft_tokens"] > 0 and metrics["spec_accepted_tokens"] > 0, metrics
+    assert texts[0] == texts[1]
+    assert all(len(set(choices)) == 1 and choices[0] for choices in texts[0])
+    assert min(cached[0][len(questions):]) > 100, cached
 
 
 @pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu", "q4f32_cpu_f16scale"])
