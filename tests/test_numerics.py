@@ -92,6 +92,22 @@ def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
 
 
 @pytest.mark.vnni
+def _greedy_steps(runners, caches, prompts, first, ref, steps=4):
+    """Each runner's cache holds sequences 0.. = `prompts`, `first` their logits after the prompts (one [B, vocab]
+    per runner): yields (step, the float64 reference's logits, the runners' logits) for those and for `steps`
+    batch_decode steps, every runner fed the reference's greedy tokens."""
+    seqs, logits, ids = [list(p) for p in prompts], first, list(range(len(prompts)))
+    for step in range(steps + 1):
+        expected = [ref.logits(seq)[-1] for seq in seqs]
+        yield step, expected, logits
+        if step == steps:
+            return
+        nxt = [int(exp.argmax()) for exp in expected]
+        for seq, t in zip(seqs, nxt):
+            seq.append(t)
+        logits = [np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches)]
+
+
 @pytest.mark.parametrize("prefill,lib", [("f32", "cpu-int8.so"), ("int8", "cpu-prefill-int8-int8.so")])
 def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib):
     """`snakemake build_smollm2_cpu` with device.decode_precision=int8 (and prefill_precision f32 or int8; the library
@@ -110,11 +126,9 @@ def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib
     for rn, cache in zip(runners, caches):
         for s in ids:
             rn.add_sequence(cache, s)
-    seqs = [list(p) for p in prompts]
-    int8, f32 = (np.asarray(rn.batch_prefill(cache, ids, prompts)) for rn, cache in zip(runners, caches))
+    first = [np.asarray(rn.batch_prefill(cache, ids, prompts)) for rn, cache in zip(runners, caches)]
     same, off_f32 = 0, 0.0
-    for step in range(5):
-        expected = [ref.logits(seq)[-1] for seq in seqs]
+    for step, expected, (int8, f32) in _greedy_steps(runners, caches, prompts, first, ref):
         for i, exp in enumerate(expected):
             diff = float(np.abs(int8[i] - exp).max())
             assert diff < (TOL if step == 0 and prefill == "f32" else INT8_TOL), (step, i, diff)
@@ -122,12 +136,6 @@ def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib
             assert top == best or exp[best] - exp[top] < 2 * INT8_TOL, (step, i, exp[best] - exp[top])
             same += top == best
             off_f32 = max(off_f32, float(np.abs(int8[i] - f32[i]).max()))
-        if step == 4:
-            break
-        nxt = [int(exp.argmax()) for exp in expected]
-        for seq, t in zip(seqs, nxt):
-            seq.append(t)
-        int8, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
     assert same >= 0.9 * 5 * len(prompts), same
     assert off_f32 > 10 * TOL, "the int8 library gave the float32 library's logits"
 
@@ -161,20 +169,13 @@ def test_float16_kv_cache_stays_close_to_numpy(pipeline_dir, smollm_q4):
             rn.add_sequence(cache, s)
         rn.batch_prefill(cache, list(history), list(history.values()))
     rest = [p[len(history.get(i, [])):] for i, p in enumerate(prompts)]
-    kv16, f32 = (np.asarray(rn.batch_prefill(cache, ids, rest)) for rn, cache in zip(runners, caches))
-    seqs, off_f32 = [list(p) for p in prompts], 0.0
-    for step in range(5):
-        expected = [ref.logits(seq)[-1] for seq in seqs]
+    first = [np.asarray(rn.batch_prefill(cache, ids, rest)) for rn, cache in zip(runners, caches)]
+    off_f32 = 0.0
+    for step, expected, (kv16, f32) in _greedy_steps(runners, caches, prompts, first, ref):
         for i, exp in enumerate(expected):
             assert np.abs(kv16[i] - exp).max() < KV16_TOL, (step, i, np.abs(kv16[i] - exp).max())
             assert int(kv16[i].argmax()) == int(exp.argmax()), (step, i)
             off_f32 = max(off_f32, float(np.abs(kv16[i] - f32[i]).max()))
-        if step == 4:
-            break
-        nxt = [int(exp.argmax()) for exp in expected]
-        for seq, t in zip(seqs, nxt):
-            seq.append(t)
-        kv16, f32 = (np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches))
     assert off_f32 > TOL, "the float16 cache gave the float32 cache's logits"
 
 

@@ -74,20 +74,23 @@ def _attach_metadata(mod, metadata: dict[str, Any]):
     return bb.get()
 
 
-def check_precisions(device: str, prefill_precision: str, decode_precision: str = "f32") -> None:
-    """Each precision is one its kernels know, other than f32 only for the CPU; int8 only on a CPU with AVX512-VNNI."""
+def check_precisions(device: str, prefill_precision: str, decode_precision: str = "f32",
+                     kv_cache_dtype: str = "auto") -> None:
+    """Each precision (and the KV cache dtype) is one the build knows, other than the default (the first allowed
+    value) only for the CPU; int8 only on a CPU with AVX512-VNNI."""
     from ..compiler import cpu_q4_int8
-    from ..config.schema import DECODE_PRECISIONS, PREFILL_PRECISIONS
+    from ..config.schema import DECODE_PRECISIONS, KV_CACHE_DTYPES, PREFILL_PRECISIONS
     from ..compiler.target import make_target, parse_device
 
-    for kind, value, allowed, what in (
-            ("prefill", prefill_precision, PREFILL_PRECISIONS, "AMX / VNNI prefill GEMMs"),
-            ("decode", decode_precision, DECODE_PRECISIONS, "VNNI decode GEMVs")):
+    for label, value, allowed, what in (
+            ("prefill precision", prefill_precision, PREFILL_PRECISIONS, "kernels (AMX / VNNI prefill GEMMs)"),
+            ("decode precision", decode_precision, DECODE_PRECISIONS, "kernels (VNNI decode GEMVs)"),
+            ("kv_cache_dtype", kv_cache_dtype, KV_CACHE_DTYPES, "build")):
         if value not in allowed:
-            raise CompileError(f"unknown {kind} precision '{value}' (allowed: {', '.join(allowed)})")
-        if value != "f32" and parse_device(device)[0] != "cpu":
-            raise CompileError(f"{kind} precision {value} is an option of the CPU kernels ({what}); device "
-                               f"'{device}' takes f32 only")
+            raise CompileError(f"unknown {label} '{value}' (allowed: {', '.join(allowed)})")
+        if value != allowed[0] and parse_device(device)[0] != "cpu":
+            raise CompileError(f"{label} {value} is an option of the CPU {what}; device '{device}' takes "
+                               f"{allowed[0]} only")
     if "int8" in (prefill_precision, decode_precision):
         target = make_target(device)
         if not cpu_q4_int8.supported(target):
@@ -96,11 +99,8 @@ def check_precisions(device: str, prefill_precision: str, decode_precision: str 
 
 
 def _kv_dtype(kv_cache_dtype: str, model_dtype: str, task: str) -> str | None:
-    """The KV cache's dtype for `kv_cache_dtype` (`KV_CACHE_DTYPES`): None for auto (the model's dtype)."""
-    from ..config.schema import KV_CACHE_DTYPES
-
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise CompileError(f"unknown KV cache dtype '{kv_cache_dtype}' (allowed: {', '.join(KV_CACHE_DTYPES)})")
+    """The KV cache's dtype for `kv_cache_dtype` (checked by `check_precisions`): None for auto (the model's
+    dtype)."""
     if kv_cache_dtype == "auto" or kv_cache_dtype == model_dtype:
         return None
     if task != "chat":
@@ -117,14 +117,11 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
     from ..compiler import pipeline
     from ..compiler.passes import unbound_gpu_kernels
     from ..compiler.sampling import add_sampling_functions
-    from ..compiler.target import is_gpu, make_target, parse_device
+    from ..compiler.target import is_gpu, make_target
     from ..model import get_family
     from ..quantization import QUANTIZATIONS, get_quantization
 
-    check_precisions(device, prefill_precision, decode_precision)
-    if kv_cache_dtype != "auto" and parse_device(device)[0] != "cpu":
-        raise CompileError(f"kv_cache_dtype {kv_cache_dtype} is an option of the CPU build; device '{device}' takes "
-                           "auto (the model's dtype)")
+    check_precisions(device, prefill_precision, decode_precision, kv_cache_dtype)
     chat = read_chat_config(model_dir)
     family = get_family(chat["model_type"])
     quant = get_quantization(chat["quantization"])
@@ -138,8 +135,7 @@ def optimized_module(model_dir: str | Path, device: str, overrides: dict[str, in
         raise CompileError(f"quantization {quant.name} stores weights in the row-blocked layout of the CPU kernels; "
                            f"use q4f16_1 (or q4f32_1) for {device}")
     kv_dtype = _kv_dtype(kv_cache_dtype, quant.model_dtype, family.task)
-    model = (family.build_module(cfg, quant, target, kv_dtype) if family.task == "chat"
-             else family.build_module(cfg, quant, target))
+    model = family.build_module(cfg, quant, target, kv_dtype) if kv_dtype else family.build_module(cfg, quant, target)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     if family.task == "embedding":
         metadata = _encoder_metadata(chat, cfg, quant, device, target, params)
