@@ -27,7 +27,7 @@ os.environ["TVM_NUM_THREADS"] = "1"
 def _source(with_loads: bool, iters: int, fma_rounds: int = 0, tiles: bool = True) -> str:
     """The loop of 12 products (+ 10 tile loads); `fma_rounds` > 0 adds 12 x that many float32 vector FMAs (12
     independent accumulators) to each iteration; `tiles=False` leaves only the FMAs."""
-    def _amx(name: str, *args: str) -> str:  # the statement amx_op(name, *args) (`cpu.amx`), called by name
+    def _amx(name: str, *args: str) -> str:  # the statement amx_op(name, *args) (`cpu.amx`)
         return f'T.evaluate(amx_op({", ".join((repr(name),) + args)}))'
 
     x_loads = [_amx("tileloadd64", "T.int8(4)", "T.address_of(a[0])", "T.int64(64)"),
@@ -76,7 +76,7 @@ def main() -> int:
     import tvm
 
     from mlc_llm.compiler.cpu.text import parse as _parse
-    from mlc_llm.compiler.cpu.amx import has_amx
+    from mlc_llm.compiler.cpu.amx import amx_op, has_amx, tile_config
     from mlc_llm.compiler.target import make_target
 
     target, dev = make_target("cpu"), tvm.cpu()
@@ -90,7 +90,7 @@ def main() -> int:
     args += [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for shape in ((16, 64), (8, 16), (12, 16))]
 
     def step_ns(*variant) -> float:
-        lib = tvm.compile(tvm.IRModule({"main": _parse(_source(*variant)).with_attr("global_symbol", "main")}),
+        lib = tvm.compile(tvm.IRModule({"main": _parse(_source(*variant), {"amx_op": amx_op, "tile_config": tile_config}).with_attr("global_symbol", "main")}),
                           target).jit()
         return min(lib.time_evaluator("main", dev, number=3, repeat=5)(*args).results) / a.iters * 1e9
 

@@ -110,8 +110,8 @@ def _weight_refs(block: int) -> tuple[str, str]:
 
 
 def scale_text(ref: str, scale_dtype: str) -> str:
-    """TIR text of the weight scale `ref` (an element of qs) as float32 (`vecmath.as_f32`)."""
-    return f'as_f32({ref}, "{scale_dtype}")'
+    """TIR text of the weight scale `ref` (an element of qs) as float32, as `vecmath.as_f32` builds it."""
+    return ref if scale_dtype == "float32" else f'T.Cast("float32", {ref})'
 
 
 def _source(body: str, n: int, k: int, layout: str, residual, block: int = 0, scale_dtype: str = "float32") -> str:

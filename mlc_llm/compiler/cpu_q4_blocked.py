@@ -435,16 +435,13 @@ def blocked_kernel(n: int, k: int, layout: str, residual, plans=PLANS, panel_min
                         if f32:
                             xl = T.alloc_buffer((32,), "float32")
                             for l in T.vectorized(32):
-                                xl[l] = x[at(T.min(mt * tr + mi, rows - T.int64(1)), g * 32 + l)] - T.reinterpret(
-                                    "float32", round_bf16(x[at(T.min(mt * tr + mi, rows - T.int64(1)), g * 32 + l)]))
-                            xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32, 1, 16))],
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 16, 1, 16))])
+                                xl[l] = x[at(_tile_row(tr, mt, mi, rows), g * 32 + l)] - T.reinterpret(
+                                    "float32", round_bf16(x[at(_tile_row(tr, mt, mi, rows), g * 32 + l)]))
+                        xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
+                            x[at(_tile_row(tr, mt, mi, rows), T.ramp(g * 32, 1, 16))],
+                            x[at(_tile_row(tr, mt, mi, rows), T.ramp(g * 32 + 16, 1, 16))])
+                        if f32:
                             xa[mt, g, 1, mi, T.ramp(0, 1, 32)] = bf16x32(xl[T.ramp(0, 1, 16)], xl[T.ramp(16, 1, 16)])
-                        else:
-                            xa[mt, g, 0, mi, T.ramp(0, 1, 32)] = bf16x32(
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32, 1, 16))],
-                                x[at(T.min(mt * tr + mi, rows - T.int64(1)), T.ramp(g * 32 + 16, 1, 16))])
             steal(T.int64(nbs) * ((mtiles(rows) + T.int64(cht - 1)) // T.int64(cht)), amx_task,
                   (qw, qs, xa, r, y, rows), per_thread=amx_thread)
         else:

@@ -1,7 +1,6 @@
 """AMX-BF16 (Sapphire Rapids and later): which targets have it, the tile-state request, the tile configuration, and
 float32 split into bfloat16 parts for the tile products, as TIR builders (expressions and a macro) that
-`@T.prim_func` kernels call, and text kernels call by name (`text.parse` passes `BUILDERS`). Tile numbers and the
-configuration bytes must be constant immediates of the intrinsics: a kernel writes one call per tile number."""
+`@T.prim_func` kernels call. Tile numbers and the configuration bytes must be constant immediates of the intrinsics: a kernel writes one call per tile number."""
 from __future__ import annotations
 
 import tvm
@@ -81,7 +80,3 @@ def bf16_parts(x: Expr, y: Expr = None, tiny: bool = False) -> tuple[Expr, Expr]
         return tuple(T.Cast("uint16", T.shift_right(round_bf16(v), T.uint32(16))) for v in (x, lo(x)))
     return tuple(T.shift_right(round_bf16(a), T.uint32(16)) + round_bf16(b) for a, b in ((x, y), (lo(x), lo(y))))
 
-
-# The builders by name, for kernels written as text (`text.parse`)
-BUILDERS = {"request_amx": request_amx, "amx_op": amx_op, "tile_config": tile_config, "round_bf16": round_bf16,
-            "bf16x32": bf16x32, "bf16_parts": bf16_parts}

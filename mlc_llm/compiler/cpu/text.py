@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import tvm
 
-from . import amx, vecmath
 
-
-def parse(src: str) -> tvm.tirx.PrimFunc:
+def parse(src: str, names: dict | None = None) -> tvm.tirx.PrimFunc:
     """TVMScript text -> PrimFunc. Conventions of every kernel, for what TVM 0.27 lowers them to
     (tests/test_cpu_codegen.py checks them):
     - a scalar or vector bound once is written `x = T.bind(expr)` (a Let). A plain `x = expr` declares a mutable
@@ -20,6 +18,6 @@ def parse(src: str) -> tvm.tirx.PrimFunc:
       per 64-row block, per KV page;
     - per-task scratch buffers are `scope="global"` allocations inside the parallel loop: under 1 KB LLVM gets a stack
       slot in the task's function (private to the thread, often promoted to registers); `scope="local"` ones go
-      through the workspace pool at any size. Larger buffers take the pool either way;
-    - the builders of `vecmath.BUILDERS` and `amx.BUILDERS` are called by name: `exp2(s[g, r] - m[g])`."""
-    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx, **vecmath.BUILDERS, **amx.BUILDERS})
+      through the workspace pool at any size. Larger buffers take the pool either way.
+    `names`: Python values the text calls by name (TIR builders of `cpu.vecmath` / `cpu.amx`)."""
+    return tvm.script.from_source(src, extra_vars={"T": tvm.script.tirx, **(names or {})})

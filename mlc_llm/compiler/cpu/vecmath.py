@@ -1,6 +1,6 @@
 """Vector math: 2^x by exponent bits and a polynomial, the gated activations act(gate) * up, and a cache prefetch as
-TIR expression builders (called from `@T.prim_func` kernels, and by name from text kernels), and a 16-lane horizontal
-reduction as a `@T.macro`. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector
+TIR expression builders called from `@T.prim_func` kernels, and a 16-lane horizontal reduction as a
+`@T.macro`. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector
 registers."""
 from __future__ import annotations
 
@@ -67,6 +67,3 @@ def cache_prefetch(element: Expr) -> Expr:
     `T.evaluate(cache_prefetch(...))`. A hint: an address past the end of the buffer does not fault."""
     return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), T.int32(0), T.int32(3), T.int32(1))
 
-
-# The expression builders by name, for kernels written as text (`text.parse`): `exp2(s[g, r] - m)`.
-BUILDERS = {"exp2": exp2, "silu_mul": silu_mul, "as_f32": as_f32, "cache_prefetch": cache_prefetch, "halve": halve}
