@@ -20,6 +20,20 @@ for art in PLAN.models.values():
         resources: mem_mb=art.convert_mem_mb(), runtime=60
         shell: "{params.cmd}"
 
+def compile_threads():
+    """A compile job's threads: compile_threads of the config, else all of --cores (a cluster run has no --cores)."""
+    from snakemake.exceptions import WorkflowError
+
+    if PLAN.compile_threads:
+        return PLAN.compile_threads
+    try:
+        return workflow.cores
+    except WorkflowError:
+        raise WorkflowError("compile jobs take their threads from --cores N or from compile_threads=N in the config; "
+                            "a --config on the command line replaces the profile's config, so repeat compile_threads "
+                            "there") from None
+
+
 # compile reads mlc-chat-config.json only for ordering (ancient): a changed chat template must not recompile.
 # What the library does depend on is written to a stamp by a rule with no upstream, so its param check always
 # runs (Snakemake skips param checks of jobs downstream of a job that reruns) and a change there recompiles.
@@ -36,6 +50,6 @@ for lib in PLAN.libs.values():
         input: ancient(lib.model.chat_config), lib.stamp
         output: lib.path
         params: cmd=lib.compile_cmd
-        threads: PLAN.compile_threads or workflow.cores
+        threads: compile_threads()
         resources: mem_mb=8192, runtime=60
         shell: "TVM_NUM_THREADS={threads} {params.cmd}"
