@@ -2,6 +2,7 @@
 against TVM's stock kernels, on paged KV with ragged lengths (a partial last page, an empty sequence, GQA groups)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -44,10 +45,19 @@ def _reference(q, pages, indptr, values, lengths, hq, hkv, d, sm_scale):
     return out, lse
 
 
-def _run(func, q, pages, indptr, values, last, sm_scale):
+@functools.lru_cache(maxsize=None)
+def _decode_lib(stock: bool, hq: int, hkv: int, d: int):
+    """Our decode kernel or TVM's stock one for these heads, compiled for this CPU once per test session."""
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    func = (_attention_decode_cpu(hkv, hq, d, "float32", False, {}) if stock
+            else cpu_attention.decode_kernel(hq, hkv, d, "float32"))
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       target=tvm.target.Target.from_device(tvm.cpu()))
+
+
+def _run(lib, q, pages, indptr, values, last, sm_scale):
     dev = tvm.cpu()
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=tvm.target.Target.from_device(dev))
     b = q.shape[0]
     t = lambda a: tvm.runtime.tensor(a, dev)  # noqa: E731
     out = t(np.full(q.shape, np.nan, np.float32))
@@ -62,17 +72,14 @@ def _run(func, q, pages, indptr, values, last, sm_scale):
 @pytest.mark.parametrize("lengths", [[1, 16, 37, 0, 300], [300], [5], [0]])
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 32)])
 def test_decode_attention_matches_numpy_and_the_stock_kernel(hq, hkv, d, lengths):
-    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
-
     rng = np.random.default_rng(hq * d + len(lengths))
     q, pages, indptr, values, last = _inputs(rng, lengths, hq, hkv, d)
     sm_scale = d ** -0.5
-    out, lse = _run(cpu_attention.decode_kernel(hq, hkv, d, "float32"), q, pages, indptr, values, last, sm_scale)
+    out, lse = _run(_decode_lib(False, hq, hkv, d), q, pages, indptr, values, last, sm_scale)
     ref_out, ref_lse = _reference(q, pages, indptr, values, lengths, hq, hkv, d, sm_scale)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-4)
-    stock_out, stock_lse = _run(_attention_decode_cpu(hkv, hq, d, "float32", False, {}), q, pages, indptr, values,
-                                last, sm_scale)
+    stock_out, stock_lse = _run(_decode_lib(True, hq, hkv, d), q, pages, indptr, values, last, sm_scale)
     np.testing.assert_allclose(out, stock_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, stock_lse, rtol=1e-5, atol=1e-4)
 

@@ -29,18 +29,66 @@ def test_every_family_has_a_tiny_test_model():
     assert set(TINY_FAMILIES) == {f.hf_model_types[0] for f in FAMILIES.values()}
 
 
-@pytest.mark.parametrize("quant", ["q4f32_cpu", "q0f32"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_logits_match_numpy(tmp_path, family, quant):
-    """Gemma 3's tiny model has a 16-token window on two of its three layers: the 21-token prompt is prefilled in two
-    chunks (the second against history on the windowed layers) and decoding runs past the window."""
+def _build(tmp_path, monkeypatch, family: str, quant: str):
+    """The family's tiny model built by the project's steps: (model dir, library, the optimized module's PrimFuncs
+    {name: PrimFunc} as compile_model built them — recorded on the way, so one build serves both checks)."""
+    from mlc_llm.steps import compile as compile_step
+
+    built = {}
+
+    def recording(*args, **kwargs):
+        built["mod"], target = real(*args, **kwargs)
+        return built["mod"], target
+
+    real = compile_step.optimized_module
+    monkeypatch.setattr(compile_step, "optimized_module", recording)
     write_tiny_family(tmp_path / "hf", FAMILIES[family].hf_model_types[0])
     out = tmp_path / "model"
     lib = build_with_steps(str(tmp_path / "hf"), quant, out)
+    funcs = {gv.name_hint: f for gv, f in built["mod"].functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return out, lib, funcs
+
+
+def _assert_cpu_kernels_chosen(funcs, family: str, vocab: int):
+    """The model is written with stock ops; on CPU the compiler swaps in the project's RMSNorm, activation, attention
+    and RoPE kernels (Gemma 3: also on its windowed layers), and every int4 matmul (Qwen2's q/k/v with its bias too)
+    runs the blocked int4 kernel (a bias as its epilogue) but the lm_head of a vocabulary that is not a multiple of
+    the kernel's 64 rows (the tiny models' 300), scheduled generically."""
+    marks = {name: f.attrs.get(cpu_gemv.KERNEL_ATTR) for name, f in funcs.items()}
+    names = list(funcs)
+    assert any(n.startswith("rms_norm_cpu") for n in names)
+    assert not [n for n in names if "rms_norm" in n and not n.startswith("rms_norm_cpu")]  # QK-norm's too
+    assert any(n.startswith("silu_mul_cpu") for n in names) == (family != "gemma3")
+    assert any(n.startswith("gelu_tanh_mul_cpu") for n in names) == (family == "gemma3")
+    attention = {f.attrs["global_symbol"] for n, f in funcs.items() if marks[n] == "cpu_attention"}
+    assert {"batch_decode_paged_kv_cpu", "batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu",
+            "fused_rope"} <= attention
+    windowed = {"batch_decode_paged_kv_cpu_sliding_window", "batch_prefill_paged_kv_cpu_sliding_window"}
+    assert (windowed <= attention) == (family == "gemma3")
+    matmuls = {n: m for n, m in marks.items() if "matmul" in n}
+    generic = [n for n, m in matmuls.items() if m != "q4_blocked64"]
+    assert len(matmuls) > len(generic), matmuls
+    for n in generic:
+        dims = {int(x.value) for b in funcs[n].params for x in getattr(b, "shape", ()) if hasattr(x, "value")}
+        assert vocab in dims and vocab % 64, (n, dims)
+    if family == "qwen2":  # the bias-carrying kernels were matched, not scheduled generically
+        assert [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
+
+
+# Gemma 3 with q4f32_cpu: test_windowed_layers_at_three_times_the_window (the same build, longer prompts)
+@pytest.mark.parametrize("family,quant", [(f, q) for q in ("q4f32_cpu", "q0f32") for f in sorted(FAMILIES)
+                                          if (f, q) != ("gemma3", "q4f32_cpu")])
+def test_family_logits_match_numpy(tmp_path, monkeypatch, family, quant):
+    """The tiny model's logits against the float64 reference; with q4f32_cpu, the CPU kernels the compiler chose in
+    the same build. Gemma 3's tiny model has a 16-token window on two of its three layers: the 21-token prompt is
+    prefilled in two chunks (the second against history on the windowed layers) and decoding runs past the window."""
+    out, lib, funcs = _build(tmp_path, monkeypatch, family, quant)
     chat = json.loads((out / "mlc-chat-config.json").read_text())
     assert chat["model_type"] == family
     diff = max_logit_diff(out, lib, PROMPTS, decode_steps=4)
     assert diff < TOL, f"{family} {quant}: max |Δlogit| {diff:.2e}"
+    if quant == "q4f32_cpu":
+        _assert_cpu_kernels_chosen(funcs, family, chat["vocab_size"])
 
 
 @pytest.mark.parametrize("family,option", [("qwen2", "qkv_bias"), ("qwen3", "q_norm")])
@@ -60,51 +108,15 @@ def test_family_options_matter_in_the_reference(tmp_path, family, option):
     assert np.abs(full - reduced).max() > 50 * TOL
 
 
-def _cpu_module(tmp_path, family: str):
-    """The optimized CPU module of a tiny model of `family`: {name: PrimFunc}, {name: our kernel mark or None}."""
-    from mlc_llm.steps.compile import optimized_module
-    from mlc_llm.steps.gen_config import gen_config
-
-    write_tiny_family(tmp_path / "hf", FAMILIES[family].hf_model_types[0], intermediate_size=256, vocab_size=320)
-    gen_config(str(tmp_path / "hf"), "q4f32_cpu", "chatml", tmp_path / "m")
-    mod, _ = optimized_module(tmp_path / "m", "cpu")
-    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    return funcs, {name: f.attrs.get(cpu_gemv.KERNEL_ATTR) for name, f in funcs.items()}
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3"])
-def test_cpu_kernels_are_chosen_by_the_compiler_for_every_family(tmp_path, family):
-    """The model is written with stock ops; on CPU the compiler swaps in the project's RMSNorm, activation, attention
-    and RoPE kernels (Gemma 3: also on its windowed layers), and the q/k/v layer with its bias runs the blocked int4
-    kernel (bias as its epilogue)."""
-    funcs, marks = _cpu_module(tmp_path, family)
-    names = list(funcs)
-    assert any(n.startswith("rms_norm_cpu") for n in names)
-    assert not [n for n in names if "rms_norm" in n and not n.startswith("rms_norm_cpu")]  # QK-norm's too
-    assert any(n.startswith("silu_mul_cpu") for n in names) == (family != "gemma3")
-    assert any(n.startswith("gelu_tanh_mul_cpu") for n in names) == (family == "gemma3")
-    attention = {f.attrs["global_symbol"] for n, f in funcs.items() if marks[n] == "cpu_attention"}
-    assert {"batch_decode_paged_kv_cpu", "batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu",
-            "fused_rope"} <= attention
-    windowed = {"batch_decode_paged_kv_cpu_sliding_window", "batch_prefill_paged_kv_cpu_sliding_window"}
-    assert (windowed <= attention) == (family == "gemma3")
-    matmuls = {n: m for n, m in marks.items() if "matmul" in n}
-    assert matmuls and all(m == "q4_blocked64" for m in matmuls.values()), matmuls
-    if family == "qwen2":  # the bias-carrying kernels were matched, not scheduled generically
-        biased = [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
-        assert biased and all(marks[n] == "q4_blocked64" for n in biased)
-
-
-def test_windowed_layers_at_three_times_the_window(tmp_path):
-    """Gemma-shaped tiny model, 16-token window on layers 0 and 2 (their own RoPE base), q4: a 40-token prompt in
-    chunks of the window (later chunks against history through the windowed paged-prefill kernel), then decoding to
-    48 tokens (the windowed decode kernel, the window starting inside a page), against the reference that masks each
-    windowed layer to its last 16 tokens, also with the KV cache in float16; and that reference is far from full
-    attention."""
-    write_tiny_family(tmp_path / "hf", "gemma3_text")
-    out = tmp_path / "model"
-    lib = build_with_steps(str(tmp_path / "hf"), "q4f32_cpu", out)
+def test_windowed_layers_at_three_times_the_window(tmp_path, monkeypatch):
+    """Gemma-shaped tiny model, 16-token window on layers 0 and 2 (their own RoPE base), q4: the compiler chose the
+    CPU kernels (the windowed ones too); a 40-token prompt in chunks of the window (later chunks against history
+    through the windowed paged-prefill kernel), then decoding to 48 tokens (the windowed decode kernel, the window
+    starting inside a page), against the reference that masks each windowed layer to its last 16 tokens, also with
+    the KV cache in float16; and that reference is far from full attention."""
+    out, lib, funcs = _build(tmp_path, monkeypatch, "gemma3", "q4f32_cpu")
     cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    _assert_cpu_kernels_chosen(funcs, "gemma3", cfg["vocab_size"])
     assert cfg["prefill_chunk_size"] == 16 and cfg["model_config"]["layer_types"] == ["sliding", "full", "sliding"]
     prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 133))]
     diff = max_logit_diff(out, lib, prompts, decode_steps=8)

@@ -205,7 +205,7 @@ def test_float16_kv_cache_through_the_engine(pipeline_dir, smollm_q4):
     assert min(cached[0][len(questions):]) > 100, cached
 
 
-@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu", "q4f32_cpu_f16scale"])
+@pytest.mark.parametrize("quant", ["q0f32", "q4f32_1", "q4f32_cpu_f16scale"])  # q4f32_cpu: test_families.py (llama)
 def test_tiny_llama31_from_hf_folder_matches_numpy(tmp_path, quant):
     """Untied lm_head, GQA, Llama-3.1 RoPE scaling, bf16 + f32 safetensors across two shards."""
     write_tiny_hf(tmp_path / "hf")
