@@ -13,9 +13,19 @@ from mlc_llm.serve.jit import library_key
 from .conftest import run_cli
 
 
-def test_jit_policies(smollm_q4, tmp_path, monkeypatch):
+def test_jit_policies(tmp_path, monkeypatch):
+    """On a tiny random model (gen_config + convert_weight, no library): the policies do not depend on the model,
+    and its library compiles in seconds."""
+    from mlc_llm.steps.convert_weight import convert_weight
+    from mlc_llm.steps.gen_config import gen_config
+
+    from .tiny_hf import write_tiny_family
+
+    write_tiny_family(tmp_path / "hf", "llama")
+    gen_config(str(tmp_path / "hf"), "q0f32", "chatml", tmp_path / "model")
+    convert_weight(str(tmp_path / "hf"), "q0f32", tmp_path / "model", progress=False)
     monkeypatch.setenv("MLC_LLM_HOME", str(tmp_path / "home"))
-    model = str(smollm_q4.dir)
+    model = str(tmp_path / "model")
     for policy in ("READONLY", "OFF"):
         monkeypatch.setenv("MLC_JIT_POLICY", policy)
         with pytest.raises(FileNotFoundError, match=f"MLC_JIT_POLICY={policy} forbids compiling"):
