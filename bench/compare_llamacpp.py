@@ -20,7 +20,8 @@ lib/cpu-bf16.so, the int8-decode lib/cpu-int8.so), one row each; a library insid
 measures the streaming-read bandwidth in every round (bench/bandwidth.py: TVM's pool, same threads, over an array the
 size of the weights a decode step reads, and over 1 GB) and gives each decode row as a share of the ceiling: those bytes
 / the bandwidth over the same size (the higher of the two on these VMs, so the stricter ceiling), the fastest of its
-repetitions.
+repetitions; beside it the share of the 1 GB read rate (memory alone: an array far above the last-level cache, as
+STREAM asks, where a model of a few times the cache's size is partly served from it).
 `--huge-pages both` runs each of our libraries twice in every round, weights in TVM's 4 KB pages ("[4k]") and in the
 runner's huge-page arena ("[huge]", the default: mlc_llm/serve/weight_arena.py).
 `--hf-python PY` adds HF transformers' prefill (bench/hf_prefill.py run by PY, a Python with torch, transformers and
@@ -180,8 +181,11 @@ def main() -> int:
             line += f"{fmt(h):>28}{fmt(row['hf_ratio'], 2):>24}"
         if bws and name.startswith("tg"):
             shares = [r[key][0]["median"] * lib_bytes[label] / (bw[1] * 1e9) for r, bw in zip(rounds, bws)]
-            row.update(ceiling_share=_spread(shares), ceiling_shares=shares)
-            line += f"   {fmt(row['ceiling_share'], 2)} of the bandwidth ceiling"
+            memory = [r[key][0]["median"] * lib_bytes[label] / (bw[0] * 1e9) for r, bw in zip(rounds, bws)]
+            row.update(ceiling_share=_spread(shares), ceiling_shares=shares, memory_share=_spread(memory),
+                       memory_shares=memory)
+            line += (f"   {fmt(row['ceiling_share'], 2)} of the bandwidth ceiling "
+                     f"({fmt(row['memory_share'], 2)} of the 1 GB read rate)")
         table.append(row)
         print(line)
     if bws:

@@ -1,0 +1,89 @@
+"""The batch-1 decode GEMV (int8 activations, float16 scales: SmolLM2's `cpu-int8.so`) on SmolLM2's matrices, its
+weights read from memory as in a decode step, beside `bench/bandwidth.py`'s read-sum kernel over arrays of the same
+size read the same way: how close a GEMV of that size comes to a pure streaming read, and how fast it runs from cache.
+
+    .venv/bin/python bench/gemv_cold.py [--threads 2] [--rounds 5]
+
+"cold": copies of the weights (or arrays) cycled through ~300 MB, so that every call reads its operand from memory;
+"hot": one copy called again and again (in L2 / L3). Both kernels get TVM's 4 KB pages. Times: the fastest of
+`--rounds` loops of Python calls (a call's fork / join of TVM's pool included, as in the engine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [(960, 576, False, "qkv"), (3072, 576, False, "gate_up"), (576, 1536, True, "down + residual"),
+          (49152, 576, False, "lm_head")]
+POOL_BYTES = 300e6
+
+
+def _time(call, operands: list, iters: int, rounds: int) -> float:
+    """Seconds per call, the fastest of `rounds` loops of `iters` calls cycling through `operands`."""
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first loop warms up
+        start = time.perf_counter()
+        for i in range(iters):
+            call(*operands[i % len(operands)])
+        best = min(best, (time.perf_counter() - start) / iters)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(a.threads)
+    import tvm
+
+    from bandwidth import build as build_read_sum
+    from mlc_llm.compiler import cpu_q4_int8
+    from mlc_llm.compiler.target import make_target
+    from mlc_llm.quantization.scheme import block_rows, quantize_q4
+
+    target = make_target("cpu")
+    if not cpu_q4_int8.supported(target):
+        print(f"no AVX512-VNNI for this target ({target}): the int8 GEMV does not exist here")
+        return 1
+    rng = np.random.default_rng(0)
+    print(f"{a.threads} threads; GB/s of weight bytes (or array bytes) per call")
+    print(f"{'matrix':<28}{'MB':>7}{'GEMV hot':>11}{'GEMV cold':>11}{'read cold':>11}{'GEMV / read':>13}")
+    for n, k, residual, name in SHAPES:
+        func = cpu_q4_int8.gemv_kernel(n, k, "b1", residual, scale_dtype="float16")
+        gemv = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+        q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float16")
+        qb, sb = block_rows(q), block_rows(s)
+        nbytes = qb.nbytes + sb.nbytes
+        copies = max(2, int(POOL_BYTES // nbytes))
+        x = tvm.runtime.tensor(rng.standard_normal((1, 1, k)).astype(np.float32))
+        tail = ((tvm.runtime.tensor(rng.standard_normal((1, 1, n)).astype(np.float32)),) if residual else ()) + (
+            tvm.runtime.tensor(np.zeros((1, 1, n), np.float32)),)
+        weights = [(tvm.runtime.tensor(qb), tvm.runtime.tensor(sb), x, *tail) for _ in range(copies)]
+        iters = max(copies, int(2e8 // nbytes))
+        hot = _time(gemv, weights[:1], iters, a.rounds)
+        cold = _time(gemv, weights, iters, a.rounds)
+        del weights
+        nchunk = 16 if nbytes < 4e6 else 64  # like the GEMV's 64-row blocks: enough tasks for the threads
+        per = int(nbytes // 4) // (nchunk * 64) * 64
+        read_sum = build_read_sum(nchunk, per)["read_sum"]
+        out = tvm.runtime.tensor(np.zeros((nchunk, 64), np.float32))
+        arrays = [(tvm.runtime.tensor(np.ones((nchunk, per), np.float32)), out) for _ in range(copies)]
+        read = _time(read_sum, arrays, iters, a.rounds)
+        read_bytes = nchunk * per * 4
+        del arrays
+        rates = [nbytes / hot / 1e9, nbytes / cold / 1e9, read_bytes / read / 1e9]
+        print(f"{f'{name} {n}x{k}':<28}{nbytes / 1e6:>7.2f}{rates[0]:>11.1f}{rates[1]:>11.1f}{rates[2]:>11.1f}"
+              f"{rates[1] / rates[2]:>13.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
