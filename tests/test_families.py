@@ -72,7 +72,8 @@ def _assert_cpu_kernels_chosen(funcs, family: str, vocab: int):
         dims = {int(x.value) for b in funcs[n].params for x in getattr(b, "shape", ()) if hasattr(x, "value")}
         assert vocab in dims and vocab % 64, (n, dims)
     if family == "qwen2":  # the bias-carrying kernels were matched, not scheduled generically
-        assert [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
+        biased = [n for n in matmuls if any(len(b.shape) == 1 for b in funcs[n].params)]
+        assert biased and not set(biased) & set(generic), (biased, generic)
 
 
 # Gemma 3 with q4f32_cpu: test_windowed_layers_at_three_times_the_window (the same build, longer prompts)
