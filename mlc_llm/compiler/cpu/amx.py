@@ -1,6 +1,7 @@
 """AMX-BF16 (Sapphire Rapids and later): which targets have it, the tile-state request, the tile configuration, and
 float32 split into bfloat16 parts for the tile products, as TIR builders (expressions and a macro) that
-`@T.prim_func` kernels call. Tile numbers and the configuration bytes must be constant immediates of the intrinsics: a kernel writes one call per tile number."""
+`@T.prim_func` kernels call. Tile numbers and the configuration bytes must be constant immediates of the intrinsics:
+a kernel writes one call per tile number."""
 from __future__ import annotations
 
 import tvm

@@ -1,7 +1,6 @@
 """Vector math: 2^x by exponent bits and a polynomial, the gated activations act(gate) * up, and a cache prefetch as
-TIR expression builders called from `@T.prim_func` kernels, and a 16-lane horizontal reduction as a
-`@T.macro`. TVM lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector
-registers."""
+TIR expression builders called from `@T.prim_func` kernels, and a 16-lane horizontal reduction as a `@T.macro`. TVM
+lowers `exp` / `sigmoid` to a scalar library call per element; these stay in vector registers."""
 from __future__ import annotations
 
 import math
