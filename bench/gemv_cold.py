@@ -2,7 +2,7 @@
 weights read from memory as in a decode step, beside `bench/bandwidth.py`'s read-sum kernel over arrays of the same
 size read the same way: how close a GEMV of that size comes to a pure streaming read, and how fast it runs from cache.
 
-    .venv/bin/python bench/gemv_cold.py [--threads 2] [--rounds 5]
+    .venv/bin/python bench/gemv_cold.py [--threads 2] [--rounds 5] [--shapes 576x1536+r 640x1536+r ...]
 
 "cold": copies of the weights (or arrays) cycled through ~300 MB, so that every call reads its operand from memory;
 "hot": one copy called again and again (in L2 / L3). Both kernels get TVM's 4 KB pages. Times: the fastest of
@@ -40,7 +40,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shapes", nargs="+", metavar="NxK[+r]",
+                    help="other matrices (N outputs, K inputs; +r: with a residual add) instead of SmolLM2's")
     a = ap.parse_args()
+    shapes = SHAPES
+    if a.shapes:
+        try:
+            shapes = [(int(s.split("x")[0]), int(s.split("x")[1].removesuffix("+r")), s.endswith("+r"), "")
+                      for s in a.shapes]
+        except ValueError:
+            ap.error(f"--shapes takes NxK or NxK+r, got {a.shapes}")
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     import tvm
 
@@ -56,7 +65,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     print(f"{a.threads} threads; GB/s of weight bytes (or array bytes) per call")
     print(f"{'matrix':<28}{'MB':>7}{'GEMV hot':>11}{'GEMV cold':>11}{'read cold':>11}{'GEMV / read':>13}")
-    for n, k, residual, name in SHAPES:
+    for n, k, residual, name in shapes:
         func = cpu_q4_int8.gemv_kernel(n, k, "b1", residual, scale_dtype="float16")
         gemv = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
         q, s = quantize_q4(rng.standard_normal((n, k)).astype(np.float32), "float16")
@@ -80,7 +89,8 @@ def main() -> int:
         read_bytes = nchunk * per * 4
         del arrays
         rates = [nbytes / hot / 1e9, nbytes / cold / 1e9, read_bytes / read / 1e9]
-        print(f"{f'{name} {n}x{k}':<28}{nbytes / 1e6:>7.2f}{rates[0]:>11.1f}{rates[1]:>11.1f}{rates[2]:>11.1f}"
+        label = f"{name} {n}x{k}{'+r' if residual else ''}".strip()
+        print(f"{label:<28}{nbytes / 1e6:>7.2f}{rates[0]:>11.1f}{rates[1]:>11.1f}{rates[2]:>11.1f}"
               f"{rates[1] / rates[2]:>13.2f}", flush=True)
     return 0
 
