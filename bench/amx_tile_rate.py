@@ -90,8 +90,8 @@ def main() -> int:
     args += [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for shape in ((16, 64), (8, 16), (12, 16))]
 
     def step_ns(*variant) -> float:
-        lib = tvm.compile(tvm.IRModule({"main": _parse(_source(*variant), {"amx_op": amx_op, "tile_config": tile_config}).with_attr("global_symbol", "main")}),
-                          target).jit()
+        func = _parse(_source(*variant), {"amx_op": amx_op, "tile_config": tile_config})
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
         return min(lib.time_evaluator("main", dev, number=3, repeat=5)(*args).results) / a.iters * 1e9
 
     for with_loads in (True, False):

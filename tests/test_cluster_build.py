@@ -52,7 +52,7 @@ def test_build_all_with_jobs_as_separate_submissions(tmp_path):
     one = ("--config", "build_all=tiny_a")  # one deployment: three jobs are enough to show the submissions
     r = snakemake(wd, "build_all", "--profile", str(REPO / "profiles" / "cluster-generic"), *one)
     assert r.returncode != 0 and "repeat compile_threads there" in r.stdout + r.stderr, r.stderr[-2000:]
-    one += ("compile_threads=2",)  # the profile's config, replaced by the command line's
+    one += ("compile_threads=2",)  # a command-line --config replaces the profile's, compile_threads with it
     r = snakemake(wd, "build_all", "--profile", str(REPO / "profiles" / "cluster-generic"), *one)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
