@@ -6,7 +6,8 @@ size read the same way: how close a GEMV of that size comes to a pure streaming 
 
 "cold": copies of the weights (or arrays) cycled through ~300 MB, so that every call reads its operand from memory;
 "hot": one copy called again and again (in L2 / L3). Both kernels get TVM's 4 KB pages. Times: the fastest of
-`--rounds` loops of Python calls (a call's fork / join of TVM's pool included, as in the engine).
+`--rounds` loops of Python calls (a call's fork / join of TVM's pool included, as in the engine). First line: what a
+call of a kernel that does almost nothing costs, with a parallel loop (a fork / join of the pool) and without.
 """
 from __future__ import annotations
 
@@ -36,6 +37,27 @@ def _time(call, operands: list, iters: int, rounds: int) -> float:
     return best
 
 
+def _empty_kernels(target):
+    """Two kernels adding 1 to 2 x 16 floats: over a parallel loop of 2 tasks, and serially."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def parallel(a: T.Buffer((2, 16), "float32")):
+        for c in T.parallel(2):
+            for j in T.vectorized(16):
+                a[c, j] = a[c, j] + T.float32(1)
+
+    @T.prim_func(s_tir=True)
+    def serial(a: T.Buffer((2, 16), "float32")):
+        for c in range(2):
+            for j in T.vectorized(16):
+                a[c, j] = a[c, j] + T.float32(1)
+
+    return tvm.compile(tvm.IRModule({"parallel": parallel.with_attr("global_symbol", "parallel"),
+                                     "serial": serial.with_attr("global_symbol", "serial")}), target=target)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -63,6 +85,10 @@ def main() -> int:
         print(f"no AVX512-VNNI for this target ({target}): the int8 GEMV does not exist here")
         return 1
     rng = np.random.default_rng(0)
+    empty, cell = _empty_kernels(target), (tvm.runtime.tensor(np.zeros((2, 16), np.float32)),)
+    fork = {name: _time(empty[name], [cell], 20000, a.rounds) * 1e6 for name in ("parallel", "serial")}
+    print(f"an empty kernel: {fork['parallel']:.2f} us per call with a parallel loop, {fork['serial']:.2f} us "
+          f"without")
     print(f"{a.threads} threads; GB/s of weight bytes (or array bytes) per call")
     print(f"{'matrix':<28}{'MB':>7}{'GEMV hot':>11}{'GEMV cold':>11}{'read cold':>11}{'GEMV / read':>13}")
     for n, k, residual, name in shapes:
