@@ -91,7 +91,6 @@ def test_bf16_prefill_library_stays_close_to_numpy(pipeline_dir, smollm_q4):
     assert np.abs(bf16 - f32).max() > 10 * TOL, "the bf16 library gave the float32 library's logits"
 
 
-@pytest.mark.vnni
 def _greedy_steps(runners, caches, prompts, first, ref, steps=4):
     """Each runner's cache holds sequences 0.. = `prompts`, `first` their logits after the prompts (one [B, vocab]
     per runner): yields (step, the float64 reference's logits, the runners' logits) for those and for `steps`
@@ -108,6 +107,7 @@ def _greedy_steps(runners, caches, prompts, first, ref, steps=4):
         logits = [np.asarray(rn.batch_decode(cache, ids, nxt)) for rn, cache in zip(runners, caches)]
 
 
+@pytest.mark.vnni
 @pytest.mark.parametrize("prefill,lib", [("f32", "cpu-int8.so"), ("int8", "cpu-prefill-int8-int8.so")])
 def test_int8_library_stays_close_to_numpy(pipeline_dir, smollm_q4, prefill, lib):
     """`snakemake build_smollm2_cpu` with device.decode_precision=int8 (and prefill_precision f32 or int8; the library
